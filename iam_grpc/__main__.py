@@ -1,0 +1,3 @@
+from iam_grpc.cli import main
+
+main()

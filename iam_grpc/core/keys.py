@@ -1,0 +1,171 @@
+"""Signing keys (behaviour.md 1.3): creation, encryption at rest, loading.
+
+Private keys are stored as PKCS#8 DER sealed with AES-256-GCM under the
+``kek`` sub-key, with the kid as associated data. The kid is the RFC 7638
+thumbprint of the public key. Every transition (publish, activate,
+deactivate, unpublish) is a timestamp, so replicas agree without talking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm
+
+from iam_grpc.clock import Clock
+from iam_grpc.core.crypto import SealError, SecretMaterial
+from iam_grpc.ids import b64url
+from iam_grpc.storage.ports import Database
+from iam_grpc.storage.records import SigningKey
+
+__all__ = ["KeyRing", "KeysUnreadable", "LoadedKey", "generate_key", "thumbprint"]
+
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+_THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
+LOCK = "keys:rotate"
+
+
+class KeysUnreadable(Exception):
+    """No configured master key opens the active signing key."""
+
+
+def thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url)."""
+    members = _THUMBPRINT_MEMBERS[jwk["kty"]]
+    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+def _public_jwk(public: PublicKey, alg: str) -> dict[str, Any]:
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        jwk: dict[str, Any] = ECAlgorithm.to_jwk(public, as_dict=True)
+    else:
+        jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
+    return {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y")}
+
+
+def generate_key(
+    alg: str, material: SecretMaterial, *, now: datetime, publish_at: datetime, activate_at: datetime
+) -> SigningKey:
+    private: PrivateKey = (
+        ec.generate_private_key(ec.SECP256R1()) if alg == "ES256" else ed25519.Ed25519PrivateKey.generate()
+    )
+    jwk = _public_jwk(private.public_key(), alg)
+    kid = thumbprint(jwk)
+    der = private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return SigningKey(
+        kid=kid,
+        alg=alg,
+        public_jwk={**jwk, "kid": kid, "alg": alg, "use": "sig"},
+        private_key_enc=material.seal("kek", der, kid.encode()),
+        created_at=now,
+        publish_at=publish_at,
+        activate_at=activate_at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedKey:
+    row: SigningKey
+    public: PublicKey
+    private: PrivateKey | None  # None once destroyed, or when not needed
+
+
+class KeyRing:
+    """The key table as this replica last read it."""
+
+    def __init__(self, db: Database, material: SecretMaterial, clock: Clock, *, algorithm: str) -> None:
+        self._db = db
+        self._material = material
+        self._clock = clock
+        self._algorithm = algorithm
+        self._keys: dict[str, LoadedKey] = {}
+        self.reloads = 0
+
+    async def ensure_initial_key(self) -> None:
+        """Create the first key (publish and activate now) when the table has none usable."""
+        async with self._db.named_lock(LOCK, timedelta(seconds=30)), self._db.transaction() as tx:
+            rows = await tx.keys.all()
+            now = self._clock.now()
+            if any(self._signs_at(row, now) for row in rows):
+                return
+            await tx.keys.insert(
+                generate_key(self._algorithm, self._material, now=now, publish_at=now, activate_at=now)
+            )
+
+    @staticmethod
+    def _signs_at(row: SigningKey, now: datetime) -> bool:
+        return (
+            row.private_key_enc is not None
+            and row.activate_at <= now
+            and (row.deactivate_at is None or row.deactivate_at > now)
+        )
+
+    async def reload(self) -> None:
+        """Read the key table; decrypt what may sign. Raises :class:`KeysUnreadable`."""
+        async with self._db.transaction() as tx:
+            rows = await tx.keys.all()
+        loaded: dict[str, LoadedKey] = {}
+        now = self._clock.now()
+        for row in rows:
+            public = _load_public(row)
+            private: PrivateKey | None = None
+            if row.private_key_enc is not None and (row.deactivate_at is None or row.deactivate_at > now):
+                try:
+                    der = self._material.open("kek", row.private_key_enc, row.kid.encode())
+                except SealError:
+                    raise KeysUnreadable(row.kid) from None
+                key = serialization.load_der_private_key(der, password=None)
+                if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+                    raise KeysUnreadable(row.kid)
+                private = key
+            loaded[row.kid] = LoadedKey(row, public, private)
+        self._keys = loaded
+        self.reloads += 1
+
+    def signing_key(self) -> LoadedKey | None:
+        """The key with the latest ``activate_at <= now`` that is not deactivated."""
+        now = self._clock.now()
+        usable = [k for k in self._keys.values() if k.private is not None and self._signs_at(k.row, now)]
+        return max(usable, key=lambda k: k.row.activate_at) if usable else None
+
+    def verification_key(self, kid: str) -> LoadedKey | None:
+        """A key that is published and activated now (never one that is not yet active)."""
+        key = self._keys.get(kid)
+        if key is None:
+            return None
+        now = self._clock.now()
+        row = key.row
+        published = row.publish_at <= now and (row.unpublish_at is None or row.unpublish_at > now)
+        return key if published and row.activate_at <= now else None
+
+    def jwks(self) -> dict[str, Any]:
+        """Public parts of every key with ``publish_at <= now < unpublish_at``."""
+        now = self._clock.now()
+        keys = [
+            k.row.public_jwk
+            for k in sorted(self._keys.values(), key=lambda k: k.row.activate_at)
+            if k.row.publish_at <= now and (k.row.unpublish_at is None or k.row.unpublish_at > now)
+        ]
+        return {"keys": keys}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _load_public(row: SigningKey) -> PublicKey:
+    jwk = json.dumps(row.public_jwk)
+    key = ECAlgorithm.from_jwk(jwk) if row.public_jwk.get("kty") == "EC" else OKPAlgorithm.from_jwk(jwk)
+    if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise KeysUnreadable(row.kid)
+    return key
