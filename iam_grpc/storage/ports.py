@@ -1,0 +1,294 @@
+"""Ports: what core code needs from storage, as Protocols.
+
+SQL state is reached through a unit of work: ``async with db.transaction() as
+tx`` yields one connection with a store per table family (``tx.users``,
+``tx.sessions``, ...), so a flow that touches several tables commits or rolls
+back as one. Ephemeral state (limits, challenges, single-use marks,
+deny-lists) is reached through :class:`Ephemeral`.
+
+Adapters raise :class:`~iam_grpc.errors.BackendUnavailable` when their backend
+cannot be reached, and :class:`Conflict` when a unique constraint refuses a
+write. Core code never imports an adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from iam_grpc.storage.records import (
+    AuditEvent,
+    Device,
+    OutboxMessage,
+    RefreshToken,
+    SessionRecord,
+    SigningKey,
+    User,
+    UserDevice,
+)
+
+__all__ = [
+    "AuditLog",
+    "Conflict",
+    "Database",
+    "DeviceStore",
+    "Ephemeral",
+    "KeyStore",
+    "Outbox",
+    "SessionStore",
+    "Transaction",
+    "UserStore",
+]
+
+
+class Conflict(Exception):
+    """A unique constraint refused the write; ``constraint`` names which (e.g. ``email_norm``)."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+class UserStore(Protocol):
+    async def insert(self, user: User) -> None:
+        """Create a user; :class:`Conflict` ("email_norm") when the address is taken."""
+        ...
+
+    async def get(self, user_id: str) -> User | None: ...
+
+    async def get_by_email(self, email_norm: str) -> User | None: ...
+
+    async def set_password(
+        self,
+        user_id: str,
+        password_hash: str,
+        pepper_id: int,
+        now: datetime,
+        *,
+        expect_credential_version: int | None = None,
+        bump_version: bool = True,
+    ) -> bool:
+        """Store a new hash (bumping ``credential_version`` unless it is a rehash).
+
+        With ``expect_credential_version`` the update only happens while the
+        version still has that value. Returns whether a row changed.
+        """
+        ...
+
+    async def set_status(self, user_id: str, status: str, now: datetime) -> bool: ...
+
+    async def ensure_roles(self, names: Sequence[str], now: datetime) -> None:
+        """Create the roles that do not exist yet."""
+        ...
+
+    async def grant_role(self, user_id: str, role: str, granted_by: str, now: datetime) -> bool:
+        """Grant an existing role; False when the user already had it."""
+        ...
+
+    async def revoke_role(self, user_id: str, role: str) -> bool: ...
+
+    async def roles_of(self, user_id: str) -> list[str]:
+        """Role names of the user, sorted."""
+        ...
+
+
+class DeviceStore(Protocol):
+    async def insert(self, device: Device) -> None: ...
+
+    async def get(self, device_id: str) -> Device | None: ...
+
+    async def update(self, device: Device) -> None:
+        """Replace the stored row (user agent, parsed fields, ``last_seen_at``)."""
+        ...
+
+    async def get_link(self, user_id: str, device_id: str) -> UserDevice | None:
+        """One user's relationship with one device."""
+        ...
+
+    async def save_link(self, link: UserDevice) -> None:
+        """Insert or replace a user-device row."""
+        ...
+
+    async def links_of(self, user_id: str) -> list[UserDevice]: ...
+
+
+class SessionStore(Protocol):
+    async def insert(self, session: SessionRecord) -> None: ...
+
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    async def list_live(self, user_id: str, now: datetime) -> list[SessionRecord]:
+        """Sessions not revoked and not past their absolute expiry, newest activity first."""
+        ...
+
+    async def revoke(self, session_id: str, reason: str, now: datetime) -> bool:
+        """Mark a live session revoked and its tokens ``revoked``; False when it already was."""
+        ...
+
+    async def revoked_since(self, since: datetime) -> list[str]:
+        """Ids of sessions revoked at or after ``since`` (deny-list replay)."""
+        ...
+
+    async def insert_token(self, token: RefreshToken) -> int:
+        """Store a refresh-token row and return its id."""
+        ...
+
+    async def token_by_hash(self, token_hash: str) -> RefreshToken | None: ...
+
+    async def tokens_of(self, session_id: str) -> list[RefreshToken]:
+        """The session's chain, oldest first."""
+        ...
+
+    async def mark_rotated(self, token_id: int, successor_id: int | None, now: datetime) -> bool:
+        """``active`` -> ``rotated`` (compare-and-set); False when it was not active."""
+        ...
+
+
+class KeyStore(Protocol):
+    async def insert(self, key: SigningKey) -> None: ...
+
+    async def all(self) -> list[SigningKey]:
+        """Every key row, oldest ``activate_at`` first."""
+        ...
+
+    async def retire(
+        self,
+        kid: str,
+        *,
+        deactivate_at: datetime | None = None,
+        unpublish_at: datetime | None = None,
+        destroy_at: datetime | None = None,
+    ) -> bool:
+        """Set retirement times; ``destroy_at`` also erases the private key."""
+        ...
+
+
+class Outbox(Protocol):
+    async def enqueue(self, message: OutboxMessage) -> int:
+        """Queue a message; returns its id. A taken ``dedupe_key`` raises :class:`Conflict`."""
+        ...
+
+    async def seal(self, message_id: int, sealed_params: bytes) -> None:
+        """Attach the sealed secrets (sealed with the row id as associated data)."""
+        ...
+
+    async def get(self, message_id: int) -> OutboxMessage | None: ...
+
+    async def claim(self, now: datetime, worker: str, limit: int, lease: timedelta) -> list[OutboxMessage]:
+        """Claim due pending rows (priority first) for ``lease``; no two workers get one row."""
+        ...
+
+    async def mark_sent(
+        self, message_id: int, worker: str, now: datetime, provider_id: str | None
+    ) -> bool: ...
+
+    async def mark_failed(
+        self, message_id: int, worker: str, error: str, *, retry_at: datetime | None, now: datetime
+    ) -> bool:
+        """Record a failed attempt: retry at ``retry_at``, or ``dead`` when it is None."""
+        ...
+
+    async def mark_expired(self, message_id: int, worker: str) -> bool: ...
+
+    async def list(self, status: str | None = None, limit: int = 100) -> list[OutboxMessage]: ...
+
+
+class AuditLog(Protocol):
+    async def append(self, event: AuditEvent) -> None: ...
+
+    async def recent(
+        self, *, user_id: str | None = None, type_prefix: str | None = None, limit: int = 100
+    ) -> list[AuditEvent]:
+        """Newest first."""
+        ...
+
+
+class Transaction(Protocol):
+    """One database transaction with a store per table family."""
+
+    @property
+    def users(self) -> UserStore: ...
+
+    @property
+    def devices(self) -> DeviceStore: ...
+
+    @property
+    def sessions(self) -> SessionStore: ...
+
+    @property
+    def keys(self) -> KeyStore: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+
+class Database(Protocol):
+    """The SQL database (SQLite or MySQL)."""
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``mysql``."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Commit on normal exit, roll back on an exception."""
+        ...
+
+    def named_lock(self, name: str, timeout: timedelta) -> AbstractAsyncContextManager[bool]:
+        """A cross-process lock (MySQL ``GET_LOCK``; a process lock on SQLite). Yields whether held."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`~iam_grpc.errors.BackendUnavailable` unless a trivial query works."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Ephemeral(Protocol):
+    """Short-lived shared state with TTLs: Redis in production, in-process when embedded.
+
+    Every write has a TTL; nothing here is meant to live forever. Values are
+    bytes. Keys are given without the configured prefix.
+    """
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: timedelta) -> None: ...
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
+        """Store only when the key does not exist; True when stored."""
+        ...
+
+    async def get_and_delete(self, key: str) -> bytes | None:
+        """Atomically read and remove (single-use values)."""
+        ...
+
+    async def compare_and_set(
+        self, key: str, expected: bytes, value: bytes, ttl: timedelta | None = None
+    ) -> bool:
+        """Replace the value only while it equals ``expected``; keep the TTL when ``ttl`` is None."""
+        ...
+
+    async def incr(self, key: str, amount: int, ttl: timedelta) -> int:
+        """Add to a counter (created at 0 with ``ttl``; the TTL is not extended) and return it."""
+        ...
+
+    async def delete(self, *keys: str) -> int: ...
+
+    async def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Which of ``keys`` exist, in one round trip."""
+        ...
+
+    async def ttl(self, key: str) -> timedelta | None:
+        """Remaining lifetime, or None when the key does not exist."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

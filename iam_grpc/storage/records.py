@@ -1,0 +1,168 @@
+"""Plain records that cross the port boundary (one per table of behaviour.md 10).
+
+They carry no behaviour and no I/O; adapters build them from rows and core code
+builds them to write. Every time is timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "AuditEvent",
+    "Device",
+    "OutboxMessage",
+    "RefreshToken",
+    "SessionRecord",
+    "SigningKey",
+    "User",
+    "UserDevice",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    email: str
+    email_norm: str
+    password_hash: str | None
+    pepper_id: int
+    name: str
+    terms_accepted_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    last_name: str = ""
+    locale: str | None = None
+    email_verified_at: datetime | None = None
+    credential_version: int = 1
+    password_changed_at: datetime | None = None
+    status: str = "active"
+    disabled_at: datetime | None = None
+    mfa_hold_until: datetime | None = None
+    last_login_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    created_at: datetime
+    last_seen_at: datetime
+    user_agent: str | None = None
+    browser_family: str | None = None
+    browser_major: str | None = None
+    os_family: str | None = None
+    os_major: str | None = None
+    device_brand: str | None = None
+    device_model: str | None = None
+    device_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserDevice:
+    user_id: str
+    device_id: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    baseline: dict[str, Any] = field(default_factory=dict)
+    known_networks: list[dict[str, Any]] = field(default_factory=list)
+    known_countries: list[str] = field(default_factory=list)
+    trusted_at: datetime | None = None
+    trust_revoked_at: datetime | None = None
+    last_ip: str | None = None
+    last_lat: float | None = None
+    last_lon: float | None = None
+    last_accuracy_km: int | None = None
+    last_located_at: datetime | None = None
+    proxy_allowed_until: datetime | None = None
+    hosting_allowed_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    id: str
+    user_id: str
+    device_id: str
+    created_at: datetime
+    auth_at: datetime
+    last_refreshed_at: datetime
+    absolute_expires_at: datetime
+    created_ip: str
+    last_ip: str
+    mfa_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoke_reason: str | None = None
+    last_country: str | None = None
+    last_region: str | None = None
+    last_city: str | None = None
+    last_browser: str | None = None
+    last_os: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshToken:
+    session_id: str
+    token_hash: str
+    key_version: int
+    generation: int
+    state: str  # active, rotated, revoked
+    created_at: datetime
+    expires_at: datetime
+    access_jti: str
+    id: int | None = None  # assigned by the database
+    used_at: datetime | None = None
+    successor_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    alg: str
+    public_jwk: dict[str, Any]
+    private_key_enc: bytes | None
+    created_at: datetime
+    publish_at: datetime
+    activate_at: datetime
+    deactivate_at: datetime | None = None
+    unpublish_at: datetime | None = None
+    destroyed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    kind: str
+    recipient: str
+    recipient_h: str
+    locale: str
+    params: dict[str, Any]
+    priority: int
+    next_attempt_at: datetime
+    created_at: datetime
+    not_after: datetime
+    status: str = "pending"  # pending, sent, expired, suppressed, dead
+    user_id: str | None = None
+    sealed_params: bytes | None = None
+    attempts: int = 0
+    claimed_by: str | None = None
+    claimed_until: datetime | None = None
+    sent_at: datetime | None = None
+    last_error: str | None = None
+    provider_message_id: str | None = None
+    dedupe_key: str | None = None
+    id: int | None = None  # assigned by the database
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    occurred_at: datetime
+    type: str
+    outcome: str  # ok, fail, info
+    details: dict[str, Any] = field(default_factory=dict)
+    user_id: str | None = None
+    session_id: str | None = None
+    device_id: str | None = None
+    ip: str | None = None
+    caller: str | None = None
+    request_id: str | None = None
+    id: int | None = None

@@ -1,0 +1,200 @@
+"""The SQL adapter: one SQLAlchemy async engine (aiosqlite or asyncmy) and a
+unit of work per transaction. Dialect differences (locks, ``SKIP LOCKED``,
+connection setup) live here and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import UniqueConstraint, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from iam_grpc.errors import BackendUnavailable
+from iam_grpc.storage.ports import Conflict
+from iam_grpc.storage.sql.audit import SqlAuditLog
+from iam_grpc.storage.sql.devices import SqlDeviceStore
+from iam_grpc.storage.sql.keys import SqlKeyStore
+from iam_grpc.storage.sql.outbox import SqlOutbox
+from iam_grpc.storage.sql.sessions import SqlSessionStore
+from iam_grpc.storage.sql.tables import metadata
+from iam_grpc.storage.sql.users import SqlUserStore
+
+__all__ = ["SqlDatabase", "SqlTransaction", "create_engine"]
+
+MYSQL_SQL_MODE = (
+    "STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ZERO_IN_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
+)
+
+# unique constraint name -> "table.column" (MySQL reports the key name, SQLite the columns)
+_UNIQUE_NAMES: dict[str, str] = {}
+for _table in metadata.tables.values():
+    for _constraint in _table.constraints:
+        if isinstance(_constraint, UniqueConstraint) and _constraint.name:
+            _UNIQUE_NAMES[str(_constraint.name)] = f"{_table.name}." + ",".join(
+                c.name for c in _constraint.columns
+            )
+
+_MYSQL_DUP = re.compile(r"Duplicate entry .* for key '(?:[\w]+\.)?([\w]+)'")
+_SQLITE_DUP = re.compile(r"UNIQUE constraint failed: ([\w.]+(?:, [\w.]+)*)")
+
+
+def _conflict(exc: IntegrityError) -> Conflict | None:
+    message = str(exc.orig)
+    match = _MYSQL_DUP.search(message)
+    if match:
+        name = match.group(1)
+        return Conflict("primary" if name == "PRIMARY" else _UNIQUE_NAMES.get(name, name))
+    match = _SQLITE_DUP.search(message)
+    if match:
+        return Conflict(match.group(1).replace(", ", ","))
+    return None
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    pool_recycle: timedelta = timedelta(seconds=1800),
+    pool_pre_ping: bool = True,
+    connect_timeout: timedelta = timedelta(seconds=10),
+) -> AsyncEngine:
+    """An async engine with our connection rules: UTC and strict mode on MySQL; WAL and FKs on SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": connect_timeout.total_seconds()})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_setup(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    if parsed.get_backend_name() != "mysql":
+        raise ValueError("database.url must be SQLite or MySQL/MariaDB")
+    if "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return create_async_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_recycle=int(pool_recycle.total_seconds()),
+        pool_pre_ping=pool_pre_ping,
+        pool_timeout=connect_timeout.total_seconds(),
+        connect_args={
+            "init_command": f"SET time_zone='+00:00', sql_mode='{MYSQL_SQL_MODE}'",
+            "connect_timeout": int(connect_timeout.total_seconds()),
+        },
+    )
+
+
+class SqlTransaction:
+    """One connection inside one transaction, with a store per table family."""
+
+    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
+        self.connection = connection
+        self.users = SqlUserStore(connection)
+        self.devices = SqlDeviceStore(connection, dialect)
+        self.sessions = SqlSessionStore(connection)
+        self.keys = SqlKeyStore(connection)
+        self.outbox = SqlOutbox(connection, dialect)
+        self.audit = SqlAuditLog(connection)
+
+
+class SqlDatabase:
+    """The :class:`~iam_grpc.storage.ports.Database` port over SQLAlchemy Core."""
+
+    def __init__(self, engine: AsyncEngine, *, on_statement: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self._dialect = "sqlite" if engine.dialect.name == "sqlite" else "mysql"
+        self._local_locks: dict[str, asyncio.Lock] = {}
+        if on_statement is not None:
+            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_args: on_statement())
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SqlDatabase:
+        on_statement = options.pop("on_statement", None)
+        return cls(create_engine(url, **options), on_statement=on_statement)
+
+    @property
+    def dialect(self) -> str:
+        return self._dialect
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as connection:
+                yield connection
+        except IntegrityError as exc:
+            conflict = _conflict(exc)
+            if conflict is not None:
+                raise conflict from exc
+            raise
+        except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+            raise BackendUnavailable() from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise BackendUnavailable() from exc
+            raise
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[SqlTransaction]:
+        async with self._connection() as connection, connection.begin():
+            yield SqlTransaction(connection, self._dialect)
+
+    def transaction(self) -> AbstractAsyncContextManager[SqlTransaction]:
+        return self._transaction()
+
+    @asynccontextmanager
+    async def _named_lock(self, name: str, timeout: timedelta) -> AsyncIterator[bool]:
+        if self._dialect == "sqlite":
+            lock = self._local_locks.setdefault(name, asyncio.Lock())
+            try:
+                await asyncio.wait_for(lock.acquire(), timeout.total_seconds())
+            except TimeoutError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                lock.release()
+            return
+        async with self._connection() as connection:
+            held = (
+                await connection.execute(
+                    text("SELECT GET_LOCK(:name, :timeout)"),
+                    {"name": name, "timeout": int(timeout.total_seconds())},
+                )
+            ).scalar()
+            await connection.commit()
+            try:
+                yield held == 1
+            finally:
+                if held == 1:
+                    await connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+                    await connection.commit()
+
+    def named_lock(self, name: str, timeout: timedelta) -> AbstractAsyncContextManager[bool]:
+        return self._named_lock(name, timeout)
+
+    async def ping(self) -> None:
+        async with self._connection() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,108 @@
+"""Users and roles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from iam_grpc.storage.records import User
+from iam_grpc.storage.sql._rows import to_record, to_values
+from iam_grpc.storage.sql.tables import roles, user_roles, users
+
+__all__ = ["SqlUserStore"]
+
+
+class SqlUserStore:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._c = connection
+
+    async def insert(self, user: User) -> None:
+        await self._c.execute(insert(users).values(**to_values(user)))
+
+    async def get(self, user_id: str) -> User | None:
+        row = (await self._c.execute(select(users).where(users.c.id == user_id))).first()
+        return to_record(User, row)
+
+    async def get_by_email(self, email_norm: str) -> User | None:
+        row = (await self._c.execute(select(users).where(users.c.email_norm == email_norm))).first()
+        return to_record(User, row)
+
+    async def set_password(
+        self,
+        user_id: str,
+        password_hash: str,
+        pepper_id: int,
+        now: datetime,
+        *,
+        expect_credential_version: int | None = None,
+        bump_version: bool = True,
+    ) -> bool:
+        condition = users.c.id == user_id
+        if expect_credential_version is not None:
+            condition = and_(condition, users.c.credential_version == expect_credential_version)
+        values: dict[str, object] = {
+            "password_hash": password_hash,
+            "pepper_id": pepper_id,
+            "updated_at": now,
+        }
+        if bump_version:
+            values["credential_version"] = users.c.credential_version + 1
+            values["password_changed_at"] = now
+        result = await self._c.execute(update(users).where(condition).values(**values))
+        return result.rowcount == 1
+
+    async def set_status(self, user_id: str, status: str, now: datetime) -> bool:
+        result = await self._c.execute(
+            update(users)
+            .where(users.c.id == user_id)
+            .values(status=status, disabled_at=now if status == "disabled" else None, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    async def ensure_roles(self, names: Sequence[str], now: datetime) -> None:
+        wanted = sorted(set(names))
+        if not wanted:
+            return
+        existing = set(
+            (await self._c.execute(select(roles.c.name).where(roles.c.name.in_(wanted)))).scalars()
+        )
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            await self._c.execute(insert(roles), [{"name": name, "created_at": now} for name in missing])
+
+    async def grant_role(self, user_id: str, role: str, granted_by: str, now: datetime) -> bool:
+        role_id = (await self._c.execute(select(roles.c.id).where(roles.c.name == role))).scalar()
+        if role_id is None:
+            raise LookupError("no such role")
+        held = (
+            await self._c.execute(
+                select(user_roles.c.role_id).where(
+                    user_roles.c.user_id == user_id, user_roles.c.role_id == role_id
+                )
+            )
+        ).first()
+        if held is not None:
+            return False
+        await self._c.execute(
+            insert(user_roles).values(user_id=user_id, role_id=role_id, granted_at=now, granted_by=granted_by)
+        )
+        return True
+
+    async def revoke_role(self, user_id: str, role: str) -> bool:
+        role_id = select(roles.c.id).where(roles.c.name == role).scalar_subquery()
+        result = await self._c.execute(
+            delete(user_roles).where(user_roles.c.user_id == user_id, user_roles.c.role_id == role_id)
+        )
+        return result.rowcount > 0
+
+    async def roles_of(self, user_id: str) -> list[str]:
+        query = (
+            select(roles.c.name)
+            .join(user_roles, user_roles.c.role_id == roles.c.id)
+            .where(user_roles.c.user_id == user_id)
+            .order_by(roles.c.name)
+        )
+        return list((await self._c.execute(query)).scalars())
