@@ -1,0 +1,305 @@
+"""The running service: builds adapters from settings, starts them in the
+documented order (behaviour.md 11.4) and stops them gracefully (11.6)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from iam_grpc.clock import Clock, SystemClock
+from iam_grpc.config import Settings
+from iam_grpc.core.keys import KeyRing, KeysUnreadable
+from iam_grpc.errors import BackendUnavailable
+from iam_grpc.logging import component_logger
+from iam_grpc.metrics import Metrics
+from iam_grpc.ops_http import OpsHttpServer, Response
+from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
+from iam_grpc.server import SERVICE_NAMES, ListenError, build_server
+from iam_grpc.storage.memory import MemoryEphemeral
+from iam_grpc.storage.ports import Ephemeral
+from iam_grpc.storage.sql import schema
+from iam_grpc.storage.sql.database import SqlDatabase
+
+__all__ = ["Application", "StartupError"]
+
+log = component_logger("iam.app")
+
+PROBE_INTERVAL = 5.0
+PROBE_FAILURES = 3
+
+
+class StartupError(Exception):
+    """The service cannot start; the message names what to fix (never a secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    grpc_port: int
+    http_port: int | None
+
+
+class Application:
+    """One service process. ``await start()``, then ``await stop()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        migrate_on_start: bool | None = None,
+        probe_interval: float = PROBE_INTERVAL,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.health = health_aio.HealthServicer()
+        self._migrate = settings.auto_migrate if migrate_on_start is None else migrate_on_start
+        self.db: SqlDatabase | None = None
+        self.ephemeral: Ephemeral | None = None
+        self.secrets: ResolvedSecrets | None = None
+        self.keys: KeyRing | None = None
+        self.server: grpc.aio.Server | None = None
+        self.http: OpsHttpServer | None = None
+        self.grpc_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving = False
+        self._draining = False
+        self._stopped = asyncio.Event()
+        self._probe_interval = probe_interval
+
+    # startup ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._start_database()
+            await self._start_secrets_and_keys()
+            await self._start_ephemeral()
+            await self._start_serving()
+        except BaseException:
+            if self.server is not None:
+                await self.server.stop(0)
+            await self._close_resources()
+            raise
+        log.bind(
+            grpc=f"{self.settings.server.host}:{self.grpc_port}",
+            http=f"{self.settings.http.host}:{self.http.port}" if self.http else None,
+            mode=self.settings.mode,
+            startup_ms=round((time.monotonic() - started) * 1000),
+        ).info("serving")
+
+    async def _start_database(self) -> None:
+        s = self.settings.database
+        self.db = SqlDatabase.from_url(
+            s.url,
+            pool_size=s.pool_size,
+            max_overflow=s.max_overflow,
+            pool_recycle=s.pool_recycle,
+            pool_pre_ping=s.pool_pre_ping,
+            connect_timeout=s.connect_timeout,
+            on_statement=self.metrics.sql_statements.inc,
+        )
+        deadline = time.monotonic() + s.startup_wait.total_seconds()
+        delay = 0.25
+        while True:
+            try:
+                await self.db.ping()
+                break
+            except BackendUnavailable:
+                if time.monotonic() >= deadline:
+                    raise StartupError(
+                        "database.url: the database did not answer within database.startup_wait"
+                    ) from None
+                log.warning("database not reachable yet; retrying")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        engine = self.db.engine
+        head = schema.HEAD
+        current = await schema.database_revision(engine)
+        if current != head and self._migrate:
+            from iam_grpc.storage.sql import migrate  # Alembic only when there is work for it
+
+            try:
+                await migrate.upgrade(engine)
+            except migrate.MigrationLockTimeout:
+                raise StartupError("another process held the migration lock for 60 s") from None
+            current = await schema.database_revision(engine)
+        if current != head:
+            raise StartupError(
+                f"database schema is at {current or 'empty'}, this version needs {head}: "
+                "run `iam-grpc migrate` (or serve with --migrate)"
+            )
+
+    async def _start_secrets_and_keys(self) -> None:
+        assert self.db is not None
+        self.secrets = resolve_secrets(self.settings)
+        self.keys = KeyRing(
+            self.db, self.secrets.material, self.clock, algorithm=self.settings.tokens.algorithm
+        )
+        try:
+            await self.keys.reload()
+            await self.keys.ensure_initial_key()
+            await self.keys.reload()
+        except KeysUnreadable:
+            raise StartupError(
+                "secrets.master_key: no configured master key can decrypt the stored signing keys"
+            ) from None
+
+    async def _start_ephemeral(self) -> None:
+        s = self.settings
+        if s.redis.url:
+            from iam_grpc.storage.redis import RedisEphemeral  # redis-py only when configured
+
+            store = RedisEphemeral(
+                s.redis.url,
+                prefix=s.redis.key_prefix,
+                socket_timeout=s.redis.socket_timeout,
+                connect_timeout=s.redis.connect_timeout,
+            )
+            self.ephemeral = store
+            deadline = time.monotonic() + s.database.startup_wait.total_seconds()
+            while True:
+                try:
+                    await store.ping()
+                    break
+                except BackendUnavailable:
+                    if time.monotonic() >= deadline:
+                        raise StartupError(
+                            "redis.url: Redis did not answer within database.startup_wait"
+                        ) from None
+                    log.warning("redis not reachable yet; retrying")
+                    await asyncio.sleep(0.5)
+        else:
+            memory = MemoryEphemeral(s.ephemeral.memory_max_keys, clock=self.clock)
+            memory.start()
+            self.ephemeral = memory
+        assert self.db is not None
+        async with self.db.transaction() as tx:
+            await tx.users.ensure_roles(s.roles.default, self.clock.now())
+
+    async def _start_serving(self) -> None:
+        s = self.settings
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.server, self.grpc_port = build_server(self, s)
+        except ListenError as exc:
+            raise StartupError(str(exc)) from None
+        await self.server.start()
+        if s.http.enabled:
+            self.http = OpsHttpServer(
+                {"/healthz": self._healthz, "/metrics": self._metrics_route}, s.http.host, s.http.port
+            )
+            try:
+                await self.http.start()
+            except OSError:
+                raise StartupError(
+                    f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {s.http_address}"
+                ) from None
+        self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop(), name="health-probe"))
+        await self._set_serving(True)
+
+    # health ------------------------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        return self._serving and not self._draining
+
+    async def _set_serving(self, serving: bool) -> None:
+        self._serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+        self.metrics.serving.set(1 if self.serving else 0)
+
+    async def check_stores(self) -> bool:
+        ok = True
+        for store, probe in (("sql", self.db), ("ephemeral", self.ephemeral)):
+            if probe is None:
+                continue
+            try:
+                async with asyncio.timeout(2.0):
+                    await probe.ping()
+            except (BackendUnavailable, TimeoutError):
+                self.metrics.store_failures.labels(store).inc()
+                log.bind(store=store).warning("store health probe failed")
+                ok = False
+        return ok
+
+    async def _probe_loop(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            healthy = await self.check_stores()
+            if self._draining:
+                return
+            if healthy:
+                failures = 0
+                if not self._serving:
+                    log.info("stores answer again; serving")
+                    await self._set_serving(True)
+            else:
+                failures += 1
+                if failures >= PROBE_FAILURES and self._serving:
+                    log.error("stores failing; reporting NOT_SERVING")
+                    await self._set_serving(False)
+
+    async def _healthz(self) -> Response:
+        status = "SERVING" if self.serving else "NOT_SERVING"
+        return Response(200 if self.serving else 503, json.dumps({"status": status}).encode())
+
+    async def _metrics_route(self) -> Response:
+        return Response(200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # shutdown ----------------------------------------------------------------
+
+    async def stop(self, *, drain_delay: timedelta | None = None, grace: timedelta | None = None) -> None:
+        """Drain: NOT_SERVING, wait for balancers, let calls in flight finish, close everything."""
+        if self._stopped.is_set() or self._draining:
+            return
+        self._draining = True
+        for task in self._tasks:
+            task.cancel()
+        await self._set_serving(False)
+        delay = self.settings.shutdown.drain_delay if drain_delay is None else drain_delay
+        if delay.total_seconds() > 0:
+            log.bind(seconds=delay.total_seconds()).info("draining")
+            await asyncio.sleep(delay.total_seconds())
+        if self.server is not None:
+            limit = self.settings.shutdown.grace if grace is None else grace
+            await self.server.stop(limit.total_seconds())
+        await self._close_resources()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def _close_resources(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        if self.ephemeral is not None:
+            with contextlib.suppress(Exception):
+                await self.ephemeral.close()
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                await self.db.close()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,240 @@
+"""The ``iam-grpc`` command (typer). Exit codes: 0 fine, 1 failure, 2 refused
+configuration or startup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from iam_grpc import __version__
+from iam_grpc.config import ConfigError, Settings, load_settings, production_refusals
+
+app = typer.Typer(
+    name="iam-grpc",
+    help="iam-grpc: a gRPC authentication service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+migrate_app = typer.Typer(help="Database migrations.", invoke_without_command=True)
+secrets_app = typer.Typer(help="Secrets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(migrate_app, name="migrate")
+app.add_typer(secrets_app, name="secrets")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML configuration file (or IAM_CONFIG_FILE).")
+]
+
+EXIT_REFUSED = 2
+
+
+def _refuse(problems: list[str]) -> typer.Exit:
+    for problem in problems:
+        typer.echo(f"iam-grpc: refusing to start: {problem}", err=True)
+    return typer.Exit(EXIT_REFUSED)
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config_file=config, **overrides)
+    except ConfigError as exc:
+        raise _refuse(exc.problems) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    migrate: Annotated[bool, typer.Option("--migrate", help="Apply pending migrations first.")] = False,
+) -> None:
+    """Run the service (embedded mode with no configuration at all)."""
+    from iam_grpc.app import Application, StartupError
+    from iam_grpc.logging import component_logger, configure_logging
+
+    settings = _settings(config)
+    refusals = production_refusals(settings)
+    if refusals:
+        raise _refuse(refusals)
+    configure_logging(
+        level=settings.logging.level,
+        log_dir=settings.log_dir,
+        rotation_mb=settings.logging.rotation_mb,
+        retention_days=settings.logging.retention_days,
+        redact_extra=settings.logging.redact_extra,
+    )
+    log = component_logger("iam.cli")
+
+    async def run() -> int:
+        application = Application(settings, migrate_on_start=True if migrate else None)
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                sys.stdout.flush()
+                os._exit(1)
+            stop_requested.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await application.start()
+        except StartupError as exc:
+            log.bind(problem=str(exc)).critical("startup refused")
+            typer.echo(f"iam-grpc: refusing to start: {exc}", err=True)
+            return EXIT_REFUSED
+        except ConfigError as exc:
+            for problem in exc.problems:
+                typer.echo(f"iam-grpc: refusing to start: {problem}", err=True)
+            return EXIT_REFUSED
+        await stop_requested.wait()
+        log.info("signal received; shutting down")
+        await application.stop()
+        return 0
+
+    code = asyncio.run(run())
+    raise typer.Exit(code)
+
+
+@app.command()
+def health(
+    address: Annotated[
+        str, typer.Option("--address", "-a", help="host:port of the gRPC server.")
+    ] = "127.0.0.1:50051",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 3.0,
+) -> None:
+    """Exit 0 when the server reports SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+    except grpc.RpcError as exc:
+        typer.echo(f"not serving: {exc.code().name}", err=True)
+        raise typer.Exit(1) from None
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    typer.echo(name)
+    raise typer.Exit(0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+# config -------------------------------------------------------------------------
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective settings as JSON, secrets masked."""
+    settings = _settings(config)
+    typer.echo(json.dumps(json.loads(settings.model_dump_json()), indent=2, sort_keys=True))
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate the configuration (including production refusals)."""
+    settings = _settings(config)
+    refusals = production_refusals(settings)
+    if refusals:
+        raise _refuse(refusals)
+    typer.echo(f"configuration ok ({settings.mode} mode)")
+
+
+# migrate ------------------------------------------------------------------------
+
+
+def _engine(config: Path | None) -> Any:
+    from iam_grpc.storage.sql.database import create_engine
+
+    settings = _settings(config)
+    return create_engine(settings.database.url, connect_timeout=settings.database.connect_timeout)
+
+
+@migrate_app.callback()
+def migrate_default(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Upgrade the database to the newest schema (``migrate`` alone = ``migrate upgrade``)."""
+    if ctx.invoked_subcommand is None:
+        migrate_upgrade(config)
+
+
+@migrate_app.command("upgrade")
+def migrate_upgrade(config: ConfigOption = None) -> None:
+    """Upgrade the database to the newest schema."""
+    from iam_grpc.storage.sql import migrate
+
+    engine = _engine(config)
+
+    async def run() -> str | None:
+        try:
+            await migrate.upgrade(engine)
+            return await migrate.current(engine)
+        finally:
+            await engine.dispose()
+
+    typer.echo(f"database at {asyncio.run(run())}")
+
+
+@migrate_app.command("current")
+def migrate_current(config: ConfigOption = None) -> None:
+    """Print the database's schema revision and the newest one."""
+    from iam_grpc.storage.sql import migrate
+
+    engine = _engine(config)
+
+    async def run() -> str | None:
+        try:
+            return await migrate.current(engine)
+        finally:
+            await engine.dispose()
+
+    current = asyncio.run(run())
+    typer.echo(f"current {current or '(empty)'} head {migrate.head()}")
+    raise typer.Exit(0 if current == migrate.head() else 1)
+
+
+@migrate_app.command("history")
+def migrate_history() -> None:
+    """List the schema revisions, newest first."""
+    from iam_grpc.storage.sql import migrate
+
+    for revision, down, message in migrate.history():
+        typer.echo(f"{revision}  (after {down or 'nothing'})  {message.splitlines()[0] if message else ''}")
+
+
+# secrets ------------------------------------------------------------------------
+
+
+@secrets_app.command("generate")
+def secrets_generate(
+    size: Annotated[int, typer.Option(min=32, max=128, help="Random bytes.")] = 32,
+) -> None:
+    """Print a new random master key or pepper (base64url)."""
+    from iam_grpc.core.crypto import generate_key_text
+
+    typer.echo(generate_key_text(size))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Caller authentication (behaviour.md 2.8): which service is calling, and
+may it call this method?
+
+A caller proves itself with an API key in metadata ``x-iam-api-key`` (hashed
+and compared in constant time with every configured digest) or, when the
+server runs mTLS, with a certificate whose subject alternative name is
+configured. Without a credential, a call is accepted only where the
+configuration allows it: from loopback in embedded mode, or anywhere with
+``callers.allow_unauthenticated``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from typing import Any
+
+from loguru import logger
+
+from iam_grpc.config import CallersSettings
+from iam_grpc.core.call import Caller, current_call
+from iam_grpc.errors import CallerForbidden, CallerUnknown
+from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor, is_exempt
+from iam_grpc.logging import component_logger
+from iam_grpc.metrics import Metrics
+
+__all__ = ["API_KEY_HEADER", "CallerAuthInterceptor", "CallerRegistry"]
+
+API_KEY_HEADER = "x-iam-api-key"
+_MAX_KEY = 256
+
+log = component_logger("iam.callers")
+
+
+class CallerRegistry:
+    """The configured callers, indexed for lookup by key digest or certificate name."""
+
+    def __init__(self, settings: CallersSettings, *, embedded: bool) -> None:
+        self._digests: list[tuple[bytes, Caller]] = []
+        self._sans: dict[str, Caller] = {}
+        for caller_id, entry in sorted(settings.entries.items()):
+            methods = tuple(entry.methods)
+            for digest in entry.api_key_sha256:
+                self._digests.append(
+                    (bytes.fromhex(digest), Caller(caller_id, methods, entry.trust_client_ip, "api_key"))
+                )
+            for san in entry.cert_sans:
+                self._sans[san] = Caller(caller_id, methods, entry.trust_client_ip, "mtls")
+        self._allow_anyone = settings.allow_unauthenticated
+        self._allow_loopback = embedded and settings.allow_unauthenticated_loopback
+        self._anonymous_trust = settings.unauthenticated_trust_client_ip
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._digests or self._sans)
+
+    def by_api_key(self, key: str) -> Caller | None:
+        presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        found: Caller | None = None
+        for digest, caller in self._digests:  # no early exit: same work for every key
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = caller
+        return found
+
+    def by_certificate(self, names: list[str]) -> Caller | None:
+        for name in names:
+            caller = self._sans.get(name)
+            if caller is not None:
+                return caller
+        return None
+
+    def anonymous(self, peer_ip: str | None, unix_socket: bool) -> Caller | None:
+        if self._allow_anyone:
+            return Caller("anonymous", ("*",), self._anonymous_trust, "unauthenticated")
+        if self._allow_loopback and (unix_socket or _is_loopback(peer_ip)):
+            return Caller("local", ("*",), self._anonymous_trust, "loopback")
+        return None
+
+
+def _is_loopback(ip: str | None) -> bool:
+    if ip is None:
+        return False
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _certificate_names(context: Context) -> list[str]:
+    auth = context.auth_context() or {}
+    names = [*auth.get("x509_subject_alternative_name", ()), *auth.get("x509_common_name", ())]
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _api_key(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == API_KEY_HEADER:
+            text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+            return text[:_MAX_KEY]
+    return None
+
+
+class CallerAuthInterceptor(UnaryInterceptor):
+    def __init__(self, registry: CallerRegistry, metrics: Metrics) -> None:
+        self._registry = registry
+        self._metrics = metrics
+
+    def applies_to(self, method: str) -> bool:
+        return not is_exempt(method)
+
+    def _identify(self, context: Context) -> Caller:
+        call = current_call()
+        key = _api_key(context)
+        if key is not None:
+            caller = self._registry.by_api_key(key)
+            if caller is None:
+                raise CallerUnknown()
+            return caller
+        names = _certificate_names(context)
+        if names:
+            caller = self._registry.by_certificate(names)
+            if caller is not None:
+                return caller
+            raise CallerUnknown()
+        peer = call.peer if call else ""
+        caller = self._registry.anonymous(call.peer_ip if call else None, peer.startswith("unix"))
+        if caller is None:
+            raise CallerUnknown()
+        return caller
+
+    def wrap(self, behaviour: Behaviour, method: str) -> Behaviour:
+        async def run(request: Any, context: Context) -> Any:
+            call = current_call()
+            try:
+                caller = self._identify(context)
+            except CallerUnknown:
+                self._metrics.caller_denied.labels("unknown").inc()
+                log.bind(peer=call.peer if call else None).warning("caller not authenticated")
+                raise
+            if call is not None:
+                call.caller = caller
+            if not caller.may_call(method):
+                self._metrics.caller_denied.labels("method").inc()
+                log.bind(caller=caller.id).warning("caller not allowed this method")
+                raise CallerForbidden()
+            with logger.contextualize(caller=caller.id):
+                return await behaviour(request, context)
+
+        return run

@@ -1,0 +1,78 @@
+"""Request context: request id (validated, generated when absent, echoed),
+the call record that later layers read, and log context for every line."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from loguru import logger
+
+from iam_grpc.core.call import CallInfo, reset_current, set_current
+from iam_grpc.ids import REQUEST_ID
+from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor
+
+__all__ = ["RequestContextInterceptor", "parse_peer"]
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+def parse_peer(peer: str) -> str | None:
+    """The IP of a grpc peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``); None for unix sockets."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        host = rest.rsplit(":", 1)[0]
+    elif kind == "ipv6":
+        host = rest.rsplit(":", 1)[0].strip("[]")
+    else:
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
+
+
+def _metadata_value(context: Context, key: str) -> str | None:
+    for item_key, value in context.invocation_metadata() or ():
+        if item_key == key:
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None
+
+
+class RequestContextInterceptor(UnaryInterceptor):
+    def __init__(self, default_deadline: timedelta) -> None:
+        self._default = default_deadline.total_seconds()
+
+    def wrap(self, behaviour: Behaviour, method: str) -> Behaviour:
+        default = self._default
+
+        async def run(request: Any, context: Context) -> Any:
+            offered = _metadata_value(context, REQUEST_ID_KEY)
+            request_id = offered if offered and REQUEST_ID.match(offered) else str(uuid.uuid4())
+            peer = context.peer() or ""
+            remaining = context.time_remaining()
+            budget = default if remaining is None else min(remaining, default)
+            call = CallInfo(
+                method=method,
+                request_id=request_id,
+                peer=peer,
+                peer_ip=parse_peer(peer),
+                deadline=time.monotonic() + budget,
+            )
+            echo = ((REQUEST_ID_KEY, request_id),)
+            await context.send_initial_metadata(echo)
+            context.set_trailing_metadata(echo)
+            token = set_current(call)
+            try:
+                with logger.contextualize(request_id=request_id, method=method):
+                    return await behaviour(request, context)
+            finally:
+                reset_current(token)
+
+        return run

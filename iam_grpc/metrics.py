@@ -1,0 +1,45 @@
+"""Prometheus metrics, one registry per running service (so tests can run
+several in one process). Served as text on the ops listener's ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rpc_total = Counter(
+            "iam_rpc_total",
+            "RPCs handled, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "iam_rpc_duration_seconds",
+            "RPC handling time, by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rpc_in_flight = Gauge("iam_rpc_in_flight", "RPCs being handled.", registry=self.registry)
+        self.caller_denied = Counter(
+            "iam_caller_denied_total",
+            "Calls refused by caller authentication.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.sql_statements = Counter(
+            "iam_sql_statements_total", "SQL statements executed.", registry=self.registry
+        )
+        self.store_failures = Counter(
+            "iam_store_failures_total", "Failed health probes, by store.", ["store"], registry=self.registry
+        )
+        self.serving = Gauge("iam_serving", "1 while the service reports SERVING.", registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

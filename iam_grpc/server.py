@@ -1,0 +1,114 @@
+"""The grpc.aio server: options, TLS, the interceptor chain, services,
+health and reflection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
+from iam_grpc.config import Settings
+from iam_grpc.interceptors.access_log import AccessLogInterceptor
+from iam_grpc.interceptors.base import RequestInterceptor
+from iam_grpc.interceptors.callers import CallerAuthInterceptor, CallerRegistry
+from iam_grpc.interceptors.context import RequestContextInterceptor
+from iam_grpc.interceptors.deadline import DeadlineInterceptor
+from iam_grpc.interceptors.decode import DecodeGuardInterceptor
+from iam_grpc.interceptors.errors import ErrorMappingInterceptor
+from iam_grpc.metrics import Metrics
+from iam_grpc.services.auth import AuthService
+from iam_grpc.services.mfa import MfaService
+from iam_grpc.services.token import TokenService
+
+if TYPE_CHECKING:
+    from iam_grpc.app import Application
+
+__all__ = ["SERVICE_NAMES", "ListenError", "build_server", "interceptor_chain", "server_options"]
+
+SERVICE_NAMES = (
+    auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+    token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
+    mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name,
+)
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    s = settings.server
+    return [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", int(s.keepalive_time.total_seconds() * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout.total_seconds() * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_age_ms", int(s.max_connection_age.total_seconds() * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace.total_seconds() * 1000)),
+        ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
+    ]
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    tls = settings.server.tls
+    if not tls.enabled:
+        return None
+    assert tls.cert_file is not None
+    assert tls.key_file is not None
+    pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
+    if tls.client_ca_file is not None:
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=tls.client_ca_file.read_bytes(), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials([pair])
+
+
+def interceptor_chain(
+    settings: Settings, metrics: Metrics, request_hooks: Sequence[RequestInterceptor] = ()
+) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors, outermost first; each has one job (see ``iam_grpc.interceptors``)."""
+    return [
+        RequestContextInterceptor(settings.server.default_deadline),
+        AccessLogInterceptor(metrics, hot_ok_level=settings.logging.hot_ok_level),
+        ErrorMappingInterceptor(),
+        DeadlineInterceptor(),
+        CallerAuthInterceptor(
+            CallerRegistry(settings.callers, embedded=settings.mode == "embedded"), metrics
+        ),
+        DecodeGuardInterceptor(),
+        *request_hooks,  # rate limiting and validation see the decoded request here
+    ]
+
+
+def build_server(app: Application, settings: Settings) -> tuple[grpc.aio.Server, int]:
+    """Create the server with every service registered and bind its port (returned)."""
+    server = grpc.aio.server(
+        interceptors=interceptor_chain(settings, app.metrics),
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
+    )
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(), server)
+    token_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(), server)
+    mfa_pb2_grpc.add_MfaServiceServicer_to_server(MfaService(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+        )
+    address = settings.grpc_address
+    credentials = _credentials(settings)
+    try:
+        port = (
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ListenError(f"server.host/server.port (IAM_GRPC_LISTEN): cannot listen on {address}")
+    return server, port
+
+
+class ListenError(Exception):
+    """The gRPC address cannot be bound (in use, or not a local address)."""
