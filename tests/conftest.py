@@ -1,0 +1,112 @@
+"""Shared fixtures: the real MariaDB/MySQL and Redis servers the suite runs against.
+
+Each test session gets its own MySQL database (``iam_test_<random>``) and its
+own Redis key prefix, removed at the end. A backend that does not answer is a
+failure, never a skip: start them with ``scripts/services.sh``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "mysql+asyncmy://root@127.0.0.1:3306")
+REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN_ID = secrets.token_hex(4)
+TEST_MASTER_KEY = secrets.token_urlsafe(32)
+TEST_PEPPER = secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which adapters a test runs against, as the environment a deployment would set."""
+
+    name: str
+    environ: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shared(self) -> bool:
+        return self.name == "mysql+redis"
+
+
+async def _wait_for(probe, what: str, seconds: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            await probe()
+            return
+        except Exception as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(
+                    f"{what} is not reachable ({type(exc).__name__}); run scripts/services.sh", pytrace=False
+                )
+            await asyncio.sleep(0.5)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def mysql_url() -> AsyncIterator[str]:
+    """A fresh MySQL/MariaDB database for this test session."""
+    name = f"iam_test_{RUN_ID}"
+    admin = create_async_engine(MYSQL_SERVER + "/", isolation_level="AUTOCOMMIT")
+
+    async def create() -> None:
+        async with admin.connect() as connection:
+            await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+
+    await _wait_for(create, "MariaDB/MySQL at " + MYSQL_SERVER)
+    try:
+        yield f"{MYSQL_SERVER}/{name}"
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        await admin.dispose()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def redis_prefix() -> AsyncIterator[str]:
+    """A Redis key prefix for this test session; its keys are deleted at the end."""
+    prefix = f"iam_test_{RUN_ID}:"
+    client = aioredis.Redis.from_url(REDIS_SERVER)
+    await _wait_for(client.ping, "Redis at " + REDIS_SERVER)
+    try:
+        yield prefix
+    finally:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return REDIS_SERVER
+
+
+@pytest.fixture(scope="session", params=["sqlite+memory", "mysql+redis"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Every server test runs on both modes' adapters."""
+    if request.param == "sqlite+memory":
+        return Backend("sqlite+memory")
+    mysql = request.getfixturevalue("mysql_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    return Backend(
+        "mysql+redis",
+        {
+            "IAM_DATABASE_URL": mysql,
+            "IAM_REDIS_URL": REDIS_SERVER,
+            "IAM_REDIS__KEY_PREFIX": prefix,
+            # one master key for every instance on the shared database, as in production
+            "IAM_SECRETS__MASTER_KEY": TEST_MASTER_KEY,
+            "IAM_PASSWORDS__PEPPERS": '{"1": "' + TEST_PEPPER + '"}',
+            "IAM_PASSWORDS__CURRENT_PEPPER": "1",
+        },
+    )

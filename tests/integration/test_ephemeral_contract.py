@@ -1,0 +1,175 @@
+"""Contract of the Ephemeral port, run against the in-process store and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+
+from iam_grpc.errors import BackendUnavailable
+from iam_grpc.storage.memory import MemoryEphemeral
+from iam_grpc.storage.ports import Ephemeral
+from iam_grpc.storage.redis import RedisEphemeral
+
+LONG = timedelta(seconds=60)
+SHORT = timedelta(milliseconds=300)
+
+
+@pytest_asyncio.fixture(params=["memory", "redis"], loop_scope="session")
+async def store(
+    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
+) -> AsyncIterator[Ephemeral]:
+    if request.param == "memory":
+        memory = MemoryEphemeral(max_keys=1000)
+        yield memory
+        await memory.close()
+        return
+    redis = RedisEphemeral(redis_url, prefix=redis_prefix + secrets.token_hex(4) + ":")
+    yield redis
+    await redis.close()
+
+
+async def test_get_returns_what_set_stored(store: Ephemeral) -> None:
+    """set then get returns the bytes; a missing key reads as None."""
+    await store.set("a", b"value", LONG)
+    assert await store.get("a") == b"value"
+    assert await store.get("missing") is None
+
+
+async def test_values_expire_after_their_ttl(store: Ephemeral) -> None:
+    """A value is gone once its TTL has passed."""
+    await store.set("short", b"x", SHORT)
+    assert await store.get("short") == b"x"
+    await asyncio.sleep(0.45)
+    assert await store.get("short") is None
+
+
+async def test_ttl_reports_remaining_lifetime(store: Ephemeral) -> None:
+    """ttl is positive and at most what was set; None for a missing key."""
+    await store.set("t", b"x", timedelta(seconds=10))
+    remaining = await store.ttl("t")
+    assert remaining is not None
+    assert timedelta(seconds=9) < remaining <= timedelta(seconds=10)
+    assert await store.ttl("nope") is None
+
+
+async def test_zero_ttl_is_refused(store: Ephemeral) -> None:
+    """Nothing may be stored without a lifetime."""
+    with pytest.raises(ValueError, match="TTL"):
+        await store.set("forever", b"x", timedelta(0))
+
+
+async def test_set_if_absent_stores_only_once(store: Ephemeral) -> None:
+    """The first set_if_absent wins; later ones leave the value alone."""
+    assert await store.set_if_absent("once", b"first", LONG) is True
+    assert await store.set_if_absent("once", b"second", LONG) is False
+    assert await store.get("once") == b"first"
+
+
+async def test_set_if_absent_is_atomic_under_concurrency(store: Ephemeral) -> None:
+    """Of 50 concurrent claims exactly one succeeds."""
+    results = await asyncio.gather(*(store.set_if_absent("race", str(i).encode(), LONG) for i in range(50)))
+    assert results.count(True) == 1
+
+
+async def test_set_if_absent_works_again_after_expiry(store: Ephemeral) -> None:
+    """An expired mark no longer blocks a new one."""
+    assert await store.set_if_absent("mark", b"1", SHORT)
+    await asyncio.sleep(0.45)
+    assert await store.set_if_absent("mark", b"2", LONG)
+
+
+async def test_get_and_delete_returns_the_value_once(store: Ephemeral) -> None:
+    """A single-use value can be taken exactly once, even by concurrent takers."""
+    await store.set("grant", b"g", LONG)
+    results = await asyncio.gather(*(store.get_and_delete("grant") for _ in range(20)))
+    assert [r for r in results if r is not None] == [b"g"]
+    assert await store.get("grant") is None
+
+
+async def test_compare_and_set_replaces_only_the_expected_value(store: Ephemeral) -> None:
+    """compare_and_set fails on a mismatch or a missing key and succeeds on a match."""
+    assert await store.compare_and_set("state", b"pending", b"done") is False
+    await store.set("state", b"pending", LONG)
+    assert await store.compare_and_set("state", b"approved", b"done") is False
+    assert await store.compare_and_set("state", b"pending", b"done") is True
+    assert await store.get("state") == b"done"
+
+
+async def test_compare_and_set_keeps_the_ttl_unless_given(store: Ephemeral) -> None:
+    """Without a ttl the old lifetime is kept; with one it is replaced."""
+    await store.set("cas", b"a", timedelta(seconds=5))
+    assert await store.compare_and_set("cas", b"a", b"b")
+    kept = await store.ttl("cas")
+    assert kept is not None
+    assert kept <= timedelta(seconds=5)
+    assert await store.compare_and_set("cas", b"b", b"c", timedelta(seconds=50))
+    replaced = await store.ttl("cas")
+    assert replaced is not None
+    assert replaced > timedelta(seconds=40)
+
+
+async def test_compare_and_set_has_one_winner(store: Ephemeral) -> None:
+    """Two replicas moving pending -> done: exactly one wins."""
+    await store.set("challenge", b"pending", LONG)
+    results = await asyncio.gather(
+        *(store.compare_and_set("challenge", b"pending", b"done") for _ in range(30))
+    )
+    assert results.count(True) == 1
+
+
+async def test_incr_counts_and_keeps_the_first_ttl(store: Ephemeral) -> None:
+    """Counters start at zero with the ttl of their first increment, which later increments do not extend."""
+    assert await store.incr("count", 1, timedelta(seconds=5)) == 1
+    assert await store.incr("count", 2, timedelta(seconds=500)) == 3
+    assert await store.incr("count", -1, timedelta(seconds=500)) == 2
+    remaining = await store.ttl("count")
+    assert remaining is not None
+    assert remaining <= timedelta(seconds=5)
+
+
+async def test_incr_is_atomic_under_concurrency(store: Ephemeral) -> None:
+    """50 concurrent increments give 50."""
+    await asyncio.gather(*(store.incr("many", 1, LONG) for _ in range(50)))
+    assert await store.incr("many", 0, LONG) == 50
+
+
+async def test_counters_expire(store: Ephemeral) -> None:
+    """A counter starts over after its window."""
+    await store.incr("window", 5, SHORT)
+    await asyncio.sleep(0.45)
+    assert await store.incr("window", 1, LONG) == 1
+
+
+async def test_delete_and_exists(store: Ephemeral) -> None:
+    """delete removes keys and reports how many existed; exists checks several keys at once."""
+    await store.set("k1", b"1", LONG)
+    await store.set("k2", b"2", LONG)
+    assert await store.exists(["k1", "k2", "k3"]) == [True, True, False]
+    assert await store.delete("k1", "k3") == 1
+    assert await store.exists(["k1", "k2"]) == [False, True]
+    assert await store.exists([]) == []
+    assert await store.delete() == 0
+
+
+async def test_ping_answers(store: Ephemeral) -> None:
+    """A healthy store answers ping."""
+    await store.ping()
+
+
+async def test_redis_down_is_backend_unavailable() -> None:
+    """An unreachable Redis raises BackendUnavailable, not a driver error."""
+    dead = RedisEphemeral(
+        "redis://127.0.0.1:1/0",
+        connect_timeout=timedelta(milliseconds=200),
+        socket_timeout=timedelta(milliseconds=200),
+    )
+    with pytest.raises(BackendUnavailable):
+        await dead.get("x")
+    with pytest.raises(BackendUnavailable):
+        await dead.set_if_absent("x", b"1", LONG)
+    await dead.close()

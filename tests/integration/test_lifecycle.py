@@ -1,0 +1,179 @@
+"""Startup, health and shutdown of the application (behaviour.md 11.4-11.6)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from iam_grpc.app import Application, StartupError
+from iam_grpc.testing import running_service, service_settings
+from tests.conftest import Backend
+
+
+async def health_of(address: str) -> int:
+    import grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return int(answer.status)
+
+
+async def test_a_different_master_key_cannot_start_on_existing_keys(tmp_path: Path) -> None:
+    """Signing keys are useless without their master key: startup stops and names secrets.master_key (S27)."""
+    first = {"IAM_SECRETS__MASTER_KEY": secrets.token_urlsafe(32)}
+    async with running_service(tmp_path, first):
+        pass
+    other = Application(service_settings(tmp_path, {"IAM_SECRETS__MASTER_KEY": secrets.token_urlsafe(32)}))
+    with pytest.raises(StartupError, match=r"^secrets\.master_key: no configured master key can decrypt"):
+        await other.start()
+    assert other.server is None
+
+
+async def test_a_rotated_master_key_still_starts_with_the_old_one_listed(tmp_path: Path) -> None:
+    """Listing the old key under secrets.previous_master_keys keeps the stored keys readable."""
+    old = secrets.token_urlsafe(32)
+    async with running_service(tmp_path, {"IAM_SECRETS__MASTER_KEY": old}):
+        pass
+    env = {
+        "IAM_SECRETS__MASTER_KEY": secrets.token_urlsafe(32),
+        "IAM_SECRETS__PREVIOUS_MASTER_KEYS": f'["{old}"]',
+    }
+    async with running_service(tmp_path, env) as running:
+        assert await health_of(running.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_embedded_secrets_are_generated_once_and_private(tmp_path: Path) -> None:
+    """The first embedded start writes secrets.toml with mode 0600; later starts reuse it."""
+    async with running_service(tmp_path):
+        pass
+    secrets_file = tmp_path / "secrets.toml"
+    content = secrets_file.read_text()
+    assert oct(secrets_file.stat().st_mode & 0o777) == "0o600"
+    async with running_service(tmp_path):
+        pass
+    assert secrets_file.read_text() == content
+
+
+async def test_a_busy_port_is_a_clear_startup_error(tmp_path: Path) -> None:
+    """Startup names the listen setting when the port is taken, and leaves nothing running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = Application(service_settings(tmp_path, {"IAM_GRPC_LISTEN": f"127.0.0.1:{port}"}))
+        with pytest.raises(StartupError, match="IAM_GRPC_LISTEN"):
+            await app.start()
+
+
+async def test_pending_migrations_stop_startup_without_auto_migrate(
+    backend: Backend, tmp_path: Path, mysql_url: str
+) -> None:
+    """With auto_migrate off, an empty database refuses startup and says how to migrate."""
+    if backend.shared:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        name = "iam_test_pending_" + secrets.token_hex(3)
+        server_url = mysql_url.rsplit("/", 1)[0]
+        admin = create_async_engine(server_url + "/", isolation_level="AUTOCOMMIT")
+        async with admin.connect() as connection:
+            await connection.execute(text(f"CREATE DATABASE {name}"))
+        environ = {**backend.environ, "IAM_DATABASE_URL": f"{server_url}/{name}"}
+    else:
+        environ = {}
+    try:
+        app = Application(service_settings(tmp_path, {**environ, "IAM_DATABASE__AUTO_MIGRATE": "false"}))
+        with pytest.raises(StartupError, match="run `iam-grpc migrate`"):
+            await app.start()
+        migrating = Application(
+            service_settings(tmp_path, {**environ, "IAM_DATABASE__AUTO_MIGRATE": "false"}),
+            migrate_on_start=True,
+        )
+        await migrating.start()
+        await migrating.stop(drain_delay=timedelta(0))
+    finally:
+        if backend.shared:
+            async with admin.connect() as connection:
+                await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            await admin.dispose()
+
+
+async def test_draining_reports_not_serving_before_the_server_stops(tmp_path: Path) -> None:
+    """On stop, health turns NOT_SERVING first and stays reachable for the drain delay."""
+    app = Application(service_settings(tmp_path))
+    await app.start()
+    address = f"127.0.0.1:{app.grpc_port}"
+    assert await health_of(address) == health_pb2.HealthCheckResponse.SERVING
+    stopping = asyncio.create_task(app.stop(drain_delay=timedelta(seconds=0.6)))
+    await asyncio.sleep(0.2)
+    assert await health_of(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+    await stopping
+    assert not app.serving
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A Redis server of this test's own, so it can be stopped and started again."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed", pytrace=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield port, tmp_path
+    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False)
+
+
+def start_redis(port: int, folder: Path) -> None:
+    subprocess.run(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(folder),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def test_health_follows_the_stores(private_redis: tuple[int, Path], tmp_path: Path) -> None:
+    """Three failed probes turn health NOT_SERVING; one good probe turns it back to SERVING."""
+    port, folder = private_redis
+    start_redis(port, folder)
+    await asyncio.sleep(0.3)
+    env = {"IAM_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    async with running_service(tmp_path, env, probe_interval=0.2) as running:
+        assert await health_of(running.address) == health_pb2.HealthCheckResponse.SERVING
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False)
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            if await health_of(running.address) == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+        else:
+            pytest.fail("health stayed SERVING with Redis down")
+        start_redis(port, folder)
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            if await health_of(running.address) == health_pb2.HealthCheckResponse.SERVING:
+                break
+        else:
+            pytest.fail("health did not recover with Redis back")

@@ -1,0 +1,277 @@
+"""The real server on a free port, on both backends: health, reflection,
+request ids, error details, payload limits, ops HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from iam_grpc.proto import (
+    auth_pb2,
+    auth_pb2_grpc,
+    common_pb2,
+    mfa_pb2,
+    mfa_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
+)
+from iam_grpc.server import SERVICE_NAMES
+from iam_grpc.testing import RunningService, error_details, running_service
+from tests.conftest import Backend
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def service(
+    backend: Backend, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningService]:
+    async with running_service(tmp_path_factory.mktemp("server"), backend.environ) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def channel(service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+    async with service.channel() as opened:
+        yield opened
+
+
+def every_rpc() -> list[tuple[str, object, object]]:
+    """(full method, stub factory, empty request) for every iam.v1 RPC."""
+    rpcs = []
+    for module, stub, file in (
+        (auth_pb2, auth_pb2_grpc.AuthServiceStub, auth_pb2.DESCRIPTOR),
+        (token_pb2, token_pb2_grpc.TokenServiceStub, token_pb2.DESCRIPTOR),
+        (mfa_pb2, mfa_pb2_grpc.MfaServiceStub, mfa_pb2.DESCRIPTOR),
+    ):
+        for service in file.services_by_name.values():
+            for method in service.methods:
+                request_cls = getattr(module, method.input_type.name)
+                rpcs.append((f"{service.full_name}/{method.name}", stub, request_cls()))
+    return rpcs
+
+
+async def test_health_is_serving_for_the_server_and_each_service(channel: grpc.aio.Channel) -> None:
+    """Once started, health answers SERVING overall and per service."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    for name in ("", *SERVICE_NAMES):
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+async def test_reflection_lists_the_contract_services(channel: grpc.aio.Channel) -> None:
+    """Reflection (on in embedded mode) lists the three iam.v1 services and health."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name async for r in responses for s in r.list_services_response.service}
+    assert {
+        "iam.v1.AuthService",
+        "iam.v1.TokenService",
+        "iam.v1.MfaService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+async def test_reflection_serves_the_descriptors_with_comments(channel: grpc.aio.Channel) -> None:
+    """A client can fetch the auth.proto descriptor by symbol."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="iam.v1.AuthService")
+    responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in responses[0].file_descriptor_response.file_descriptor_proto
+    ]
+    assert "iam/v1/auth.proto" in {f.name for f in files}
+
+
+def test_the_contract_names_every_rpc_of_api_md() -> None:
+    """The protos declare exactly the RPCs api.md names (and keeps field numbers)."""
+    names = {rpc[0] for rpc in every_rpc()}
+    assert names == {
+        "iam.v1.AuthService/" + m
+        for m in (
+            "Signup",
+            "Login",
+            "Logout",
+            "RequestPasswordReset",
+            "ResetPassword",
+            "ChangePassword",
+            "RequestEmailChange",
+            "ConfirmEmailChange",
+        )
+    } | {
+        "iam.v1.TokenService/" + m
+        for m in (
+            "Refresh",
+            "VerifyAccessToken",
+            "RevokeSession",
+            "RevokeAllSessions",
+            "ListSessions",
+            "GetJwks",
+        )
+    } | {
+        "iam.v1.MfaService/" + m
+        for m in (
+            "VerifyChallenge",
+            "RedeemMagicLink",
+            "InspectMagicLink",
+            "ResendChallenge",
+            "StartStepUp",
+            "ConsumeStepUpGrant",
+        )
+    }
+    assert auth_pb2.LoginResponse.DESCRIPTOR.fields_by_name["password_breached"].number == 3
+    assert common_pb2.Session.DESCRIPTOR.fields_by_name["device_id"].number == 7
+    mfa = mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]
+    assert mfa.methods_by_name["ResendChallenge"].output_type.full_name == "iam.v1.MfaChallenge"
+    assert mfa.methods_by_name["StartStepUp"].output_type.full_name == "iam.v1.MfaChallenge"
+
+
+@pytest.mark.parametrize(
+    ("method", "stub", "request_message"), every_rpc(), ids=[rpc[0] for rpc in every_rpc()]
+)
+async def test_unbuilt_rpcs_answer_unimplemented_with_error_info(
+    channel: grpc.aio.Channel, method: str, stub: object, request_message: object
+) -> None:
+    """Until its issue lands, an RPC answers UNIMPLEMENTED with ErrorInfo reason UNIMPLEMENTED in domain iam.v1."""
+    rpc = getattr(stub(channel), method.split("/")[1])  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await rpc(request_message)
+    details = error_details(caught.value)
+    assert details.code == grpc.StatusCode.UNIMPLEMENTED
+    assert (details.reason, details.domain) == ("UNIMPLEMENTED", "iam.v1")
+
+
+async def _call_with_metadata(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]
+) -> tuple[dict[str, str], dict[str, str]]:
+    call = auth_pb2_grpc.AuthServiceStub(channel).Login(auth_pb2.LoginRequest(), metadata=metadata)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    initial = dict(await call.initial_metadata() or ())
+    trailing = dict(await call.trailing_metadata() or ())
+    return initial, trailing
+
+
+async def test_a_valid_request_id_is_echoed(channel: grpc.aio.Channel) -> None:
+    """A well-formed x-request-id comes back in initial and trailing metadata."""
+    initial, trailing = await _call_with_metadata(channel, (("x-request-id", "req-1234.abc:XYZ"),))
+    assert initial["x-request-id"] == "req-1234.abc:XYZ"
+    assert trailing["x-request-id"] == "req-1234.abc:XYZ"
+
+
+@pytest.mark.parametrize("offered", [None, "short", "has space in it", "x" * 129, "bad/slash-12345"])
+async def test_a_missing_or_malformed_request_id_is_replaced(
+    channel: grpc.aio.Channel, offered: str | None
+) -> None:
+    """Without a valid x-request-id the server generates a UUID and echoes that."""
+    metadata = (("x-request-id", offered),) if offered is not None else ()
+    initial, trailing = await _call_with_metadata(channel, metadata)
+    generated = initial["x-request-id"]
+    assert generated != offered
+    assert uuid.UUID(generated).version == 4
+    assert trailing["x-request-id"] == generated
+
+
+async def test_malformed_payload_is_invalid_argument_and_the_server_keeps_serving(
+    channel: grpc.aio.Channel,
+) -> None:
+    """Bytes that do not decode as the request message give INVALID_ARGUMENT, never INTERNAL."""
+    raw = channel.unary_unary(
+        "/iam.v1.AuthService/Login", request_serializer=None, response_deserializer=None
+    )
+    for payload in (b"\xff\xff\xff\xff", b"\x0a\xff\x01", b"\x12\x05ab"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(payload)
+        details = error_details(caught.value)
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.reason == "INVALID_ARGUMENT"
+        assert "request" in details.field_violations
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_oversized_requests_are_refused_and_the_server_keeps_serving(channel: grpc.aio.Channel) -> None:
+    """A request over 64 KiB is RESOURCE_EXHAUSTED; the next normal call is answered."""
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Login(auth_pb2.LoginRequest(password="x" * (65 * 1024)))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError) as normal:
+        await stub.Login(auth_pb2.LoginRequest(password="x" * 100))
+    assert normal.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_errors_leak_no_internals(channel: grpc.aio.Channel) -> None:
+    """Error messages are short constant sentences without paths, SQL or tracebacks."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await token_pb2_grpc.TokenServiceStub(channel).GetJwks(token_pb2.GetJwksRequest())
+    message = caught.value.details() or ""
+    for forbidden in ("Traceback", "/", "SELECT", 'File "'):
+        assert forbidden not in message
+
+
+async def _http_get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+async def test_healthz_reports_serving(service: RunningService) -> None:
+    """GET /healthz answers 200 with the serving status."""
+    assert service.http_port is not None
+    status, headers, body = await _http_get(service.http_port, "/healthz")
+    assert status == 200
+    assert json.loads(body) == {"status": "SERVING"}
+    assert headers["content-type"] == "application/json"
+
+
+async def test_metrics_count_rpcs_by_method_and_code(
+    service: RunningService, channel: grpc.aio.Channel
+) -> None:
+    """/metrics exposes per-RPC counters and latency histograms in Prometheus text."""
+    with pytest.raises(grpc.aio.AioRpcError):
+        await mfa_pb2_grpc.MfaServiceStub(channel).InspectMagicLink(mfa_pb2.InspectMagicLinkRequest())
+    assert service.http_port is not None
+    status, headers, body = await _http_get(service.http_port, "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+    assert 'iam_rpc_total{code="UNIMPLEMENTED",method="/iam.v1.MfaService/InspectMagicLink"}' in text
+    assert 'iam_rpc_duration_seconds_bucket{le="0.005",method="/iam.v1.MfaService/InspectMagicLink"}' in text
+    assert "iam_sql_statements_total" in text
+
+
+async def test_unknown_paths_and_methods_are_refused(service: RunningService) -> None:
+    """The ops listener answers 404 for unknown paths and 405 for anything but GET/HEAD."""
+    assert service.http_port is not None
+    assert (await _http_get(service.http_port, "/nope"))[0] == 404
+    assert (await _http_get(service.http_port, "/healthz", method="POST"))[0] == 405
+    status, _, body = await _http_get(service.http_port, "/healthz", method="HEAD")
+    assert (status, body) == (200, b"")
+
+
+async def test_the_service_restarts_on_its_own_data(backend: Backend, tmp_path: Path) -> None:
+    """A second start on the same data directory and database reuses keys and secrets."""
+    async with running_service(tmp_path, backend.environ) as first:
+        assert first.app.keys is not None
+        kids = {key["kid"] for key in first.app.keys.jwks()["keys"]}
+    async with running_service(tmp_path, backend.environ) as second:
+        assert second.app.keys is not None
+        again = {key["kid"] for key in second.app.keys.jwks()["keys"]}
+    assert kids
+    assert kids <= again
