@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# Two stages: build the virtualenv with compilers available, then copy only the
+# virtualenv into a slim runtime image that runs as an unprivileged user.
+
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml constraints.txt README.md ./
+COPY iam_grpc ./iam_grpc
+RUN python -m venv /opt/iam \
+ && /opt/iam/bin/pip install --upgrade pip \
+ && /opt/iam/bin/pip install -c constraints.txt .
+
+FROM python:3.11-slim AS runtime
+RUN groupadd --system --gid 10001 iam \
+ && useradd --system --uid 10001 --gid iam --home-dir /data --shell /usr/sbin/nologin iam \
+ && mkdir -p /data && chown iam:iam /data && chmod 0750 /data
+COPY --from=build /opt/iam /opt/iam
+ENV PATH=/opt/iam/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    IAM_DATA_DIR=/data \
+    IAM_GRPC_LISTEN=0.0.0.0:50051 \
+    IAM_HTTP_LISTEN=0.0.0.0:8081
+USER iam
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 50051 8081
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s CMD ["iam-grpc", "health", "--address", "127.0.0.1:50051"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["iam-grpc"]
+CMD ["serve"]
