@@ -43,6 +43,7 @@ proto-check:
 
 bench: install
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/ratelimit.py
 
 services:
 	scripts/services.sh

@@ -16,17 +16,20 @@ from grpc_health.v1.health import aio as health_aio
 
 from iam_grpc.clock import Clock, SystemClock
 from iam_grpc.config import Settings
+from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing, KeysUnreadable
+from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
 from iam_grpc.ops_http import OpsHttpServer, Response
 from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
 from iam_grpc.server import SERVICE_NAMES, ListenError, build_server
-from iam_grpc.storage.memory import MemoryEphemeral
-from iam_grpc.storage.ports import Ephemeral
+from iam_grpc.storage.memory import MemoryEphemeral, MemoryLimiterStore
+from iam_grpc.storage.ports import Ephemeral, LimiterStore
 from iam_grpc.storage.sql import schema
-from iam_grpc.storage.sql.database import SqlDatabase
+from iam_grpc.storage.sql.database import ACCESS_DENIED_CODES, SqlDatabase
 
 __all__ = ["Application", "StartupError"]
 
@@ -60,12 +63,16 @@ class Application:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
+        self.failpoints = Failpoints(settings.test_failpoints)
         self.health = health_aio.HealthServicer()
         self._migrate = settings.auto_migrate if migrate_on_start is None else migrate_on_start
         self.db: SqlDatabase | None = None
         self.ephemeral: Ephemeral | None = None
         self.secrets: ResolvedSecrets | None = None
         self.keys: KeyRing | None = None
+        self.audit: AuditTrail | None = None
+        self.limiter: RateLimiter | None = None
+        self._fallback_memory: MemoryEphemeral | None = None
         self.server: grpc.aio.Server | None = None
         self.http: OpsHttpServer | None = None
         self.grpc_port = 0
@@ -74,6 +81,7 @@ class Application:
         self._draining = False
         self._stopped = asyncio.Event()
         self._probe_interval = probe_interval
+        self._probe_failures = 0
 
     # startup ----------------------------------------------------------------
 
@@ -113,12 +121,18 @@ class Application:
             try:
                 await self.db.ping()
                 break
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
+                cause = exc.cause()
+                if cause.get("driver_code") in ACCESS_DENIED_CODES:
+                    raise StartupError(
+                        f"database.url (IAM_DATABASE_URL): access denied or unknown database "
+                        f"(MySQL error {cause['driver_code']}); check user, password and database name"
+                    ) from None
                 if time.monotonic() >= deadline:
                     raise StartupError(
                         "database.url: the database did not answer within database.startup_wait"
                     ) from None
-                log.warning("database not reachable yet; retrying")
+                log.bind(**cause).warning("database not reachable yet; retrying")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         engine = self.db.engine
@@ -148,6 +162,10 @@ class Application:
             await self.keys.reload()
             await self.keys.ensure_initial_key()
             await self.keys.reload()
+            if self.keys.signing_key() is None:
+                raise StartupError(
+                    "no usable signing key: another replica holds keys:rotate; retry the start"
+                )
         except KeysUnreadable:
             raise StartupError(
                 "secrets.master_key: no configured master key can decrypt the stored signing keys"
@@ -156,7 +174,10 @@ class Application:
     async def _start_ephemeral(self) -> None:
         s = self.settings
         if s.redis.url:
-            from iam_grpc.storage.redis import RedisEphemeral  # redis-py only when configured
+            from iam_grpc.storage.redis import (
+                RedisEphemeral,
+                RedisLimiterStore,
+            )  # redis-py only when configured
 
             store = RedisEphemeral(
                 s.redis.url,
@@ -170,18 +191,38 @@ class Application:
                 try:
                     await store.ping()
                     break
-                except BackendUnavailable:
+                except BackendUnavailable as exc:
                     if time.monotonic() >= deadline:
                         raise StartupError(
                             "redis.url: Redis did not answer within database.startup_wait"
                         ) from None
-                    log.warning("redis not reachable yet; retrying")
+                    log.bind(**exc.cause()).warning("redis not reachable yet; retrying")
                     await asyncio.sleep(0.5)
+            limits: LimiterStore = RedisLimiterStore(store)
+            fallback: LimiterStore | None = None
+            if s.ratelimit.on_store_failure == "local":
+                self._fallback_memory = MemoryEphemeral(s.ephemeral.memory_max_keys, clock=self.clock)
+                self._fallback_memory.start()
+                fallback = MemoryLimiterStore(self._fallback_memory)
         else:
             memory = MemoryEphemeral(s.ephemeral.memory_max_keys, clock=self.clock)
             memory.start()
             self.ephemeral = memory
+            limits, fallback = MemoryLimiterStore(memory), None
         assert self.db is not None
+        assert self.secrets is not None
+        self.audit = AuditTrail(self.db, self.clock, self.secrets.material)
+        self.limiter = RateLimiter(
+            limits,
+            groups=s.ratelimit.resolved_groups(),
+            material=self.secrets.material,
+            clock=self.clock,
+            metrics=self.metrics,
+            fallback=fallback,
+            exempt=s.ratelimit.exempt_networks(),
+            audit=self.audit,
+            enabled=s.ratelimit.enabled,
+        )
         async with self.db.transaction() as tx:
             await tx.users.ensure_roles(s.roles.default, self.clock.now())
 
@@ -239,22 +280,25 @@ class Application:
         return ok
 
     async def _probe_loop(self) -> None:
-        failures = 0
-        while True:
+        while not self._draining:
             await asyncio.sleep(self._probe_interval)
-            healthy = await self.check_stores()
-            if self._draining:
-                return
-            if healthy:
-                failures = 0
-                if not self._serving:
-                    log.info("stores answer again; serving")
-                    await self._set_serving(True)
-            else:
-                failures += 1
-                if failures >= PROBE_FAILURES and self._serving:
-                    log.error("stores failing; reporting NOT_SERVING")
-                    await self._set_serving(False)
+            await self.probe_once()
+
+    async def probe_once(self) -> None:
+        """One health probe: three failures in a row mean NOT_SERVING, one success SERVING again."""
+        healthy = await self.check_stores()
+        if self._draining:
+            return
+        if healthy:
+            self._probe_failures = 0
+            if not self._serving:
+                log.info("stores answer again; serving")
+                await self._set_serving(True)
+            return
+        self._probe_failures += 1
+        if self._probe_failures >= PROBE_FAILURES and self._serving:
+            log.error("stores failing; reporting NOT_SERVING")
+            await self._set_serving(False)
 
     async def _healthz(self) -> Response:
         status = "SERVING" if self.serving else "NOT_SERVING"
@@ -294,9 +338,10 @@ class Application:
         if self.http is not None:
             await self.http.stop()
             self.http = None
-        if self.ephemeral is not None:
-            with contextlib.suppress(Exception):
-                await self.ephemeral.close()
+        for store in (self.ephemeral, self._fallback_memory):
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    await store.close()
         if self.db is not None:
             with contextlib.suppress(Exception):
                 await self.db.close()

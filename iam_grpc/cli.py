@@ -26,9 +26,12 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 migrate_app = typer.Typer(help="Database migrations.", invoke_without_command=True)
 secrets_app = typer.Typer(help="Secrets.", no_args_is_help=True)
+limits_app = typer.Typer(help="Rate-limit state of one key (shared Redis state only).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(limits_app, name="limits")
+app.add_typer(limits_app, name="ratelimit", hidden=True)  # behaviour.md 8.6 spelling
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML configuration file (or IAM_CONFIG_FILE).")
@@ -38,8 +41,13 @@ EXIT_REFUSED = 2
 
 
 def _refuse(problems: list[str]) -> typer.Exit:
+    """One stderr line per problem and a CRITICAL JSON record on stdout (behaviour.md 11.2)."""
+    from iam_grpc.logging import component_logger, configure_logging
+
     for problem in problems:
         typer.echo(f"iam-grpc: refusing to start: {problem}", err=True)
+    configure_logging(level="INFO", log_dir=None)
+    component_logger("iam.cli").bind(problems=problems).critical("startup refused")
     return typer.Exit(EXIT_REFUSED)
 
 
@@ -69,6 +77,7 @@ def serve(
     refusals = production_refusals(settings)
     if refusals:
         raise _refuse(refusals)
+    os.umask(0o027)  # nothing this process creates is readable by other users
     configure_logging(
         level=settings.logging.level,
         log_dir=settings.log_dir,
@@ -98,7 +107,7 @@ def serve(
         try:
             await application.start()
         except StartupError as exc:
-            log.bind(problem=str(exc)).critical("startup refused")
+            log.bind(problems=[str(exc)]).critical("startup refused")
             typer.echo(f"iam-grpc: refusing to start: {exc}", err=True)
             return EXIT_REFUSED
         except ConfigError as exc:
@@ -120,14 +129,31 @@ def health(
         str, typer.Option("--address", "-a", help="host:port of the gRPC server.")
     ] = "127.0.0.1:50051",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 3.0,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="TLS: CA bundle that signed the server certificate.")
+    ] = None,
+    cert_file: Annotated[Path | None, typer.Option(help="mTLS: client certificate chain.")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="mTLS: client private key.")] = None,
+    server_name: Annotated[str | None, typer.Option(help="TLS: name to verify instead of the host.")] = None,
 ) -> None:
     """Exit 0 when the server reports SERVING (for container health checks)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    def channel() -> grpc.Channel:
+        if ca_file is None:
+            return grpc.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(
+            ca_file.read_bytes(),
+            key_file.read_bytes() if key_file else None,
+            cert_file.read_bytes() if cert_file else None,
+        )
+        options = (("grpc.ssl_target_name_override", server_name),) if server_name else ()
+        return grpc.secure_channel(address, credentials, options=options)
+
     try:
-        with grpc.insecure_channel(address) as channel:
-            answer = health_pb2_grpc.HealthStub(channel).Check(
+        with channel() as opened:
+            answer = health_pb2_grpc.HealthStub(opened).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
     except grpc.RpcError as exc:
@@ -230,6 +256,105 @@ def secrets_generate(
     from iam_grpc.core.crypto import generate_key_text
 
     typer.echo(generate_key_text(size))
+
+
+# limits -------------------------------------------------------------------------
+
+GroupArg = Annotated[str, typer.Argument(help="Limiter group, e.g. login.ip (see docs/configuration.md).")]
+KeyArg = Annotated[
+    str, typer.Argument(help="Raw key: an IP, an email, 'IP EMAIL' for pair groups, a user id, ...")
+]
+
+
+def _with_limiter(config: Path | None, action: Any) -> Any:
+    from iam_grpc.clock import SystemClock
+    from iam_grpc.core.audit import AuditTrail
+    from iam_grpc.core.ratelimit import RateLimiter
+    from iam_grpc.metrics import Metrics
+    from iam_grpc.secret_material import resolve_secrets
+    from iam_grpc.storage.redis import RedisEphemeral, RedisLimiterStore
+    from iam_grpc.storage.sql.database import SqlDatabase
+
+    settings = _settings(config)
+    if not settings.redis.url:
+        typer.echo(
+            "iam-grpc: without redis.url the limits live in the serving process's memory; "
+            "they cannot be read from here (a restart clears them)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    try:
+        material = resolve_secrets(settings).material
+    except ConfigError as exc:
+        raise _refuse(exc.problems) from None
+    clock = SystemClock()
+
+    async def run() -> Any:
+        redis = RedisEphemeral(settings.redis.url, prefix=settings.redis.key_prefix)
+        db = SqlDatabase.from_url(settings.database.url)
+        try:
+            limiter = RateLimiter(
+                RedisLimiterStore(redis),
+                groups=settings.ratelimit.resolved_groups(),
+                material=material,
+                clock=clock,
+                metrics=Metrics(),
+            )
+            return await action(limiter, AuditTrail(db, clock, material, caller="cli"))
+        finally:
+            await redis.close()
+            await db.close()
+
+    return asyncio.run(run())
+
+
+def _raw_key(limiter: Any, group: str, key: str) -> str:
+    from iam_grpc.core.ratelimit import email_key, ip_key, pair_key
+
+    try:
+        kind = limiter.group(group).key
+    except KeyError:
+        typer.echo(f"iam-grpc: no limiter group {group}", err=True)
+        raise typer.Exit(2) from None
+    if kind == "ip":
+        return str(ip_key(key))
+    if kind == "email":
+        return str(email_key(key))
+    if kind == "ip_email":
+        ip, _, email = key.strip().partition(" ")
+        return str(pair_key(ip, email.strip()))
+    return key.strip()
+
+
+@limits_app.command("show")
+def limits_show(group: GroupArg, key: KeyArg, config: ConfigOption = None) -> None:
+    """Print a key's window estimates, strikes and block as JSON."""
+
+    async def action(limiter: Any, audit: Any) -> Any:
+        return await limiter.peek(group, _raw_key(limiter, group, key))
+
+    typer.echo(json.dumps(_with_limiter(config, action), indent=2))
+
+
+@limits_app.command("clear")
+def limits_clear(group: GroupArg, key: KeyArg, config: ConfigOption = None) -> None:
+    """Remove a key's counts, strikes and block (audited as ratelimit.unblocked)."""
+
+    async def action(limiter: Any, audit: Any) -> bool:
+        raw = _raw_key(limiter, group, key)
+        cleared = bool(await limiter.clear(group, raw))
+        key_h = limiter.store_key(limiter.group(group), raw).rsplit(":", 1)[1][:12]
+        await audit.record(
+            audit.event(
+                "ratelimit.unblocked", "info", details={"group": group, "key_h": key_h, "existed": cleared}
+            )
+        )
+        return cleared
+
+    typer.echo("cleared" if _with_limiter(config, action) else "nothing to clear")
+
+
+limits_app.command("unblock", hidden=True)(limits_clear)
 
 
 def main() -> None:

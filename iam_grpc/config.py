@@ -42,6 +42,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from iam_grpc.core.ratelimit.groups import DEFAULT_GROUPS, Group, parse_window
+
 __all__ = ["ConfigError", "Duration", "Settings", "load_settings", "mask_url", "production_refusals"]
 
 ENV_PREFIX = "IAM_"
@@ -173,6 +175,17 @@ class DatabaseSettings(_Group):
     def _driver(cls, value: str) -> str:
         if value and not value.startswith(("sqlite+aiosqlite://", "mysql+asyncmy://", "mysql+aiomysql://")):
             raise ValueError("must start with sqlite+aiosqlite://, mysql+asyncmy:// or mysql+aiomysql://")
+        if value:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                parsed = make_url(value)
+                _ = parsed.port  # parses the port
+            except (ArgumentError, ValueError):
+                raise ValueError("is not a valid URL (scheme://user:password@host:port/database)") from None
+            if parsed.get_backend_name() == "mysql" and not (parsed.host and parsed.database):
+                raise ValueError("a MySQL URL needs a host and a database name")
         return value
 
     @property
@@ -191,6 +204,10 @@ class RedisSettings(_Group):
     def _scheme(cls, value: str) -> str:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            _ = urlsplit(value).port
+        except ValueError:
+            raise ValueError("is not a valid URL (redis://[:password@]host:port/db)") from None
         return value
 
 
@@ -468,7 +485,7 @@ class CallersSettings(BaseModel):
 
     allow_unauthenticated: bool = False
     allow_unauthenticated_loopback: bool = True
-    unauthenticated_trust_client_ip: bool = True
+    unauthenticated_trust_client_ip: bool = False  # for callers admitted by allow_unauthenticated
 
     @model_validator(mode="after")
     def _ids(self) -> Self:
@@ -480,6 +497,65 @@ class CallersSettings(BaseModel):
     @property
     def entries(self) -> dict[str, CallerSettings]:
         return dict(self.__pydantic_extra__ or {})
+
+
+class LimitGroupSettings(_Group):
+    """Overrides of one limiter group's defaults (behaviour.md 8.3); unset fields keep them."""
+
+    windows: list[str] | None = None  # e.g. ["10/1s", "100/10m"], "5/1h fc" for failures-only + consecutive
+    max_strikes: int | None = Field(default=None, ge=0, le=100)
+    block: Duration | None = None
+    block_max: Duration | None = None
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("a group needs at least one window")
+            for item in value:
+                parse_window(item)
+        return value
+
+
+class RateLimitSettings(_Group):
+    enabled: bool = True
+    on_store_failure: Literal["local", "closed"] = "local"
+    exempt_cidrs: list[str] = []
+    groups: dict[str, LimitGroupSettings] = {}
+
+    @field_validator("exempt_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError("entries must be CIDR networks such as 10.0.0.0/8") from None
+        return value
+
+    @model_validator(mode="after")
+    def _known_groups(self) -> Self:
+        unknown = sorted(set(self.groups) - set(DEFAULT_GROUPS))
+        if unknown:
+            raise ValueError("ratelimit.groups: unknown group " + ", ".join(unknown))
+        self.resolved_groups()  # validates block lengths of the merged groups
+        return self
+
+    def resolved_groups(self) -> dict[str, Group]:
+        """The default groups with this configuration's overrides applied."""
+        merged = dict(DEFAULT_GROUPS)
+        for name, override in self.groups.items():
+            merged[name] = merged[name].with_changes(
+                windows=tuple(parse_window(w) for w in override.windows) if override.windows else None,
+                max_strikes=override.max_strikes,
+                block=override.block,
+                block_max=override.block_max,
+            )
+        return merged
+
+    def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(item, strict=False) for item in self.exempt_cidrs]
 
 
 class ExtAuthzRule(_Group):
@@ -503,6 +579,7 @@ class LoggingSettings(_Group):
     rotation_mb: int = Field(default=100, ge=1)
     retention_days: int = Field(default=14, ge=1)
     hot_ok_level: Literal["TRACE", "DEBUG", "INFO"] = "DEBUG"
+    access_log_probes: bool = True  # log health/reflection calls (at DEBUG when OK); false: never
     redact_extra: list[str] = []
 
     @field_validator("level", "hot_ok_level", mode="before")
@@ -553,7 +630,9 @@ class Settings(BaseSettings):
 
     mode: Literal["embedded", "production"] = "embedded"
     data_dir: Path = Path("./var")
-    test_failpoints: bool = False  # IAM_TEST_FAILPOINTS; refused in production
+    # IAM_TEST_FAILPOINTS: "1" enables test fault hooks; "name=action;..." also arms some
+    # (see iam_grpc.core.failpoints). Empty: off. Refused in production.
+    test_failpoints: str = ""
 
     server: ServerSettings = ServerSettings()
     http: HttpSettings = HttpSettings()
@@ -579,6 +658,7 @@ class Settings(BaseSettings):
     geoip: GeoipSettings = GeoipSettings()
     ua: UaSettings = UaSettings()
     callers: CallersSettings = CallersSettings()
+    ratelimit: RateLimitSettings = RateLimitSettings()
     ext_authz: ExtAuthzSettings = ExtAuthzSettings()
     roles: RolesSettings = RolesSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -792,7 +872,7 @@ def _flat_aliases(name: str, value: str) -> Iterator[tuple[tuple[str, ...], Any]
         if name == "IAM_REFRESH_GRACE_SECONDS" and value.strip().isdigit():
             yield path, int(value)
         elif name == "IAM_TEST_FAILPOINTS":
-            yield path, value.strip() not in ("", "0", "false", "False")
+            yield path, "" if value.strip() in ("", "0", "false", "False") else value.strip()
         else:
             yield path, value
     elif name in ("IAM_GRPC_LISTEN", "IAM_HTTP_LISTEN"):
@@ -851,18 +931,23 @@ def _parse_env_value(text: str) -> Any:
     return text
 
 
-def _known_path(model: type[BaseModel], path: tuple[str, ...]) -> bool:
-    """Whether a nested env path names a real setting (dict-typed groups accept any key)."""
+def _known_path(model: type[BaseModel], path: tuple[str, ...], *, declared: bool = False) -> bool:
+    """Whether a nested env path names a real setting.
+
+    Dict-typed groups (``passwords.peppers``, ``ratelimit.groups``, caller ids) accept any key;
+    with ``declared`` the last part must be a declared field, not such a free key.
+    """
     current: Any = model
     for index, part in enumerate(path):
+        last = index == len(path) - 1
         if current is CallersSettings:
             if part in CallersSettings.model_fields:
-                return index == len(path) - 1
-            return len(path) - index <= 2 and (
-                index == len(path) - 1 or path[-1] in CallerSettings.model_fields
-            )
+                return last
+            if last:
+                return not declared  # callers.<id>
+            return index == len(path) - 2 and path[-1] in CallerSettings.model_fields
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return isinstance(current, type) and current is dict
+            return current is dict and not (declared and last)
         field = current.model_fields.get(part)
         if field is None:
             return False
@@ -872,11 +957,23 @@ def _known_path(model: type[BaseModel], path: tuple[str, ...]) -> bool:
     return True
 
 
-def _names_setting(name: str) -> bool:
+def _names_setting(name: str, *, declared: bool = False) -> bool:
     """Whether an environment name is a setting itself (so ``X_FILE`` may mean "X, read from a file")."""
     if "__" in name:
-        return _known_path(Settings, tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__")))
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        return _known_path(Settings, path, declared=declared)
     return name in _FLAT_NAMES
+
+
+def _file_variant(name: str) -> str | None:
+    """The setting an ``..._FILE`` variable reads from a file, or None when it is a setting of its own
+    (``IAM_SERVER__TLS__CERT_FILE``)."""
+    if not name.endswith("_FILE"):
+        return None
+    stem = name[: -len("_FILE")]
+    if _names_setting(name, declared=True) or not _names_setting(stem):
+        return None
+    return stem
 
 
 class _IamEnvSource(PydanticBaseSettingsSource):
@@ -897,8 +994,12 @@ class _IamEnvSource(PydanticBaseSettingsSource):
             if not raw_name.startswith(ENV_PREFIX) or raw_name == "IAM_CONFIG_FILE":
                 continue
             name, value = raw_name, raw_value
-            if name.endswith("_FILE") and not _names_setting(name) and _names_setting(name[: -len("_FILE")]):
-                name = name[: -len("_FILE")]
+            stem = _file_variant(name)
+            if stem is not None:
+                if stem in self._environ:
+                    problems.append(f"{raw_name}: set either {stem} or {raw_name}, not both")
+                    continue
+                name = stem
                 try:
                     value = Path(raw_value).read_text().rstrip("\r\n")
                 except OSError:

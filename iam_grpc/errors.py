@@ -256,6 +256,17 @@ class NotImplementedYet(ClientError):
 class ServerError(IamError):
     """Our side is at fault; the caller learns nothing but the code."""
 
+    def cause(self) -> dict[str, object]:
+        """What caused it, for the log only: exception class and driver error code (no message text,
+        which may carry SQL parameters)."""
+        cause = self.__cause__
+        if cause is None:
+            return {}
+        orig = getattr(cause, "orig", None)
+        args = getattr(orig, "args", ())
+        code = args[0] if args and isinstance(args[0], int) else None
+        return {"cause": type(cause).__name__, "driver_code": code}
+
 
 class BackendUnavailable(ServerError):
     code = grpc.StatusCode.UNAVAILABLE

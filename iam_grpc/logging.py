@@ -163,6 +163,21 @@ def _file_opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o640)
 
 
+def _gzip_private(path: str) -> None:
+    """Compress a rotated log file into ``<path>.gz`` with mode 0640, then remove it."""
+    import gzip
+    import shutil
+
+    fd = os.open(path + ".gz", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with (
+        open(path, "rb") as source,
+        os.fdopen(fd, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb") as target,
+    ):
+        shutil.copyfileobj(source, target)
+    os.remove(path)
+
+
 def configure_logging(
     *,
     level: str = "INFO",
@@ -193,13 +208,13 @@ def configure_logging(
             logger.add(stdout or sys.stdout, level=level, format=formatter, colorize=False, enqueue=False)
         )
         if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
+            log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             suffix = f".w{worker}" if worker else ""
             common: dict[str, Any] = {
                 "format": formatter,
                 "rotation": f"{rotation_mb} MB",
                 "retention": f"{retention_days} days",
-                "compression": "gz",
+                "compression": _gzip_private,
                 "encoding": "utf-8",
                 "opener": _file_opener,
                 "colorize": False,

@@ -39,6 +39,23 @@ class Metrics:
         self.store_failures = Counter(
             "iam_store_failures_total", "Failed health probes, by store.", ["store"], registry=self.registry
         )
+        self.ratelimit_refusals = Counter(
+            "iam_ratelimit_refusals_total",
+            "Requests refused by a limiter group.",
+            ["group"],
+            registry=self.registry,
+        )
+        self.ratelimit_blocks = Counter(
+            "iam_ratelimit_blocks_total",
+            "Blocks imposed by a limiter group.",
+            ["group"],
+            registry=self.registry,
+        )
+        self.ratelimit_fallbacks = Counter(
+            "iam_ratelimit_store_fallbacks_total",
+            "Limiter checks answered from process memory because the shared store failed.",
+            registry=self.registry,
+        )
         self.serving = Gauge("iam_serving", "1 while the service reports SERVING.", registry=self.registry)
 
     def render(self) -> bytes:

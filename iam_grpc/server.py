@@ -12,17 +12,22 @@ from grpc_reflection.v1alpha import reflection
 
 from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
 from iam_grpc.config import Settings
+from iam_grpc.core.audit import AuditTrail
 from iam_grpc.interceptors.access_log import AccessLogInterceptor
 from iam_grpc.interceptors.base import RequestInterceptor
-from iam_grpc.interceptors.callers import CallerAuthInterceptor, CallerRegistry
+from iam_grpc.interceptors.callers import CallerAuthInterceptor, CallerRegistry, host_is_loopback
+from iam_grpc.interceptors.client_ip import ClientIpInterceptor
 from iam_grpc.interceptors.context import RequestContextInterceptor
 from iam_grpc.interceptors.deadline import DeadlineInterceptor
 from iam_grpc.interceptors.decode import DecodeGuardInterceptor
 from iam_grpc.interceptors.errors import ErrorMappingInterceptor
+from iam_grpc.interceptors.failpoints import FailpointInterceptor
+from iam_grpc.interceptors.ratelimit import RateLimitInterceptor
 from iam_grpc.metrics import Metrics
 from iam_grpc.services.auth import AuthService
 from iam_grpc.services.mfa import MfaService
 from iam_grpc.services.token import TokenService
+from iam_grpc.storage.ports import Ephemeral
 
 if TYPE_CHECKING:
     from iam_grpc.app import Application
@@ -66,26 +71,48 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def interceptor_chain(
-    settings: Settings, metrics: Metrics, request_hooks: Sequence[RequestInterceptor] = ()
+    settings: Settings,
+    metrics: Metrics,
+    request_hooks: Sequence[RequestInterceptor] = (),
+    *,
+    audit: AuditTrail | None = None,
+    ephemeral: Ephemeral | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors, outermost first; each has one job (see ``iam_grpc.interceptors``)."""
     return [
         RequestContextInterceptor(settings.server.default_deadline),
-        AccessLogInterceptor(metrics, hot_ok_level=settings.logging.hot_ok_level),
+        AccessLogInterceptor(
+            metrics, hot_ok_level=settings.logging.hot_ok_level, log_exempt=settings.logging.access_log_probes
+        ),
         ErrorMappingInterceptor(),
         DeadlineInterceptor(),
         CallerAuthInterceptor(
-            CallerRegistry(settings.callers, embedded=settings.mode == "embedded"), metrics
+            CallerRegistry(
+                settings.callers,
+                embedded=settings.mode == "embedded",
+                listening_on_loopback=host_is_loopback(settings.server.host),
+            ),
+            metrics,
+            audit=audit,
+            ephemeral=ephemeral,
         ),
         DecodeGuardInterceptor(),
+        ClientIpInterceptor(),
         *request_hooks,  # rate limiting and validation see the decoded request here
     ]
 
 
 def build_server(app: Application, settings: Settings) -> tuple[grpc.aio.Server, int]:
     """Create the server with every service registered and bind its port (returned)."""
+    hooks: list[RequestInterceptor] = []
+    if app.limiter is not None:
+        hooks.append(RateLimitInterceptor(app.limiter))
+    if app.failpoints.enabled:
+        hooks.append(FailpointInterceptor(app.failpoints))
     server = grpc.aio.server(
-        interceptors=interceptor_chain(settings, app.metrics),
+        interceptors=interceptor_chain(
+            settings, app.metrics, hooks, audit=app.audit, ephemeral=app.ephemeral
+        ),
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )

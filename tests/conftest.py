@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -36,6 +40,16 @@ class Backend:
     @property
     def shared(self) -> bool:
         return self.name == "mysql+redis"
+
+    def isolated(self) -> dict[str, str]:
+        """The environment with a Redis prefix of its own, so one service's limits and marks never
+        meet another test's (replicas that must share state use one result for both)."""
+        if not self.shared:
+            return dict(self.environ)
+        return {
+            **self.environ,
+            "IAM_REDIS__KEY_PREFIX": self.environ["IAM_REDIS__KEY_PREFIX"] + secrets.token_hex(3) + ":",
+        }
 
 
 async def _wait_for(probe, what: str, seconds: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -109,4 +123,39 @@ def backend(request: pytest.FixtureRequest) -> Backend:
             "IAM_PASSWORDS__PEPPERS": '{"1": "' + TEST_PEPPER + '"}',
             "IAM_PASSWORDS__CURRENT_PEPPER": "1",
         },
+    )
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A Redis server of this test's own, so it can be stopped and started again."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed", pytrace=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield port, tmp_path
+    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False)
+
+
+def start_redis(port: int, folder: Path) -> None:
+    subprocess.run(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(folder),
+        ],
+        check=True,
+        capture_output=True,
     )

@@ -36,6 +36,7 @@ class CallInfo:
     request_id: str
     peer: str
     peer_ip: str | None
+    client_ip: str | None = None  # the end user's IP: client.ip from a trusted caller, else the peer's
     started: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() value
     caller: Caller | None = None

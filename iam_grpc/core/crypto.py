@@ -123,6 +123,10 @@ class SecretMaterial:
         data = value.encode() if isinstance(value, str) else value
         return b64url(hmac.new(self.subkey(purpose, version), data, hashlib.sha256).digest())
 
+    def log_hash(self, value: str) -> str:
+        """A 12-character keyed hash for logs (device ids, tokens): correlatable, not reversible."""
+        return self.keyed_hash("log", value)[:12]
+
     def keyed_hashes(self, purpose: Purpose, value: str | bytes) -> list[tuple[int, str]]:
         """The value's hash under every known master key, current first (for lookups)."""
         return [(version, self.keyed_hash(purpose, value, version)) for version in self.versions()]

@@ -94,7 +94,13 @@ class KeyRing:
 
     async def ensure_initial_key(self) -> None:
         """Create the first key (publish and activate now) when the table has none usable."""
-        async with self._db.named_lock(LOCK, timedelta(seconds=30)), self._db.transaction() as tx:
+        async with self._db.named_lock(LOCK, timedelta(seconds=30)) as held:
+            if not held:
+                return  # another replica is creating it; the caller reloads and checks
+            await self._create_if_none()
+
+    async def _create_if_none(self) -> None:
+        async with self._db.transaction() as tx:
             rows = await tx.keys.all()
             now = self._clock.now()
             if any(self._signs_at(row, now) for row in rows):

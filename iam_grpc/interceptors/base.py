@@ -21,6 +21,7 @@ __all__ = [
     "EXEMPT_PREFIXES",
     "Behaviour",
     "Context",
+    "Handler",
     "RequestInterceptor",
     "UnaryInterceptor",
     "is_exempt",
@@ -65,7 +66,10 @@ class UnaryInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
+        return self.transform(handler, handler_call_details.method)
+
+    def transform(self, handler: Handler | None, method: str) -> Handler | None:
+        """The handler this interceptor hands outwards (by default: the behaviour wrapped)."""
         if handler is None or handler.unary_unary is None or not self.applies_to(method):
             return handler
         adapted: Any = self.adapt(handler)  # a namedtuple at runtime: _replace keeps the other parts

@@ -14,18 +14,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from datetime import timedelta
 from typing import Any
 
+import grpc
 from loguru import logger
 
 from iam_grpc.config import CallersSettings
+from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import Caller, current_call
-from iam_grpc.errors import CallerForbidden, CallerUnknown
-from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor, is_exempt
+from iam_grpc.errors import BackendUnavailable, CallerForbidden, CallerUnknown
+from iam_grpc.interceptors.base import Behaviour, Context, Handler, UnaryInterceptor, is_exempt
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
+from iam_grpc.storage.ports import Ephemeral
 
-__all__ = ["API_KEY_HEADER", "CallerAuthInterceptor", "CallerRegistry"]
+__all__ = ["API_KEY_HEADER", "CallerAuthInterceptor", "CallerRegistry", "host_is_loopback"]
 
 API_KEY_HEADER = "x-iam-api-key"
 _MAX_KEY = 256
@@ -36,7 +40,9 @@ log = component_logger("iam.callers")
 class CallerRegistry:
     """The configured callers, indexed for lookup by key digest or certificate name."""
 
-    def __init__(self, settings: CallersSettings, *, embedded: bool) -> None:
+    def __init__(
+        self, settings: CallersSettings, *, embedded: bool, listening_on_loopback: bool = True
+    ) -> None:
         self._digests: list[tuple[bytes, Caller]] = []
         self._sans: dict[str, Caller] = {}
         for caller_id, entry in sorted(settings.entries.items()):
@@ -48,7 +54,9 @@ class CallerRegistry:
             for san in entry.cert_sans:
                 self._sans[san] = Caller(caller_id, methods, entry.trust_client_ip, "mtls")
         self._allow_anyone = settings.allow_unauthenticated
-        self._allow_loopback = embedded and settings.allow_unauthenticated_loopback
+        # Judged by where the server listens, not only by the peer: behind a proxy or sidecar in the
+        # same network namespace (Envoy, Istio's 127.0.0.6) every remote client has a loopback peer.
+        self._allow_loopback = embedded and settings.allow_unauthenticated_loopback and listening_on_loopback
         self._anonymous_trust = settings.unauthenticated_trust_client_ip
 
     @property
@@ -71,11 +79,18 @@ class CallerRegistry:
         return None
 
     def anonymous(self, peer_ip: str | None, unix_socket: bool) -> Caller | None:
+        if self._allow_loopback and (unix_socket or _is_loopback(peer_ip)):
+            return Caller("local", ("*",), True, "loopback")  # the local BFF relays its users' IPs
         if self._allow_anyone:
             return Caller("anonymous", ("*",), self._anonymous_trust, "unauthenticated")
-        if self._allow_loopback and (unix_socket or _is_loopback(peer_ip)):
-            return Caller("local", ("*",), self._anonymous_trust, "loopback")
         return None
+
+
+def host_is_loopback(host: str) -> bool:
+    """Whether a listen host only accepts local connections."""
+    if host == "localhost" or host.startswith("unix:"):
+        return True
+    return _is_loopback(host.strip("[]"))
 
 
 def _is_loopback(ip: str | None) -> bool:
@@ -89,7 +104,7 @@ def _is_loopback(ip: str | None) -> bool:
 
 def _certificate_names(context: Context) -> list[str]:
     auth = context.auth_context() or {}
-    names = [*auth.get("x509_subject_alternative_name", ()), *auth.get("x509_common_name", ())]
+    names = list(auth.get("x509_subject_alternative_name", ()))  # SANs only (behaviour.md 2.8)
     return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -101,13 +116,61 @@ def _api_key(context: Context) -> str | None:
     return None
 
 
+async def _deny(request: Any, context: Context) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Streaming methods are not served.")
+
+
+def _refuse_streaming(handler: Handler) -> Handler:
+    adapted: Any = handler
+    replaced: Handler = adapted._replace(
+        unary_stream=_deny if adapted.unary_stream else None,
+        stream_unary=_deny if adapted.stream_unary else None,
+        stream_stream=_deny if adapted.stream_stream else None,
+    )
+    return replaced
+
+
 class CallerAuthInterceptor(UnaryInterceptor):
-    def __init__(self, registry: CallerRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        registry: CallerRegistry,
+        metrics: Metrics,
+        *,
+        audit: AuditTrail | None = None,
+        ephemeral: Ephemeral | None = None,
+    ) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._audit = audit
+        self._ephemeral = ephemeral
+
+    async def _record_denial(
+        self, reason: str, peer_ip: str | None, caller_id: str | None, method: str
+    ) -> None:
+        """Audit ``caller.denied``, at most once a minute per peer and reason: a caller without a
+        key cannot turn its refusals into a stream of database writes."""
+        if self._audit is None or self._ephemeral is None:
+            return
+        try:
+            fresh = await self._ephemeral.set_if_absent(
+                f"audit:denied:{{{reason}:{peer_ip}:{caller_id}}}", b"1", timedelta(seconds=60)
+            )
+            if fresh:
+                event = self._audit.event(
+                    "caller.denied", "fail", ip=peer_ip, details={"reason": reason, "method": method}
+                )
+                await self._audit.record(event)
+        except BackendUnavailable:
+            log.warning("could not audit a caller denial")
 
     def applies_to(self, method: str) -> bool:
         return not is_exempt(method)
+
+    def transform(self, handler: Handler | None, method: str) -> Handler | None:
+        if handler is not None and handler.unary_unary is None and not is_exempt(method):
+            # Streaming handlers are not wrapped by the chain, so none may be served unauthenticated.
+            return _refuse_streaming(handler)
+        return super().transform(handler, method)
 
     def _identify(self, context: Context) -> Caller:
         call = current_call()
@@ -137,12 +200,14 @@ class CallerAuthInterceptor(UnaryInterceptor):
             except CallerUnknown:
                 self._metrics.caller_denied.labels("unknown").inc()
                 log.bind(peer=call.peer if call else None).warning("caller not authenticated")
+                await self._record_denial("unknown", call.peer_ip if call else None, None, method)
                 raise
             if call is not None:
                 call.caller = caller
             if not caller.may_call(method):
                 self._metrics.caller_denied.labels("method").inc()
                 log.bind(caller=caller.id).warning("caller not allowed this method")
+                await self._record_denial("method", call.peer_ip if call else None, caller.id, method)
                 raise CallerForbidden()
             with logger.contextualize(caller=caller.id):
                 return await behaviour(request, context)

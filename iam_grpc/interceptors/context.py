@@ -57,7 +57,9 @@ class RequestContextInterceptor(UnaryInterceptor):
             request_id = offered if offered and REQUEST_ID.match(offered) else str(uuid.uuid4())
             peer = context.peer() or ""
             remaining = context.time_remaining()
-            budget = default if remaining is None else min(remaining, default)
+            budget = (
+                default if remaining is None else remaining
+            )  # the default applies only to calls without one
             call = CallInfo(
                 method=method,
                 request_id=request_id,

@@ -23,10 +23,13 @@ class DeadlineInterceptor(UnaryInterceptor):
             budget = call.deadline - time.monotonic()
             if budget <= 0:
                 raise DeadlineExceeded()
+            timer = asyncio.timeout(budget)
             try:
-                async with asyncio.timeout(budget):
+                async with timer:
                     return await behaviour(request, context)
             except TimeoutError:
-                raise DeadlineExceeded() from None
+                if timer.expired():
+                    raise DeadlineExceeded() from None
+                raise  # a timeout of the code itself, not of the deadline
 
         return run

@@ -14,7 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from iam_grpc.core.call import current_call
-from iam_grpc.errors import DOMAIN, IamError, InternalError, InvalidArgument, RateLimited
+from iam_grpc.errors import DOMAIN, IamError, InternalError, InvalidArgument, RateLimited, ServerError
 from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor
 from iam_grpc.logging import component_logger
 
@@ -55,6 +55,8 @@ class ErrorMappingInterceptor(UnaryInterceptor):
             try:
                 return await behaviour(request, context)
             except IamError as error:
+                if isinstance(error, ServerError):
+                    log.bind(reason=error.reason, **error.cause()).warning("request failed on our side")
                 await _abort(context, error)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise

@@ -13,24 +13,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from iam_grpc.clock import Clock, SystemClock
+from iam_grpc.storage import sliding_window
+from iam_grpc.storage.records import HitResult, LimitSpec
 
-__all__ = ["MemoryEphemeral"]
+__all__ = ["MemoryEphemeral", "MemoryLimiterStore"]
+
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
 class _Entry:
-    value: bytes
+    value: Any  # bytes for the Ephemeral port; a state dict for rate limits
     expires: float  # clock.monotonic() deadline
     evictable: bool
 
 
 class MemoryEphemeral:
-    """The :class:`~iam_grpc.storage.ports.Ephemeral` port in process memory."""
+    """The :class:`~iam_grpc.storage.ports.Ephemeral` port in process memory.
+
+    Counters (evictable) and protected values live in separate tables, so
+    making room is O(1): the oldest counter of an LRU-ordered dict goes.
+    """
 
     def __init__(
         self, max_keys: int = 200_000, clock: Clock | None = None, sweep_every: float = 30.0
@@ -38,8 +47,8 @@ class MemoryEphemeral:
         self._clock = clock or SystemClock()
         self._max_keys = max_keys
         self._sweep_every = sweep_every
-        self._data: OrderedDict[str, _Entry] = OrderedDict()
-        self._evictable = 0
+        self._protected: dict[str, _Entry] = {}
+        self._counters: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._sweeper: asyncio.Task[None] | None = None
 
     # lifecycle ---------------------------------------------------------------
@@ -66,30 +75,34 @@ class MemoryEphemeral:
     def sweep(self) -> int:
         """Drop every expired key; returns how many."""
         now = self._clock.monotonic()
-        dead = [key for key, entry in self._data.items() if entry.expires <= now]
+        dead = [
+            key for table in (self._protected, self._counters) for key, e in table.items() if e.expires <= now
+        ]
         for key in dead:
             self._drop(key)
         return len(dead)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._protected) + len(self._counters)
 
     # internals -----------------------------------------------------------------
 
     def _live(self, key: str) -> _Entry | None:
-        entry = self._data.get(key)
-        if entry is None:
-            return None
+        entry = self._counters.get(key)
+        if entry is not None:
+            self._counters.move_to_end(key)
+        else:
+            entry = self._protected.get(key)
+            if entry is None:
+                return None
         if entry.expires <= self._clock.monotonic():
             self._drop(key)
             return None
-        self._data.move_to_end(key)
         return entry
 
     def _drop(self, key: str) -> None:
-        entry = self._data.pop(key, None)
-        if entry is not None and entry.evictable:
-            self._evictable -= 1
+        if self._counters.pop(key, None) is None:
+            self._protected.pop(key, None)
 
     def _deadline(self, ttl: timedelta) -> float:
         seconds = ttl.total_seconds()
@@ -97,27 +110,31 @@ class MemoryEphemeral:
             raise ValueError("every ephemeral value needs a positive TTL")
         return self._clock.monotonic() + seconds
 
-    def _store(self, key: str, value: bytes, expires: float, evictable: bool) -> None:
+    def _store(self, key: str, value: Any, expires: float, evictable: bool) -> None:
         self._drop(key)
-        if len(self._data) >= self._max_keys:
-            self._make_room()
-        self._data[key] = _Entry(value, expires, evictable)
-        if evictable:
-            self._evictable += 1
-
-    def _make_room(self) -> None:
-        """Free one slot: expired keys first, then the least recently used counters."""
-        now = self._clock.monotonic()
-        victim = None
-        for key, entry in self._data.items():  # least recently used first
-            if entry.evictable or entry.expires <= now:
-                victim = key
-                break
-        if victim is not None:
-            self._drop(victim)
-        # else: only protected keys are left; they are bounded by their TTLs
+        if len(self) >= self._max_keys and self._counters:
+            self._counters.popitem(last=False)  # the least recently used counter makes room
+        # With only protected keys left the store may exceed the bound: they end with their TTLs.
+        (self._counters if evictable else self._protected)[key] = _Entry(value, expires, evictable)
 
     # the port --------------------------------------------------------------------
+
+    def mutate(self, key: str, change: Callable[[Any | None], tuple[Any, float, R]]) -> R:
+        """Atomically replace an evictable value: ``change(old)`` returns (new, ttl seconds, result).
+
+        A new value of None deletes the key. Used by stores built on this one.
+        """
+        entry = self._live(key)
+        new, ttl, result = change(entry.value if entry else None)
+        if new is None:
+            self._drop(key)
+        else:
+            self._store(key, new, self._deadline(timedelta(seconds=ttl)), evictable=True)
+        return result
+
+    def read(self, key: str) -> Any | None:
+        entry = self._live(key)
+        return entry.value if entry else None
 
     async def get(self, key: str) -> bytes | None:
         entry = self._live(key)
@@ -137,7 +154,8 @@ class MemoryEphemeral:
         if entry is None:
             return None
         self._drop(key)
-        return entry.value
+        value: bytes = entry.value
+        return value
 
     async def compare_and_set(
         self, key: str, expected: bytes, value: bytes, ttl: timedelta | None = None
@@ -175,3 +193,60 @@ class MemoryEphemeral:
         if entry is None:
             return None
         return timedelta(seconds=max(0.0, entry.expires - self._clock.monotonic()))
+
+
+class MemoryLimiterStore:
+    """The :class:`~iam_grpc.storage.ports.LimiterStore` port in process memory.
+
+    Runs :mod:`iam_grpc.storage.sliding_window` on state kept in a
+    :class:`MemoryEphemeral` (so the same bound covers both), with no ``await``
+    between reading and writing a key's state.
+    """
+
+    def __init__(self, memory: MemoryEphemeral) -> None:
+        self._memory = memory
+
+    async def hit(self, key: str, spec: LimitSpec, now_ms: int, cost: int = 1) -> HitResult:
+        def change(old: Any | None) -> tuple[Any, float, HitResult]:
+            state = dict(old or {})
+            result = sliding_window.hit(state, spec, now_ms, cost)
+            return state, sliding_window.state_ttl_ms(state, spec, now_ms) / 1000, result
+
+        return self._memory.mutate(key, change)
+
+    async def refund(
+        self,
+        key: str,
+        spec: LimitSpec,
+        now_ms: int,
+        windows: tuple[int, ...],
+        buckets: tuple[int, ...],
+        cost: int = 1,
+    ) -> None:
+        def change(old: Any | None) -> tuple[Any, float, None]:
+            if old is None:
+                return None, 0.0, None
+            state = dict(old)
+            sliding_window.refund(state, spec, now_ms, windows, buckets, cost)
+            return state, sliding_window.state_ttl_ms(state, spec, now_ms) / 1000, None
+
+        self._memory.mutate(key, change)
+
+    async def reset(self, key: str, spec: LimitSpec, now_ms: int, windows: tuple[int, ...]) -> None:
+        def change(old: Any | None) -> tuple[Any, float, None]:
+            if old is None:
+                return None, 0.0, None
+            state = dict(old)
+            sliding_window.reset(state, windows)
+            return state, sliding_window.state_ttl_ms(state, spec, now_ms) / 1000, None
+
+        self._memory.mutate(key, change)
+
+    async def peek(self, key: str, spec: LimitSpec, now_ms: int) -> dict[str, Any]:
+        return sliding_window.peek(dict(self._memory.read(key) or {}), spec, now_ms)
+
+    async def clear(self, key: str) -> bool:
+        return await self._memory.delete(key) == 1
+
+    async def ping(self) -> None:
+        return None

@@ -13,14 +13,16 @@ write. Core code never imports an adapter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from iam_grpc.storage.records import (
     AuditEvent,
     Device,
+    HitResult,
+    LimitSpec,
     OutboxMessage,
     RefreshToken,
     SessionRecord,
@@ -36,6 +38,7 @@ __all__ = [
     "DeviceStore",
     "Ephemeral",
     "KeyStore",
+    "LimiterStore",
     "Outbox",
     "SessionStore",
     "Transaction",
@@ -226,6 +229,10 @@ class Transaction(Protocol):
     @property
     def audit(self) -> AuditLog: ...
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the transaction has committed (never after a rollback)."""
+        ...
+
 
 class Database(Protocol):
     """The SQL database (SQLite or MySQL)."""
@@ -248,6 +255,44 @@ class Database(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class LimiterStore(Protocol):
+    """Rate-limit state, one entry per (group, key), changed atomically (behaviour.md 8.5).
+
+    Times come from the caller's clock (``now_ms``), so every replica and the
+    tests agree on windows; the store's own expiry only collects garbage.
+    """
+
+    async def hit(self, key: str, spec: LimitSpec, now_ms: int, cost: int = 1) -> HitResult:
+        """Consume from every window of the union, or refuse (strikes, blocks) in one step."""
+        ...
+
+    async def refund(
+        self,
+        key: str,
+        spec: LimitSpec,
+        now_ms: int,
+        windows: tuple[int, ...],
+        buckets: tuple[int, ...],
+        cost: int = 1,
+    ) -> None:
+        """Give back a reservation to the listed windows."""
+        ...
+
+    async def reset(self, key: str, spec: LimitSpec, now_ms: int, windows: tuple[int, ...]) -> None:
+        """Forget the listed windows' counts (a success resets consecutive failures)."""
+        ...
+
+    async def peek(self, key: str, spec: LimitSpec, now_ms: int) -> dict[str, Any]:
+        """Estimates, strikes and block of a key, unchanged (for operators)."""
+        ...
+
+    async def clear(self, key: str) -> bool:
+        """Remove every count, strike and block of a key."""
+        ...
+
+    async def ping(self) -> None: ...
 
 
 class Ephemeral(Protocol):

@@ -13,6 +13,9 @@ from typing import Any
 __all__ = [
     "AuditEvent",
     "Device",
+    "HitResult",
+    "LimitSpec",
+    "LimitWindow",
     "OutboxMessage",
     "RefreshToken",
     "SessionRecord",
@@ -166,3 +169,32 @@ class AuditEvent:
     caller: str | None = None
     request_id: str | None = None
     id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitWindow:
+    points: int
+    length_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """What the store needs to know about a group."""
+
+    windows: tuple[LimitWindow, ...]
+    max_strikes: int  # 0: refusals never block
+    block_ms: int
+    block_max_ms: int
+
+    @property
+    def longest_ms(self) -> int:
+        return max(w.length_ms for w in self.windows)
+
+
+@dataclass(frozen=True, slots=True)
+class HitResult:
+    allowed: bool
+    retry_ms: int  # 0 when allowed
+    blocked: bool  # refused because a block is in force (imposed now or earlier)
+    new_block_ms: int  # > 0: a block of this length was imposed by this call
+    buckets: tuple[int, ...]  # bucket index consumed in each window (for refunds)

@@ -13,8 +13,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from iam_grpc.errors import BackendUnavailable
+from iam_grpc.storage import sliding_window
+from iam_grpc.storage.records import HitResult, LimitSpec
 
-__all__ = ["RedisEphemeral"]
+__all__ = ["RedisEphemeral", "RedisLimiterStore"]
 
 # KEYS[1]; ARGV: expected, new value, ttl ms (0 = keep the current TTL)
 _COMPARE_AND_SET = """
@@ -82,66 +84,253 @@ class RedisEphemeral:
         return self._prefix + key
 
     @asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
+    async def guard(self) -> AsyncIterator[None]:
+        """Turn any Redis or socket failure into BackendUnavailable."""
         try:
             yield
         except (RedisError, OSError) as exc:
             raise BackendUnavailable() from exc
 
     async def ping(self) -> None:
-        async with self._guard():
+        async with self.guard():
             await self._client.ping()
 
     async def close(self) -> None:
         await self._client.aclose()
 
     async def get(self, key: str) -> bytes | None:
-        async with self._guard():
+        async with self.guard():
             return _bytes(await self._client.get(self.key(key)))
 
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None:
-        async with self._guard():
+        async with self.guard():
             await self._client.set(self.key(key), value, px=_ms(ttl))
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
-        async with self._guard():
+        async with self.guard():
             return bool(await self._client.set(self.key(key), value, px=_ms(ttl), nx=True))
 
     async def get_and_delete(self, key: str) -> bytes | None:
-        async with self._guard():
+        async with self.guard():
             return _bytes(await self._client.getdel(self.key(key)))
 
     async def compare_and_set(
         self, key: str, expected: bytes, value: bytes, ttl: timedelta | None = None
     ) -> bool:
         args: list[Any] = [expected, value, 0 if ttl is None else _ms(ttl)]
-        async with self._guard():
+        async with self.guard():
             return bool(await self._cas(keys=[self.key(key)], args=args))
 
     async def incr(self, key: str, amount: int, ttl: timedelta) -> int:
-        async with self._guard():
+        async with self.guard():
             return int(await self._incr(keys=[self.key(key)], args=[amount, _ms(ttl)]))
 
     async def delete(self, *keys: str) -> int:
         if not keys:
             return 0
-        async with self._guard():
+        async with self.guard():
             return int(await self._client.delete(*[self.key(k) for k in keys]))
 
     async def exists(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
             return []
-        async with self._guard(), self._client.pipeline(transaction=False) as pipe:
+        async with self.guard(), self._client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.exists(self.key(key))
             results = await pipe.execute()
         return [bool(result) for result in results]
 
     async def ttl(self, key: str) -> timedelta | None:
-        async with self._guard():
+        async with self.guard():
             millis = int(await self._client.pttl(self.key(key)))
         if millis == -2:
             return None
         if millis == -1:
             return timedelta.max  # no TTL: never written by this service
         return timedelta(milliseconds=millis)
+
+
+# The rate-limit algorithm of storage/sliding_window.py, step for step, on one
+# HASH per (group, key). Every write is followed by PEXPIRE, so no rl: key ever
+# lives without a TTL. ARGV: now, cost, n windows, max strikes, block ms, block
+# max ms, longest window ms, then points and length ms of each window.
+_LIMIT_HIT = """
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local max_strikes = tonumber(ARGV[4])
+local block_ms = tonumber(ARGV[5])
+local block_max = tonumber(ARGV[6])
+local longest = tonumber(ARGV[7])
+local st = {}
+local raw = redis.call('HGETALL', key)
+for i = 1, #raw, 2 do st[raw[i]] = tonumber(raw[i + 1]) end
+local function get(field, default)
+  local value = st[field]
+  if value == nil then return default end
+  return value
+end
+local function keep()
+  local ttl = 2 * longest
+  if get('bu', 0) - now > ttl then ttl = get('bu', 0) - now end
+  if get('se', 0) - now > ttl then ttl = get('se', 0) - now end
+  if get('nb', 0) > 0 and get('ne', 0) - now > ttl then ttl = get('ne', 0) - now end
+  if ttl < 1000 then ttl = 1000 end
+  redis.call('PEXPIRE', key, math.ceil(ttl))
+end
+local buckets, currents, previous = {}, {}, {}
+local wait, refused = 0, false
+for i = 0, n - 1 do
+  local points = tonumber(ARGV[8 + 2 * i])
+  local len = tonumber(ARGV[9 + 2 * i])
+  local b = math.floor(now / len)
+  local stored = get('b' .. i, -1)
+  local c = get('c' .. i, 0)
+  local p = get('p' .. i, 0)
+  if stored == b then
+  elseif stored == b - 1 then p = c; c = 0
+  else p = 0; c = 0 end
+  buckets[i], currents[i], previous[i] = b, c, p
+  local start = b * len
+  if p * (len - (now - start)) + (c + cost) * len > points * len then
+    refused = true
+    local room = points - cost
+    local w
+    if room < 0 then w = 2 * len
+    elseif c > room then
+      w = start + len - now - math.floor(-(len * (c - room)) / c)
+    elseif p <= 0 then w = 0
+    else
+      w = start - math.floor(-(len * (p - room + c)) / p) - now
+      if w < 0 then w = 0 end
+    end
+    if w > wait then wait = w end
+  end
+end
+local blocked_until = get('bu', 0)
+if blocked_until > now then
+  if blocked_until - now > wait then wait = blocked_until - now end
+  return {0, wait, 1, 0}
+end
+if not refused then
+  local out = {1, 0, 0, 0}
+  for i = 0, n - 1 do
+    redis.call('HSET', key, 'b' .. i, buckets[i], 'c' .. i, currents[i] + cost, 'p' .. i, previous[i])
+    out[#out + 1] = buckets[i]
+  end
+  keep()
+  return out
+end
+if wait < 1 then wait = 1 end
+if max_strikes <= 0 then return {0, wait, 0, 0} end
+local strikes = 0
+if get('se', 0) > now then strikes = get('s', 0) end
+strikes = strikes + 1
+if strikes < max_strikes then
+  redis.call('HSET', key, 's', strikes, 'se', now + longest)
+  st['s'] = strikes; st['se'] = now + longest
+  keep()
+  return {0, wait, 0, 0}
+end
+local earlier = 0
+if get('ne', 0) > now then earlier = get('nb', 0) end
+local length = block_ms * (2 ^ earlier)
+if length > block_max then length = block_max end
+redis.call('HSET', key, 'bu', now + length, 'nb', earlier + 1, 'ne', now + 86400000, 's', 0, 'se', 0)
+st['bu'] = now + length; st['nb'] = earlier + 1; st['ne'] = now + 86400000; st['se'] = 0
+keep()
+if length > wait then wait = length end
+return {0, wait, 1, length}
+"""
+
+# Refund: ARGV now, cost, then (window index, bucket) pairs. Never creates a key.
+_LIMIT_REFUND = """
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 0 then return 0 end
+local cost = tonumber(ARGV[2])
+for j = 3, #ARGV, 2 do
+  local i = ARGV[j]
+  local taken = tonumber(ARGV[j + 1])
+  local stored = tonumber(redis.call('HGET', key, 'b' .. i) or -1)
+  local field = nil
+  if stored == taken then field = 'c' .. i elseif stored == taken + 1 then field = 'p' .. i end
+  if field then
+    local value = tonumber(redis.call('HGET', key, field) or 0) - cost
+    if value < 0 then value = 0 end
+    redis.call('HSET', key, field, value)
+  end
+end
+return 1
+"""
+
+# Reset (consecutive windows): ARGV window indexes. Never creates a key.
+_LIMIT_RESET = """
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 0 then return 0 end
+for j = 1, #ARGV do redis.call('HSET', key, 'c' .. ARGV[j], 0, 'p' .. ARGV[j], 0) end
+return 1
+"""
+
+
+class RedisLimiterStore:
+    """The :class:`~iam_grpc.storage.ports.LimiterStore` port on Redis: one script per check."""
+
+    def __init__(self, redis: RedisEphemeral) -> None:
+        self._redis = redis
+        client = redis.client
+        self._hit = client.register_script(_LIMIT_HIT)
+        self._refund = client.register_script(_LIMIT_REFUND)
+        self._reset = client.register_script(_LIMIT_RESET)
+
+    async def hit(self, key: str, spec: LimitSpec, now_ms: int, cost: int = 1) -> HitResult:
+        args: list[Any] = [
+            now_ms,
+            cost,
+            len(spec.windows),
+            spec.max_strikes,
+            spec.block_ms,
+            spec.block_max_ms,
+            spec.longest_ms,
+        ]
+        for window in spec.windows:
+            args += [window.points, window.length_ms]
+        async with self._redis.guard():
+            raw = await self._hit(keys=[self._redis.key(key)], args=args)
+        values = [int(v) for v in raw]
+        return HitResult(bool(values[0]), values[1], bool(values[2]), values[3], tuple(values[4:]))
+
+    async def refund(
+        self,
+        key: str,
+        spec: LimitSpec,
+        now_ms: int,
+        windows: tuple[int, ...],
+        buckets: tuple[int, ...],
+        cost: int = 1,
+    ) -> None:
+        if not windows:
+            return
+        args: list[Any] = [now_ms, cost]
+        for i in windows:
+            args += [i, buckets[i]]
+        async with self._redis.guard():
+            await self._refund(keys=[self._redis.key(key)], args=args)
+
+    async def reset(self, key: str, spec: LimitSpec, now_ms: int, windows: tuple[int, ...]) -> None:
+        if not windows:
+            return
+        async with self._redis.guard():
+            await self._reset(keys=[self._redis.key(key)], args=list(windows))
+
+    async def peek(self, key: str, spec: LimitSpec, now_ms: int) -> dict[str, Any]:
+        async with self._redis.guard():
+            raw = await self._redis.client.hgetall(self._redis.key(key))
+        state = {k.decode() if isinstance(k, bytes) else str(k): float(v) for k, v in raw.items()}
+        return sliding_window.peek(state, spec, now_ms)
+
+    async def clear(self, key: str) -> bool:
+        return await self._redis.delete(key) == 1
+
+    async def ping(self) -> None:
+        await self._redis.ping()

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import MYSQL_SERVER, REDIS_SERVER, TEST_MASTER_KEY, TEST_PEPPER
+from tests.conftest import REDIS_SERVER, TEST_MASTER_KEY, TEST_PEPPER
 
 BIN = Path(sys.executable).parent
 IAM = str(BIN / "iam-grpc")
@@ -242,26 +242,6 @@ def test_version_and_secret_generation(tmp_path: Path) -> None:
     first, second = (run("secrets", "generate", cwd=tmp_path).stdout.strip() for _ in range(2))
     assert first != second
     assert len(first) == 43
-
-
-@pytest.fixture
-def fresh_mysql() -> Iterator[str]:
-    import asyncio
-
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    name = "iam_test_cli_" + secrets.token_hex(3)
-
-    async def execute(statement: str) -> None:
-        engine = create_async_engine(MYSQL_SERVER + "/", isolation_level="AUTOCOMMIT")
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-        await engine.dispose()
-
-    asyncio.run(execute(f"CREATE DATABASE {name}"))
-    yield f"{MYSQL_SERVER}/{name}"
-    asyncio.run(execute(f"DROP DATABASE IF EXISTS {name}"))
 
 
 def production_env(database_url: str, grpc_port: int) -> dict[str, str]:

@@ -106,16 +106,26 @@ async def test_health_needs_no_caller(keyed: RunningService) -> None:
 
 async def test_denials_are_counted(keyed: RunningService) -> None:
     """Refused callers show up in the metrics."""
+    counter = keyed.app.metrics.caller_denied.labels("unknown")
+    before = counter._value.get()
     async with keyed.channel() as channel:
         await login_outcome(channel, "iamk_nope_" + "q" * 43)
-    text = keyed.app.metrics.render().decode()
-    assert 'iam_caller_denied_total{reason="unknown"}' in text
+    assert counter._value.get() == before + 1
+    assert 'iam_caller_denied_total{reason="unknown"}' in keyed.app.metrics.render().decode()
 
 
 async def test_loopback_callers_need_no_key_in_embedded_mode(tmp_path: Path) -> None:
     """By default embedded mode serves unauthenticated callers on loopback."""
     async with running_service(tmp_path) as running, running.channel() as channel:
         assert await login_outcome(channel) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
+
+
+async def test_a_server_listening_beyond_loopback_needs_keys_even_from_loopback(tmp_path: Path) -> None:
+    """Listening on 0.0.0.0, a loopback peer may be a proxy or sidecar for remote clients: no key, no entry."""
+    env = {**CALLERS, "IAM_GRPC_LISTEN": "0.0.0.0:0"}
+    async with running_service(tmp_path, env) as running, running.channel() as channel:
+        assert await login_outcome(channel) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNKNOWN")
+        assert await login_outcome(channel, BFF_KEYS[0]) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
 
 
 async def test_remote_callers_need_a_key_even_in_embedded_mode(tmp_path: Path) -> None:
@@ -212,11 +222,28 @@ async def test_mtls_identifies_callers_by_certificate(pki: dict[str, Path | byte
 async def test_mtls_refuses_missing_or_foreign_certificates(
     pki: dict[str, Path | bytes], tmp_path: Path, client: str | None
 ) -> None:
-    """No client certificate, or one from another CA, fails the handshake."""
-    async with (
-        running_service(tmp_path, tls_env(pki, mutual=True)) as running,
-        secure_channel(running.address, pki, client) as channel,
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await auth_pb2_grpc.AuthServiceStub(channel).Login(auth_pb2.LoginRequest(), timeout=3)
+    """No client certificate, or one from another CA, fails the handshake (while a valid one works)."""
+    async with running_service(tmp_path, tls_env(pki, mutual=True)) as running:
+        async with secure_channel(running.address, pki, "bff") as good:
+            assert await login_outcome(good) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
+        async with secure_channel(running.address, pki, client) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await auth_pb2_grpc.AuthServiceStub(channel).Login(auth_pb2.LoginRequest(), timeout=3)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_denials_are_audited_at_most_once_a_minute_per_peer(keyed: RunningService) -> None:
+    """caller.denied lands in the audit table, but repeated refusals of one peer do not multiply rows."""
+    assert keyed.app.db is not None
+    async with keyed.app.db.transaction() as tx:
+        before = len(await tx.audit.recent(type_prefix="caller.denied", limit=1000))
+    async with keyed.channel() as channel:
+        for _ in range(5):
+            await login_outcome(channel, SVC_KEY)  # svc may not call Login
+    async with keyed.app.db.transaction() as tx:
+        events = await tx.audit.recent(type_prefix="caller.denied", limit=1000)
+    method_denials = [e for e in events if e.details.get("reason") == "method"]
+    assert len(events) - before <= 1
+    assert len(method_denials) == 1
+    assert method_denials[0].details["method"] == "/iam.v1.AuthService/Login"
+    assert method_denials[0].ip == "127.0.0.1"

@@ -100,7 +100,7 @@ async def test_calls_without_a_deadline_get_the_default_one(probe: tuple[grpc.ai
     elapsed = asyncio.get_running_loop().time() - started
     details = error_details(caught.value)
     assert (details.code, details.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
-    assert 0.4 < elapsed < 2.0
+    assert 0.45 < elapsed < 3.0  # ended by the 500 ms default, not by the 5 s sleep
 
 
 async def test_a_client_deadline_is_honoured(probe: tuple[grpc.aio.Channel, Any]) -> None:
@@ -110,7 +110,7 @@ async def test_a_client_deadline_is_honoured(probe: tuple[grpc.aio.Channel, Any]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await rpc(channel, "Slow")(auth_pb2.LoginRequest(email="a@example.com"), timeout=0.15)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert asyncio.get_running_loop().time() - started < 0.45
+    assert asyncio.get_running_loop().time() - started < 1.5  # far below the 5 s the method would take
 
 
 async def test_core_code_can_read_the_remaining_budget(probe: tuple[grpc.aio.Channel, Any]) -> None:

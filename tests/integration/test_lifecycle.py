@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from iam_grpc.app import Application, StartupError
 from iam_grpc.testing import running_service, service_settings
-from tests.conftest import Backend
+from tests.conftest import Backend, start_redis
 
 
 async def health_of(address: str) -> int:
@@ -87,7 +85,7 @@ async def test_pending_migrations_stop_startup_without_auto_migrate(
         admin = create_async_engine(server_url + "/", isolation_level="AUTOCOMMIT")
         async with admin.connect() as connection:
             await connection.execute(text(f"CREATE DATABASE {name}"))
-        environ = {**backend.environ, "IAM_DATABASE_URL": f"{server_url}/{name}"}
+        environ = {**backend.isolated(), "IAM_DATABASE_URL": f"{server_url}/{name}"}
     else:
         environ = {}
     try:
@@ -113,67 +111,76 @@ async def test_draining_reports_not_serving_before_the_server_stops(tmp_path: Pa
     await app.start()
     address = f"127.0.0.1:{app.grpc_port}"
     assert await health_of(address) == health_pb2.HealthCheckResponse.SERVING
-    stopping = asyncio.create_task(app.stop(drain_delay=timedelta(seconds=0.6)))
-    await asyncio.sleep(0.2)
+    stopping = asyncio.create_task(app.stop(drain_delay=timedelta(seconds=2)))
+    await asyncio.sleep(0.3)
     assert await health_of(address) == health_pb2.HealthCheckResponse.NOT_SERVING
     await stopping
     assert not app.serving
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """A Redis server of this test's own, so it can be stopped and started again."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed", pytrace=False)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    yield port, tmp_path
-    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False)
+async def test_calls_in_flight_finish_during_shutdown(tmp_path: Path) -> None:
+    """A call that is running when stop() begins completes with its real answer within the grace period."""
+    import grpc
+
+    from iam_grpc.proto import auth_pb2, auth_pb2_grpc
+
+    app = Application(service_settings(tmp_path, {"IAM_TEST_FAILPOINTS": "1"}))
+    await app.start()
+    app.failpoints.arm("rpc:/iam.v1.AuthService/Logout", "sleep:1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        call = auth_pb2_grpc.AuthServiceStub(channel).Logout(auth_pb2.LogoutRequest())
+        await asyncio.sleep(0.3)  # the call is now inside the failpoint
+        stopping = asyncio.create_task(app.stop(drain_delay=timedelta(0), grace=timedelta(seconds=5)))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        await stopping
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the servicer answered: not cut off
 
 
-def start_redis(port: int, folder: Path) -> None:
-    subprocess.run(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "yes",
-            "--dir",
-            str(folder),
-        ],
-        check=True,
-        capture_output=True,
-    )
+async def test_new_calls_are_refused_once_draining_ends(tmp_path: Path) -> None:
+    """After stop() the port no longer answers."""
+    import grpc
+
+    app = Application(service_settings(tmp_path))
+    await app.start()
+    address = f"127.0.0.1:{app.grpc_port}"
+    await app.stop(drain_delay=timedelta(0))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_of(address)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_embedded_files_are_private(tmp_path: Path) -> None:
+    """The data directory, database and secrets are readable by the service's user only."""
+    data = tmp_path / "data"
+    async with running_service(data):
+        pass
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+    assert oct((data / "iam.db").stat().st_mode & 0o777) == "0o600"
+    assert oct((data / "secrets.toml").stat().st_mode & 0o777) == "0o600"
 
 
 async def test_health_follows_the_stores(private_redis: tuple[int, Path], tmp_path: Path) -> None:
-    """Three failed probes turn health NOT_SERVING; one good probe turns it back to SERVING."""
+    """One or two failed probes change nothing; the third turns health NOT_SERVING; one success brings SERVING back."""
     port, folder = private_redis
     start_redis(port, folder)
     await asyncio.sleep(0.3)
     env = {"IAM_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
-    async with running_service(tmp_path, env, probe_interval=0.2) as running:
-        assert await health_of(running.address) == health_pb2.HealthCheckResponse.SERVING
+    async with running_service(tmp_path, env, probe_interval=3600) as running:
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False)
-        for _ in range(40):
-            await asyncio.sleep(0.1)
-            if await health_of(running.address) == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-        else:
-            pytest.fail("health stayed SERVING with Redis down")
+        for _ in range(2):
+            await running.app.probe_once()
+            assert await health_of(running.address) == serving
+        await running.app.probe_once()
+        assert await health_of(running.address) == not_serving
         start_redis(port, folder)
-        for _ in range(40):
-            await asyncio.sleep(0.1)
-            if await health_of(running.address) == health_pb2.HealthCheckResponse.SERVING:
+        for _ in range(50):
+            if await running.app.check_stores():
                 break
-        else:
-            pytest.fail("health did not recover with Redis back")
+            await asyncio.sleep(0.1)
+        await running.app.probe_once()
+        assert await health_of(running.address) == serving

@@ -516,3 +516,55 @@ async def test_named_lock_is_exclusive(database: SqlDatabase) -> None:
 async def test_ping_answers(database: SqlDatabase) -> None:
     """A reachable database answers ping."""
     await database.ping()
+
+
+async def test_after_commit_callbacks_run_only_after_a_commit(database: SqlDatabase) -> None:
+    """Callbacks registered in a transaction run once it commits, and never after a rollback."""
+    ran: list[str] = []
+    async with database.transaction() as tx:
+        tx.after_commit(lambda: ran.append("committed"))
+        assert ran == []
+    assert ran == ["committed"]
+    with pytest.raises(RuntimeError):
+        async with database.transaction() as tx:
+            tx.after_commit(lambda: ran.append("rolled back"))
+            raise RuntimeError("roll back")
+    assert ran == ["committed"]
+
+
+async def test_primary_key_conflicts_are_named_alike_on_every_engine(database: SqlDatabase) -> None:
+    """A duplicate primary key is Conflict('<table>.primary') on SQLite and MySQL alike."""
+    device = new_device()
+    async with database.transaction() as tx:
+        await tx.devices.insert(device)
+    with pytest.raises(Conflict) as caught:
+        async with database.transaction() as tx:
+            await tx.devices.insert(device)
+    assert caught.value.constraint == "devices.primary"
+
+
+async def test_reads_inside_a_transaction_are_part_of_it(database: SqlDatabase) -> None:
+    """A transaction that only read so far is already open (SQLite's driver would otherwise defer BEGIN)."""
+    async with database.transaction() as tx:
+        await tx.users.get("0" * 26)
+        assert tx.connection.in_transaction()
+        raw = tx.connection.sync_connection
+        assert raw is not None
+        dbapi = raw.connection.dbapi_connection
+        if database.dialect == "sqlite":
+            assert dbapi.driver_connection.in_transaction  # type: ignore[union-attr]
+
+
+async def test_concurrent_role_creation_does_not_collide(database: SqlDatabase) -> None:
+    """Replicas starting together each ensure the default roles; none fails."""
+    name = "race-" + secrets.token_hex(3)
+
+    async def ensure() -> None:
+        async with database.transaction() as tx:
+            await tx.users.ensure_roles([name, "user"], NOW)
+
+    await asyncio.gather(*(ensure() for _ in range(8)))
+    user = new_user()
+    async with database.transaction() as tx:
+        await tx.users.insert(user)
+        assert await tx.users.grant_role(user.id, name, "cli", NOW)

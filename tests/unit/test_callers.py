@@ -11,7 +11,7 @@ from iam_grpc.interceptors.callers import CallerRegistry
 from iam_grpc.interceptors.context import parse_peer
 
 
-def registry(embedded: bool = True, **extra: str) -> CallerRegistry:
+def registry(embedded: bool = True, listening_on_loopback: bool = True, **extra: str) -> CallerRegistry:
     env = {
         "IAM_CALLERS__BFF__API_KEY_SHA256": json.dumps(
             [hashlib.sha256(b"key-one").hexdigest(), hashlib.sha256(b"key-two").hexdigest()]
@@ -21,7 +21,9 @@ def registry(embedded: bool = True, **extra: str) -> CallerRegistry:
         "IAM_CALLERS__MESH__METHODS": '["envoy.service.auth.v3.Authorization/Check"]',
         **extra,
     }
-    return CallerRegistry(load_settings(environ=env).callers, embedded=embedded)
+    return CallerRegistry(
+        load_settings(environ=env).callers, embedded=embedded, listening_on_loopback=listening_on_loopback
+    )
 
 
 def test_api_keys_are_matched_by_digest() -> None:

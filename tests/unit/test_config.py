@@ -139,9 +139,11 @@ def test_toml_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     assert s.tokens.access_ttl == timedelta(minutes=5)
     assert s.tokens.issuer == "from-env"
     assert s.server.port == 7000
-    s = load_settings(environ={}, config_file=config, mode="embedded", data_dir=Path("/x"))
-    assert s.tokens.issuer == "from-file"
-    assert s.data_dir == Path("/x")
+    s = load_settings(
+        environ={"IAM_TOKENS__ISSUER": "from-env"}, config_file=config, tokens={"issuer": "from-flag"}
+    )
+    assert s.tokens.issuer == "from-flag"
+    assert s.tokens.access_ttl == timedelta(minutes=5)  # the rest of the group still comes from the file
 
 
 def test_unknown_keys_in_the_toml_file_are_errors(tmp_path: Path) -> None:
@@ -399,3 +401,33 @@ def test_every_setting_is_documented() -> None:
         if not documented:
             missing.append(path)
     assert missing == []
+
+
+def test_peppers_can_come_from_files(tmp_path: Path) -> None:
+    """IAM_PASSWORDS__PEPPERS__<id>_FILE reads one pepper from a file (every secret has a _FILE form)."""
+    pepper = tmp_path / "pepper2"
+    pepper.write_text("pepper-from-a-file-0002\n")
+    s = load_settings(
+        environ={"IAM_PASSWORDS__PEPPERS__2_FILE": str(pepper), "IAM_PASSWORDS__CURRENT_PEPPER": "2"}
+    )
+    assert s.passwords.peppers[2].get_secret_value() == "pepper-from-a-file-0002"
+
+
+def test_a_value_and_its_file_variant_together_are_an_error(tmp_path: Path) -> None:
+    """Setting both X and X_FILE is ambiguous: refused instead of one silently winning."""
+    key_file = tmp_path / "master"
+    key_file.write_text(SECRET)
+    assert problems({"IAM_SECRETS__MASTER_KEY": SECRET, "IAM_SECRETS__MASTER_KEY_FILE": str(key_file)}) == [
+        "IAM_SECRETS__MASTER_KEY_FILE: set either IAM_SECRETS__MASTER_KEY or IAM_SECRETS__MASTER_KEY_FILE, not both"
+    ]
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql+asyncmy://iam:pw@db:xx/iam", "mysql+asyncmy://iam:pw@db:3306", "mysql+asyncmy:///iam"]
+)
+def test_malformed_database_urls_are_refused_without_echoing_them(url: str) -> None:
+    """A broken database URL is one config line, never a traceback, and never shows the password."""
+    found = problems({"IAM_DATABASE_URL": url})
+    assert len(found) == 1
+    assert found[0].startswith("database.url (IAM_DATABASE_URL):")
+    assert "pw" not in found[0]

@@ -118,3 +118,23 @@ def test_sinks_split_records_by_kind_and_level(tmp_path: Path, restore_logging: 
     assert REFRESH not in everything
     assert all(json.loads(line) for line in stdout.getvalue().splitlines())
     assert oct((tmp_path / "app.log").stat().st_mode & 0o777) == "0o640"
+
+
+def test_rotated_logs_are_compressed_privately(tmp_path: Path) -> None:
+    """A rotated file becomes <name>.gz with mode 0640 and the same content."""
+    import gzip
+    import os
+
+    from iam_grpc.logging import _gzip_private
+
+    rotated = tmp_path / "app.2026-11-27.log"
+    rotated.write_text('{"msg":"x"}\n')
+    previous = os.umask(0)
+    try:
+        _gzip_private(str(rotated))
+    finally:
+        os.umask(previous)
+    packed = tmp_path / "app.2026-11-27.log.gz"
+    assert not rotated.exists()
+    assert oct(packed.stat().st_mode & 0o777) == "0o640"
+    assert gzip.decompress(packed.read_bytes()) == b'{"msg":"x"}\n'

@@ -5,6 +5,7 @@ connection setup) live here and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -15,6 +16,7 @@ from typing import Any
 from sqlalchemy import UniqueConstraint, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from iam_grpc.errors import BackendUnavailable
@@ -27,7 +29,7 @@ from iam_grpc.storage.sql.sessions import SqlSessionStore
 from iam_grpc.storage.sql.tables import metadata
 from iam_grpc.storage.sql.users import SqlUserStore
 
-__all__ = ["SqlDatabase", "SqlTransaction", "create_engine"]
+__all__ = ["ACCESS_DENIED_CODES", "SqlDatabase", "SqlTransaction", "create_engine", "driver_error_code"]
 
 MYSQL_SQL_MODE = (
     "STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ZERO_IN_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
@@ -44,18 +46,38 @@ for _table in metadata.tables.values():
 
 _MYSQL_DUP = re.compile(r"Duplicate entry .* for key '(?:[\w]+\.)?([\w]+)'")
 _SQLITE_DUP = re.compile(r"UNIQUE constraint failed: ([\w.]+(?:, [\w.]+)*)")
+_INSERT_TABLE = re.compile(r"^\s*INSERT\s+INTO\s+`?(\w+)`?", re.IGNORECASE)
+_PRIMARY = {t.name: ",".join(c.name for c in t.primary_key.columns) for t in metadata.tables.values()}
+
+# MySQL/MariaDB client error codes that no retry will fix (bad credentials, unknown database).
+ACCESS_DENIED_CODES = frozenset({1044, 1045, 1049, 1698})
 
 
 def _conflict(exc: IntegrityError) -> Conflict | None:
+    """Name the violated constraint the same way on every engine: ``table.column[,column]``,
+    and ``table.primary`` for a primary key."""
     message = str(exc.orig)
     match = _MYSQL_DUP.search(message)
     if match:
         name = match.group(1)
-        return Conflict("primary" if name == "PRIMARY" else _UNIQUE_NAMES.get(name, name))
+        if name == "PRIMARY":
+            insert_into = _INSERT_TABLE.match(exc.statement or "")
+            return Conflict(f"{insert_into.group(1) if insert_into else 'unknown'}.primary")
+        return Conflict(_UNIQUE_NAMES.get(name, name))
     match = _SQLITE_DUP.search(message)
     if match:
-        return Conflict(match.group(1).replace(", ", ","))
+        columns = match.group(1).replace(", ", ",")
+        table = columns.split(".", 1)[0]
+        bare = ",".join(part.split(".", 1)[-1] for part in columns.split(","))
+        return Conflict(f"{table}.primary" if _PRIMARY.get(table) == bare else columns)
     return None
+
+
+def driver_error_code(exc: BaseException) -> int | None:
+    """The driver's numeric error code behind a database error (MySQL: 1045 access denied...)."""
+    orig = getattr(exc, "orig", None)
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
 
 
 def create_engine(
@@ -72,17 +94,29 @@ def create_engine(
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.exists():
+                # Created private before SQLite opens it; its -wal and -shm files copy these permissions.
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         engine = create_async_engine(url, connect_args={"timeout": connect_timeout.total_seconds()})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_setup(dbapi_connection: Any, _record: Any) -> None:
+            # Take transaction control from the driver (which only BEGINs at the first write):
+            # every transaction starts with BEGIN IMMEDIATE below, so a read-modify-write in one
+            # transaction can never interleave with another's (SQLAlchemy's documented recipe).
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _sqlite_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() != "mysql":
@@ -108,12 +142,16 @@ class SqlTransaction:
 
     def __init__(self, connection: AsyncConnection, dialect: str) -> None:
         self.connection = connection
-        self.users = SqlUserStore(connection)
+        self.users = SqlUserStore(connection, dialect)
         self.devices = SqlDeviceStore(connection, dialect)
         self.sessions = SqlSessionStore(connection)
         self.keys = SqlKeyStore(connection)
         self.outbox = SqlOutbox(connection, dialect)
         self.audit = SqlAuditLog(connection)
+        self.committed: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.committed.append(callback)
 
 
 class SqlDatabase:
@@ -122,6 +160,8 @@ class SqlDatabase:
     def __init__(self, engine: AsyncEngine, *, on_statement: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self._dialect = "sqlite" if engine.dialect.name == "sqlite" else "mysql"
+        # MySQL locks are server-wide: qualify names with the database so two schemas never share one.
+        self._lock_scope = engine.url.database or ""
         self._local_locks: dict[str, asyncio.Lock] = {}
         if on_statement is not None:
             event.listen(engine.sync_engine, "before_cursor_execute", lambda *_args: on_statement())
@@ -145,7 +185,7 @@ class SqlDatabase:
             if conflict is not None:
                 raise conflict from exc
             raise
-        except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+        except (OperationalError, InterfaceError, OSError, TimeoutError, PoolTimeout) as exc:
             raise BackendUnavailable() from exc
         except DBAPIError as exc:
             if exc.connection_invalidated:
@@ -154,8 +194,12 @@ class SqlDatabase:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[SqlTransaction]:
-        async with self._connection() as connection, connection.begin():
-            yield SqlTransaction(connection, self._dialect)
+        async with self._connection() as connection:
+            tx = SqlTransaction(connection, self._dialect)
+            async with connection.begin():
+                yield tx
+        for callback in tx.committed:
+            callback()
 
     def transaction(self) -> AbstractAsyncContextManager[SqlTransaction]:
         return self._transaction()
@@ -178,7 +222,7 @@ class SqlDatabase:
             held = (
                 await connection.execute(
                     text("SELECT GET_LOCK(:name, :timeout)"),
-                    {"name": name, "timeout": int(timeout.total_seconds())},
+                    {"name": self.lock_name(name), "timeout": int(timeout.total_seconds())},
                 )
             ).scalar()
             await connection.commit()
@@ -186,8 +230,14 @@ class SqlDatabase:
                 yield held == 1
             finally:
                 if held == 1:
-                    await connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+                    await connection.execute(
+                        text("SELECT RELEASE_LOCK(:name)"), {"name": self.lock_name(name)}
+                    )
                     await connection.commit()
+
+    def lock_name(self, name: str) -> str:
+        """MySQL lock names are at most 64 characters and shared by the whole server."""
+        return f"{self._lock_scope}:{name}"[:64]
 
     def named_lock(self, name: str, timeout: timedelta) -> AbstractAsyncContextManager[bool]:
         return self._named_lock(name, timeout)

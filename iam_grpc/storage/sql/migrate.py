@@ -68,11 +68,13 @@ async def current(engine: AsyncEngine) -> str | None:
 
 
 async def _run(engine: AsyncEngine, action: Any) -> None:
+    # GET_LOCK names are server-wide: scope ours to this database.
+    lock = f"{engine.url.database or ''}:{LOCK_NAME}"[:64]
     async with engine.connect() as connection:
         mysql = connection.dialect.name != "sqlite"
         if mysql:
             held = (
-                await connection.execute(text("SELECT GET_LOCK(:n, :t)"), {"n": LOCK_NAME, "t": LOCK_SECONDS})
+                await connection.execute(text("SELECT GET_LOCK(:n, :t)"), {"n": lock, "t": LOCK_SECONDS})
             ).scalar()
             await connection.commit()
             if held != 1:
@@ -82,7 +84,7 @@ async def _run(engine: AsyncEngine, action: Any) -> None:
             await connection.commit()
         finally:
             if mysql:
-                await connection.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": LOCK_NAME})
+                await connection.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": lock})
                 await connection.commit()
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iam_grpc.storage.records import User
@@ -16,8 +18,9 @@ __all__ = ["SqlUserStore"]
 
 
 class SqlUserStore:
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
         self._c = connection
+        self._dialect = dialect
 
     async def insert(self, user: User) -> None:
         await self._c.execute(insert(users).values(**to_values(user)))
@@ -66,12 +69,13 @@ class SqlUserStore:
         wanted = sorted(set(names))
         if not wanted:
             return
-        existing = set(
-            (await self._c.execute(select(roles.c.name).where(roles.c.name.in_(wanted)))).scalars()
-        )
-        missing = [name for name in wanted if name not in existing]
-        if missing:
-            await self._c.execute(insert(roles), [{"name": name, "created_at": now} for name in missing])
+        rows = [{"name": name, "created_at": now} for name in wanted]
+        # Insert-or-ignore: replicas starting together on one database must not collide.
+        if self._dialect == "mysql":
+            upsert = mysql_insert(roles)
+            await self._c.execute(upsert.on_duplicate_key_update(name=upsert.inserted.name), rows)
+        else:
+            await self._c.execute(sqlite_insert(roles).on_conflict_do_nothing(index_elements=["name"]), rows)
 
     async def grant_role(self, user_id: str, role: str, granted_by: str, now: datetime) -> bool:
         role_id = (await self._c.execute(select(roles.c.id).where(roles.c.name == role))).scalar()

@@ -1,0 +1,76 @@
+"""Audit events (behaviour.md 9.6): written to ``audit_events`` in the same
+transaction as the change they describe, and to the audit log sink once that
+transaction has committed, so a rollback leaves no trace in either."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iam_grpc.clock import Clock
+from iam_grpc.core.call import current_call
+from iam_grpc.core.crypto import SecretMaterial
+from iam_grpc.logging import AUDIT, component_logger
+from iam_grpc.storage.ports import Database, Transaction
+from iam_grpc.storage.records import AuditEvent
+
+__all__ = ["AuditTrail"]
+
+log = component_logger("iam.audit").bind(kind=AUDIT)
+
+
+class AuditTrail:
+    def __init__(
+        self, db: Database, clock: Clock, material: SecretMaterial, *, caller: str | None = None
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._material = material
+        self._caller = caller  # fixed caller for events outside RPCs (e.g. "cli")
+
+    def event(
+        self,
+        type: str,
+        outcome: str,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        device_id: str | None = None,
+        ip: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> AuditEvent:
+        call = current_call()
+        return AuditEvent(
+            occurred_at=self._clock.now(),
+            type=type,
+            outcome=outcome,
+            details=dict(details or {}),
+            user_id=user_id,
+            session_id=session_id,
+            device_id=device_id,
+            ip=ip if ip is not None else (call.client_ip if call else None),
+            caller=self._caller or (call.caller.id if call and call.caller else None),
+            request_id=call.request_id if call else None,
+        )
+
+    async def record(self, event: AuditEvent, tx: Transaction | None = None) -> None:
+        """Append ``event`` within ``tx`` (or a transaction of its own) and log it after commit."""
+        if tx is not None:
+            await tx.audit.append(event)
+            tx.after_commit(lambda: self._emit(event))
+            return
+        async with self._db.transaction() as own:
+            await own.audit.append(event)
+            own.after_commit(lambda: self._emit(event))
+
+    def _emit(self, event: AuditEvent) -> None:
+        log.bind(
+            type=event.type,
+            outcome=event.outcome,
+            user_id=event.user_id,
+            session_id=event.session_id,
+            device_h=self._material.log_hash(event.device_id) if event.device_id else None,
+            ip=event.ip,
+            caller=event.caller,
+            details=event.details,
+            **({"request_id": event.request_id} if event.request_id else {}),
+        ).info("audit event")
