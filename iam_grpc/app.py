@@ -19,15 +19,19 @@ from iam_grpc.config import Settings
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing, KeysUnreadable
+from iam_grpc.core.mail.mailer import Mailer
+from iam_grpc.core.mail.sender import OutboxSender
 from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
+from iam_grpc.mail.render import MailRenderer
+from iam_grpc.mail.transports import FileTransport, SmtpTransport
 from iam_grpc.metrics import Metrics
 from iam_grpc.ops_http import OpsHttpServer, Response
 from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
 from iam_grpc.server import SERVICE_NAMES, ListenError, build_server
 from iam_grpc.storage.memory import MemoryEphemeral, MemoryLimiterStore
-from iam_grpc.storage.ports import Ephemeral, LimiterStore
+from iam_grpc.storage.ports import Ephemeral, LimiterStore, MailError, MailTransport
 from iam_grpc.storage.sql import schema
 from iam_grpc.storage.sql.database import ACCESS_DENIED_CODES, SqlDatabase
 
@@ -73,6 +77,10 @@ class Application:
         self.audit: AuditTrail | None = None
         self.limiter: RateLimiter | None = None
         self._fallback_memory: MemoryEphemeral | None = None
+        self.renderer: MailRenderer | None = None
+        self.transport: MailTransport | None = None
+        self.sender: OutboxSender | None = None
+        self.mailer: Mailer | None = None
         self.server: grpc.aio.Server | None = None
         self.http: OpsHttpServer | None = None
         self.grpc_port = 0
@@ -223,8 +231,55 @@ class Application:
             audit=self.audit,
             enabled=s.ratelimit.enabled,
         )
+        self._start_mail()
         async with self.db.transaction() as tx:
             await tx.users.ensure_roles(s.roles.default, self.clock.now())
+
+    def _start_mail(self) -> None:
+        s = self.settings
+        assert self.db is not None
+        assert self.secrets is not None
+        assert self.limiter is not None
+        material = self.secrets.material
+        self.renderer = MailRenderer(
+            material=material,
+            from_address=s.mail.from_address,
+            from_name=s.mail.from_name,
+            site_name=s.mail.site_name,
+            support_url=s.mail.support_url,
+            templates_dir=s.mail.templates_dir,
+        )
+        smtp = s.mail.smtp
+        self.transport = (
+            SmtpTransport(
+                smtp.host,
+                smtp.port,
+                tls=smtp.tls,
+                starttls=smtp.starttls,
+                username=smtp.username,
+                password=smtp.password.get_secret_value() if smtp.password else None,
+                timeout=smtp.timeout,
+                verify_certificate=smtp.verify_certificate,
+            )
+            if smtp.host
+            else FileTransport(s.outbox_dir)
+        )
+        self.sender = OutboxSender(
+            self.db,
+            self.transport,
+            self.renderer,
+            material,
+            self.clock,
+            self.metrics,
+            batch=s.mail.batch,
+            poll_interval=s.mail.poll_interval,
+            retry_backoff=s.mail.retry_backoff,
+            max_attempts=s.mail.max_attempts,
+            max_per_minute=s.mail.max_per_minute,
+        )
+        self.mailer = Mailer(
+            self.limiter, material, self.clock, default_locale=s.mail.default_locale, wake=self.sender.wake
+        )
 
     async def _start_serving(self) -> None:
         s = self.settings
@@ -246,6 +301,13 @@ class Application:
                     f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {s.http_address}"
                 ) from None
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop(), name="health-probe"))
+        if self.transport is not None:
+            try:
+                await self.transport.check()
+            except MailError as exc:
+                log.bind(error=exc.summary).warning("mail transport not reachable; mail waits in the outbox")
+        if self.sender is not None:
+            self.sender.start()
         await self._set_serving(True)
 
     # health ------------------------------------------------------------------
@@ -324,6 +386,10 @@ class Application:
         if self.server is not None:
             limit = self.settings.shutdown.grace if grace is None else grace
             await self.server.stop(limit.total_seconds())
+        if self.sender is not None:
+            await self.sender.stop()
+        if self.audit is not None:
+            await self.audit.drain()
         await self._close_resources()
         self._stopped.set()
         log.info("stopped")

@@ -26,11 +26,13 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 migrate_app = typer.Typer(help="Database migrations.", invoke_without_command=True)
 secrets_app = typer.Typer(help="Secrets.", no_args_is_help=True)
+outbox_app = typer.Typer(help="The email outbox.", no_args_is_help=True)
 limits_app = typer.Typer(help="Rate-limit state of one key (shared Redis state only).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(limits_app, name="limits")
+app.add_typer(outbox_app, name="outbox")
 app.add_typer(limits_app, name="ratelimit", hidden=True)  # behaviour.md 8.6 spelling
 
 ConfigOption = Annotated[
@@ -355,6 +357,84 @@ def limits_clear(group: GroupArg, key: KeyArg, config: ConfigOption = None) -> N
 
 
 limits_app.command("unblock", hidden=True)(limits_clear)
+
+
+# outbox -------------------------------------------------------------------------
+
+
+def _with_database(config: Path | None, action: Any) -> Any:
+    from iam_grpc.storage.sql.database import SqlDatabase
+
+    settings = _settings(config)
+
+    async def run() -> Any:
+        db = SqlDatabase.from_url(settings.database.url)
+        try:
+            return await action(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+@outbox_app.command("list")
+def outbox_list(
+    status: Annotated[str | None, typer.Option(help="pending, sent, expired, suppressed or dead.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    config: ConfigOption = None,
+) -> None:
+    """List outbox rows, newest first (recipients as keyed hashes; no secrets)."""
+
+    async def action(db: Any) -> list[Any]:
+        async with db.transaction() as tx:
+            return list(await tx.outbox.list(status, limit))
+
+    for row in _with_database(config, action):
+        typer.echo(
+            json.dumps(
+                {
+                    "id": row.id,
+                    "kind": row.kind,
+                    "status": row.status,
+                    "recipient_h": row.recipient_h[:12],
+                    "attempts": row.attempts,
+                    "created_at": row.created_at.isoformat(),
+                    "not_after": row.not_after.isoformat(),
+                    "last_error": row.last_error,
+                }
+            )
+        )
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    message_id: Annotated[
+        int | None, typer.Argument(help="Row id (see `outbox list --status dead`).")
+    ] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Retry every dead row that can be retried.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Send dead notices again (rows whose secrets were wiped cannot be resent)."""
+    from iam_grpc.clock import SystemClock
+
+    if (message_id is None) == (not dead):
+        typer.echo("iam-grpc: give one row id or --dead", err=True)
+        raise typer.Exit(2)
+    now = SystemClock().now()
+
+    async def action(db: Any) -> tuple[int, int]:
+        async with db.transaction() as tx:
+            ids = (
+                [message_id]
+                if message_id is not None
+                else [r.id for r in await tx.outbox.list("dead", 10_000)]
+            )
+            revived = [i for i in ids if await tx.outbox.retry(i, now)]
+        return len(revived), len(ids)
+
+    revived, considered = _with_database(config, action)
+    typer.echo(f"{revived} of {considered} queued again")
+    raise typer.Exit(0 if revived or dead else 1)
 
 
 def main() -> None:

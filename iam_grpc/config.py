@@ -407,8 +407,10 @@ class StepUpSettings(_Group):
 class SmtpSettings(_Group):
     host: str = ""  # empty: write .eml files to mail.outbox_dir
     port: int = Field(default=587, ge=1, le=65535)
-    starttls: bool = True
+    # STARTTLS on a plain connection: required (refuse to send without it), when_offered, or off
+    starttls: Literal["required", "when_offered", "off"] = "required"
     tls: bool = False  # implicit TLS (smtps, usually port 465)
+    verify_certificate: bool = True
     username: str = ""
     password: SecretStr | None = None
     timeout: Duration = timedelta(seconds=10)
@@ -913,8 +915,12 @@ def _smtp_url(value: str) -> Iterator[tuple[tuple[str, ...], Any]]:
     yield ("mail", "smtp", "host"), parts.hostname
     yield ("mail", "smtp", "port"), port or (465 if implicit else 587)
     yield ("mail", "smtp", "tls"), implicit
-    # plain smtp:// uses STARTTLS when the server offers it unless ?starttls=false
-    yield ("mail", "smtp", "starttls"), (not implicit) and "starttls=false" not in (parts.query or "")
+    # smtp:// upgrades with STARTTLS when the server offers it; ?starttls=required|off changes that
+    query = dict(part.partition("=")[::2] for part in (parts.query or "").split("&") if part)
+    starttls = query.get("starttls", "when_offered")
+    if starttls not in ("required", "when_offered", "off"):
+        raise ConfigError(["IAM_SMTP_URL: ?starttls= must be required, when_offered or off"])
+    yield ("mail", "smtp", "starttls"), "off" if implicit else starttls
     if parts.username:
         yield ("mail", "smtp", "username"), unquote(parts.username)
     if parts.password:

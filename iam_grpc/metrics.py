@@ -56,6 +56,12 @@ class Metrics:
             "Limiter checks answered from process memory because the shared store failed.",
             registry=self.registry,
         )
+        self.mail_outcomes = Counter(
+            "iam_mail_total",
+            "Outbox rows handled, by outcome (sent, retry, dead, expired).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.serving = Gauge("iam_serving", "1 while the service reports SERVING.", registry=self.registry)
 
     def render(self) -> bytes:

@@ -105,13 +105,7 @@ def redis_url() -> str:
     return REDIS_SERVER
 
 
-@pytest.fixture(scope="session", params=["sqlite+memory", "mysql+redis"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    """Every server test runs on both modes' adapters."""
-    if request.param == "sqlite+memory":
-        return Backend("sqlite+memory")
-    mysql = request.getfixturevalue("mysql_url")
-    prefix = request.getfixturevalue("redis_prefix")
+def _shared_backend(mysql: str, prefix: str) -> Backend:
     return Backend(
         "mysql+redis",
         {
@@ -124,6 +118,20 @@ def backend(request: pytest.FixtureRequest) -> Backend:
             "IAM_PASSWORDS__CURRENT_PEPPER": "1",
         },
     )
+
+
+@pytest.fixture(scope="session", params=["sqlite+memory", "mysql+redis"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Every server test runs on both modes' adapters."""
+    if request.param == "sqlite+memory":
+        return Backend("sqlite+memory")
+    return _shared_backend(request.getfixturevalue("mysql_url"), request.getfixturevalue("redis_prefix"))
+
+
+@pytest.fixture(scope="session")
+def shared_backend(mysql_url: str, redis_prefix: str) -> Backend:
+    """MySQL + Redis only: for behaviour that exists only with several replicas."""
+    return _shared_backend(mysql_url, redis_prefix)
 
 
 @pytest.fixture

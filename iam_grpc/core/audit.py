@@ -4,6 +4,7 @@ transaction has committed, so a rollback leaves no trace in either."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from iam_grpc.clock import Clock
@@ -25,6 +26,7 @@ class AuditTrail:
         self._db = db
         self._clock = clock
         self._material = material
+        self._pending: set[asyncio.Task[None]] = set()
         self._caller = caller  # fixed caller for events outside RPCs (e.g. "cli")
 
     def event(
@@ -51,6 +53,28 @@ class AuditTrail:
             caller=self._caller or (call.caller.id if call and call.caller else None),
             request_id=call.request_id if call else None,
         )
+
+    def record_soon(self, event: AuditEvent) -> None:
+        """Record in a transaction of its own, in the background.
+
+        For events raised while the caller may hold a transaction (a rate-limit
+        block inside a flow): a second transaction in the same task would wait on
+        SQLite's write lock held by the first.
+        """
+        task = asyncio.get_running_loop().create_task(self._record_quietly(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _record_quietly(self, event: AuditEvent) -> None:
+        try:
+            await self.record(event)
+        except Exception:
+            log.bind(type=event.type).exception("could not record an audit event")
+
+    async def drain(self) -> None:
+        """Wait for background records (shutdown)."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     async def record(self, event: AuditEvent, tx: Transaction | None = None) -> None:
         """Append ``event`` within ``tx`` (or a transaction of its own) and log it after commit."""

@@ -159,7 +159,7 @@ class CallerAuthInterceptor(UnaryInterceptor):
                 event = self._audit.event(
                     "caller.denied", "fail", ip=peer_ip, details={"reason": reason, "method": method}
                 )
-                await self._audit.record(event)
+                self._audit.record_soon(event)
         except BackendUnavailable:
             log.warning("could not audit a caller denial")
 

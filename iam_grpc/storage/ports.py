@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
+from email.message import EmailMessage
 from typing import Any, Protocol
 
 from iam_grpc.storage.records import (
@@ -39,9 +40,14 @@ __all__ = [
     "Ephemeral",
     "KeyStore",
     "LimiterStore",
+    "MailError",
+    "MailTransport",
+    "MessageRenderer",
     "Outbox",
+    "PermanentMailError",
     "SessionStore",
     "Transaction",
+    "TransientMailError",
     "UserStore",
 ]
 
@@ -169,8 +175,9 @@ class KeyStore(Protocol):
 
 
 class Outbox(Protocol):
-    async def enqueue(self, message: OutboxMessage) -> int:
-        """Queue a message; returns its id. A taken ``dedupe_key`` raises :class:`Conflict`."""
+    async def enqueue(self, message: OutboxMessage) -> int | None:
+        """Queue a message and return its id; None when its ``dedupe_key`` is already taken
+        (the transaction goes on: a burst of notices sends one)."""
         ...
 
     async def seal(self, message_id: int, sealed_params: bytes) -> None:
@@ -194,6 +201,14 @@ class Outbox(Protocol):
         ...
 
     async def mark_expired(self, message_id: int, worker: str) -> bool: ...
+
+    async def release(self, worker: str) -> int:
+        """Give back this worker's claims on rows it has not finished (shutdown)."""
+        ...
+
+    async def retry(self, message_id: int, now: datetime) -> bool:
+        """Make a dead row without secrets pending again (operator action), while its deadline holds."""
+        ...
 
     async def list(self, status: str | None = None, limit: int = 100) -> list[OutboxMessage]: ...
 
@@ -255,6 +270,42 @@ class Database(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class MailError(Exception):
+    """A failed send. ``summary`` is safe to store: an SMTP code and a fixed text, never the message."""
+
+    def __init__(self, summary: str) -> None:
+        super().__init__(summary)
+        self.summary = summary[:255]
+
+
+class TransientMailError(MailError):
+    """Try again later (connection failure, timeout, 4xx)."""
+
+
+class PermanentMailError(MailError):
+    """Never try again (5xx, a template that would leak a secret)."""
+
+
+class MailTransport(Protocol):
+    """Hands a rendered message to SMTP, or writes it to a folder in embedded mode."""
+
+    async def send(self, message: EmailMessage) -> str:
+        """Deliver; return the provider's message id (or ours). Raises a :class:`MailError`."""
+        ...
+
+    async def check(self) -> None:
+        """Raise :class:`TransientMailError` when the transport cannot be reached (startup check)."""
+        ...
+
+
+class MessageRenderer(Protocol):
+    """Turns an outbox row (and its opened secrets) into an email."""
+
+    def render(self, row: OutboxMessage, secrets: dict[str, str]) -> EmailMessage:
+        """Raises :class:`PermanentMailError` when the row cannot be rendered safely."""
+        ...
 
 
 class LimiterStore(Protocol):

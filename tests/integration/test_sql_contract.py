@@ -463,14 +463,39 @@ async def test_outbox_outcomes_wipe_secrets(database: SqlDatabase) -> None:
     assert [m.id for m in dead] == [ids_[2]]
 
 
-async def test_outbox_dedupe_key_is_unique(database: SqlDatabase) -> None:
-    """A second notice with the same dedupe key is refused."""
+async def test_outbox_dedupe_keeps_one_notice_and_the_transaction(database: SqlDatabase) -> None:
+    """A second notice with a taken dedupe key is skipped (None) while the rest of its transaction commits."""
     key = "new_device:" + secrets.token_hex(8)
     async with database.transaction() as tx:
-        await tx.outbox.enqueue(new_message(dedupe_key=key))
-    with pytest.raises(Conflict):
-        async with database.transaction() as tx:
-            await tx.outbox.enqueue(new_message(dedupe_key=key))
+        first = await tx.outbox.enqueue(new_message(dedupe_key=key))
+    device = new_device()
+    async with database.transaction() as tx:
+        again = await tx.outbox.enqueue(new_message(dedupe_key=key))
+        await tx.devices.insert(device)
+    assert first is not None
+    assert again is None
+    async with database.transaction() as tx:
+        assert await tx.devices.get(device.id) is not None
+
+
+async def test_outbox_release_and_operator_retry(database: SqlDatabase) -> None:
+    """Claims are released at shutdown; a dead notice (no secrets) can be retried before its deadline."""
+    await _clear_outbox(database)
+    async with database.transaction() as tx:
+        notice = await tx.outbox.enqueue(new_message(kind="password_changed", sealed_params=None))
+        code = await tx.outbox.enqueue(new_message(kind="mfa_code"))
+        assert notice is not None
+        assert code is not None
+        await tx.outbox.claim(NOW, "w", 10, timedelta(seconds=60))
+        assert await tx.outbox.release("w") == 2
+        await tx.outbox.claim(NOW, "w", 10, timedelta(seconds=60))
+        await tx.outbox.mark_failed(notice, "w", "550", retry_at=None, now=NOW)
+        await tx.outbox.mark_failed(code, "w", "550", retry_at=None, now=NOW)
+        assert await tx.outbox.retry(notice, NOW)
+        assert not await tx.outbox.retry(code, NOW)  # its code was wiped: nothing to resend
+        revived = await tx.outbox.get(notice)
+    assert revived is not None
+    assert (revived.status, revived.attempts) == ("pending", 0)
 
 
 # audit ------------------------------------------------------------------------------------

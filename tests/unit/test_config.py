@@ -84,7 +84,7 @@ def test_every_flat_contract_variable_of_api_md_works() -> None:
         "smtp.example.com",
         465,
         True,
-        False,
+        "off",
         "mailer",
     )
     assert smtp.password is not None

@@ -153,5 +153,9 @@ DEFAULT_GROUPS: dict[str, Group] = {
         _g("step_up.user", "user", "10/24h"),
         _g("grant.caller_fail", "caller", "60/1m f"),
         _g("sessions.user", "user", "30/1m", 3, "1m", "10m"),
+        # behaviour.md 7.4: per recipient, per user and per IP; never one global mail limit
+        _g("mail.recipient", "email", "10/1h + 30/24h"),
+        _g("mail.user_challenge", "user", "8/24h", 1, "12h", "12h"),
+        _g("mail.ip_challenge", "ip", "20/24h", 1, "4h", "4h"),
     )
 }

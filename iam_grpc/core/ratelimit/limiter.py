@@ -177,18 +177,7 @@ class RateLimiter:
                 "rate-limit block imposed"
             )
             if self._audit is not None:
-                try:
-                    await self._audit.record(
-                        self._audit.event(
-                            "ratelimit.blocked",
-                            "info",
-                            details={
-                                "group": group.name,
-                                "key_h": key_h,
-                                "seconds": result.new_block_ms // 1000,
-                            },
-                        )
-                    )
-                except BackendUnavailable:
-                    log.bind(group=group.name).warning("could not audit a rate-limit block")
+                # in the background: the caller may be inside a transaction (SQLite has one writer)
+                details = {"group": group.name, "key_h": key_h, "seconds": result.new_block_ms // 1000}
+                self._audit.record_soon(self._audit.event("ratelimit.blocked", "info", details=details))
         raise RateLimited(timedelta(milliseconds=result.retry_ms), group.key)

@@ -125,6 +125,9 @@ def create_engine(
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     return create_async_engine(
         parsed,
+        # READ COMMITTED: no gap locks, so claiming the outbox (FOR UPDATE SKIP LOCKED) and inserting
+        # into it do not deadlock; every decision that races relies on conditional UPDATEs anyway.
+        isolation_level="READ COMMITTED",
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_recycle=int(pool_recycle.total_seconds()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -15,6 +16,15 @@ from iam_grpc.storage.sql.tables import email_outbox
 __all__ = ["SqlOutbox"]
 
 _ERROR_MAX = 255
+# Kinds whose rows never carry sealed secrets: a dead one can be sent again as it was.
+RETRYABLE_KINDS = (
+    "email_change_requested",
+    "email_in_use",
+    "email_changed",
+    "new_device",
+    "password_changed",
+    "security_alert",
+)
 
 
 class SqlOutbox:
@@ -22,8 +32,17 @@ class SqlOutbox:
         self._c = connection
         self._dialect = dialect
 
-    async def enqueue(self, message: OutboxMessage) -> int:
-        result = await self._c.execute(insert(email_outbox).values(**to_values(message, without=("id",))))
+    async def enqueue(self, message: OutboxMessage) -> int | None:
+        statement = insert(email_outbox).values(**to_values(message, without=("id",)))
+        if message.dedupe_key is None:
+            result = await self._c.execute(statement)
+        else:
+            # A savepoint keeps the caller's transaction usable when the dedupe key is taken.
+            try:
+                async with self._c.begin_nested():
+                    result = await self._c.execute(statement)
+            except IntegrityError:
+                return None
         key = result.inserted_primary_key
         if key is None or key[0] is None:
             raise RuntimeError("the database assigned no id")
@@ -120,6 +139,28 @@ class SqlOutbox:
             update(email_outbox)
             .where(self._mine(message_id, worker))
             .values(status="expired", sealed_params=None, claimed_by=None, claimed_until=None)
+        )
+        return result.rowcount == 1
+
+    async def release(self, worker: str) -> int:
+        result = await self._c.execute(
+            update(email_outbox)
+            .where(email_outbox.c.claimed_by == worker, email_outbox.c.status == "pending")
+            .values(claimed_by=None, claimed_until=None)
+        )
+        return int(result.rowcount)
+
+    async def retry(self, message_id: int, now: datetime) -> bool:
+        result = await self._c.execute(
+            update(email_outbox)
+            .where(
+                email_outbox.c.id == message_id,
+                email_outbox.c.status == "dead",
+                email_outbox.c.not_after > now,
+                email_outbox.c.sealed_params.is_(None),
+                email_outbox.c.kind.in_(RETRYABLE_KINDS),
+            )
+            .values(status="pending", attempts=0, next_attempt_at=now, last_error=None)
         )
         return result.rowcount == 1
 

@@ -1,0 +1,188 @@
+"""The outbox sender (behaviour.md 7.3): one per process, claiming due rows so
+that no two replicas send one message, priority 0 (codes and links) first.
+
+- A row past its send deadline becomes ``expired`` unsent (a code is never
+  sent after it stopped working); secrets are wiped.
+- Success: ``sent``, secrets wiped. A temporary failure retries on the
+  ``mail.retry_backoff`` schedule (with ±20% jitter); after
+  ``mail.max_attempts``, or at once on a permanent failure, the row is ``dead``.
+- ``mail.max_per_minute`` delays sending when exceeded; it never drops mail.
+- Woken at once by a local enqueue, otherwise polls every ``mail.poll_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Sequence
+from datetime import timedelta
+
+from iam_grpc.clock import Clock
+from iam_grpc.core.crypto import SealError, SecretMaterial
+from iam_grpc.errors import BackendUnavailable
+from iam_grpc.logging import component_logger
+from iam_grpc.metrics import Metrics
+from iam_grpc.storage.ports import (
+    Database,
+    MailError,
+    MailTransport,
+    MessageRenderer,
+    PermanentMailError,
+)
+from iam_grpc.storage.records import OutboxMessage
+
+__all__ = ["OutboxSender"]
+
+log = component_logger("iam.mail.sender")
+
+CLAIM_LEASE = timedelta(seconds=60)
+
+
+class OutboxSender:
+    def __init__(
+        self,
+        db: Database,
+        transport: MailTransport,
+        renderer: MessageRenderer,
+        material: SecretMaterial,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        batch: int = 20,
+        poll_interval: timedelta = timedelta(seconds=2),
+        retry_backoff: Sequence[timedelta] = (timedelta(seconds=30),),
+        max_attempts: int = 8,
+        max_per_minute: int = 600,
+    ) -> None:
+        self._db = db
+        self._transport = transport
+        self._renderer = renderer
+        self._material = material
+        self._clock = clock
+        self._metrics = metrics
+        self._batch = batch
+        self._poll = poll_interval.total_seconds()
+        self._backoff = list(retry_backoff) or [timedelta(seconds=30)]
+        self._max_attempts = max_attempts
+        self._max_per_minute = max_per_minute
+        self.worker_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._recent: deque[float] = deque()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-sender")
+
+    async def stop(self) -> None:
+        """Finish the message in hand, stop claiming, and give back unfinished claims."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=15)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        try:
+            async with self._db.transaction() as tx:
+                await tx.outbox.release(self.worker_id)
+        except BackendUnavailable:
+            log.warning("could not release outbox claims; they lapse by themselves")
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                sent = await self.send_due()
+            except BackendUnavailable:
+                log.warning("outbox unavailable; retrying")
+                sent = 0
+            except Exception:
+                log.exception("outbox sender failed")
+                sent = 0
+            if sent >= self._batch:
+                continue  # more may be due
+            self._wake.clear()
+            if self.stopping():
+                break  # stop() may have set the event just before it was cleared
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll)
+
+    async def send_due(self) -> int:
+        """Claim and handle one batch of due rows; returns how many were handled."""
+        async with self._db.transaction() as tx:
+            rows = await tx.outbox.claim(self._clock.now(), self.worker_id, self._batch, CLAIM_LEASE)
+        for row in rows:
+            if self.stopping():
+                break
+            await self._deliver(row)
+        return len(rows)
+
+    async def _smooth(self) -> None:
+        """Hold back when more than max_per_minute were sent in the last minute (never drops)."""
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] > 60:
+            self._recent.popleft()
+        if len(self._recent) >= self._max_per_minute:
+            await asyncio.sleep(60 - (now - self._recent[0]))
+        self._recent.append(time.monotonic())
+
+    def _retry_at_delay(self, attempts: int) -> timedelta:
+        base = self._backoff[min(attempts, len(self._backoff) - 1)]
+        return base * (0.8 + 0.4 * secrets.randbelow(1001) / 1000)
+
+    async def _deliver(self, row: OutboxMessage) -> None:
+        assert row.id is not None
+        now = self._clock.now()
+        kind_h = {"kind": row.kind, "recipient_h": row.recipient_h[:12], "outbox_id": row.id}
+        if row.not_after <= now:
+            async with self._db.transaction() as tx:
+                await tx.outbox.mark_expired(row.id, self.worker_id)
+            self._metrics.mail_outcomes.labels("expired").inc()
+            log.bind(**kind_h).info("mail expired unsent")
+            return
+        try:
+            opened = self._open(row)
+            email = self._renderer.render(row, opened)
+            await self._smooth()
+            provider_id = await self._transport.send(email)
+        except MailError as error:
+            attempts = row.attempts + 1
+            dead = isinstance(error, PermanentMailError) or attempts >= self._max_attempts
+            retry_at = None if dead else now + self._retry_at_delay(row.attempts)
+            async with self._db.transaction() as tx:
+                await tx.outbox.mark_failed(row.id, self.worker_id, error.summary, retry_at=retry_at, now=now)
+            self._metrics.mail_outcomes.labels("dead" if dead else "retry").inc()
+            line = log.bind(**kind_h, attempts=attempts, error=error.summary)
+            if dead:
+                line.error("mail dead-lettered")
+            else:
+                line.warning("mail send failed; will retry")
+            return
+        async with self._db.transaction() as tx:
+            await tx.outbox.mark_sent(row.id, self.worker_id, self._clock.now(), provider_id[:255])
+        self._metrics.mail_outcomes.labels("sent").inc()
+        log.bind(**kind_h).info("mail sent")
+
+    def _open(self, row: OutboxMessage) -> dict[str, str]:
+        if row.sealed_params is None:
+            return {}
+        assert row.id is not None
+        try:
+            raw = self._material.open("outbox", row.sealed_params, str(row.id).encode())
+        except SealError:
+            raise PermanentMailError("sealed parameters do not open (master key changed?)") from None
+        opened = json.loads(raw)
+        return {str(k): str(v) for k, v in opened.items()}

@@ -1,0 +1,1 @@
+"""Email adapters: templates, SMTP and file transports."""
