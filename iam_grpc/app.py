@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,11 +19,15 @@ from grpc_health.v1.health import aio as health_aio
 from iam_grpc.clock import Clock, SystemClock
 from iam_grpc.config import Settings
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.cleanup import Cleanup, CleanupPolicy
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing, KeysUnreadable
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.mail.sender import OutboxSender
 from iam_grpc.core.ratelimit import RateLimiter
+from iam_grpc.core.tokens.access import AccessTokens
+from iam_grpc.core.tokens.denylist import DenyList
+from iam_grpc.core.tokens.sessions import SessionManager, SessionPolicy
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 from iam_grpc.mail.render import MailRenderer
@@ -34,6 +40,7 @@ from iam_grpc.storage.memory import MemoryEphemeral, MemoryLimiterStore
 from iam_grpc.storage.ports import Ephemeral, LimiterStore, MailError, MailTransport
 from iam_grpc.storage.sql import schema
 from iam_grpc.storage.sql.database import ACCESS_DENIED_CODES, SqlDatabase
+from iam_grpc.ua import UserAgentParser
 
 __all__ = ["Application", "StartupError"]
 
@@ -81,6 +88,11 @@ class Application:
         self.transport: MailTransport | None = None
         self.sender: OutboxSender | None = None
         self.mailer: Mailer | None = None
+        self.agents: UserAgentParser | None = None
+        self.denylist: DenyList | None = None
+        self.access: AccessTokens | None = None
+        self.sessions: SessionManager | None = None
+        self.cleanup: Cleanup | None = None
         self.server: grpc.aio.Server | None = None
         self.http: OpsHttpServer | None = None
         self.grpc_port = 0
@@ -163,8 +175,15 @@ class Application:
     async def _start_secrets_and_keys(self) -> None:
         assert self.db is not None
         self.secrets = resolve_secrets(self.settings)
+        tokens, keys = self.settings.tokens, self.settings.keys
         self.keys = KeyRing(
-            self.db, self.secrets.material, self.clock, algorithm=self.settings.tokens.algorithm
+            self.db,
+            self.secrets.material,
+            self.clock,
+            algorithm=tokens.algorithm,
+            publish_ahead=keys.publish_ahead,
+            retire_after=tokens.access_ttl + tokens.leeway + keys.jwks_max_age,
+            rotation_interval=keys.rotation_interval,
         )
         try:
             await self.keys.reload()
@@ -232,8 +251,67 @@ class Application:
             enabled=s.ratelimit.enabled,
         )
         self._start_mail()
+        self._start_tokens()
         async with self.db.transaction() as tx:
             await tx.users.ensure_roles(s.roles.default, self.clock.now())
+        assert self.denylist is not None
+        try:
+            await self.denylist.replay()  # a restarted in-process store or a flushed Redis forgets nothing
+        except BackendUnavailable:
+            log.warning("deny-list replay failed; retrying in the background")
+
+    def _start_tokens(self) -> None:
+        s = self.settings
+        assert self.db is not None
+        assert self.ephemeral is not None
+        assert self.secrets is not None
+        assert self.keys is not None
+        assert self.audit is not None
+        assert self.mailer is not None
+        assert self.limiter is not None
+        self.agents = UserAgentParser(s.ua.cache_size)
+        self.denylist = DenyList(
+            self.ephemeral,
+            self.db,
+            self.clock,
+            self.metrics,
+            access_ttl=s.tokens.access_ttl,
+            leeway=s.tokens.leeway,
+            fallback=s.tokens.denylist_fallback,
+        )
+        self.access = AccessTokens(
+            self.keys,
+            self.denylist,
+            self.clock,
+            self.metrics,
+            algorithm=s.tokens.algorithm,
+            issuer=s.tokens.issuer,
+            audience=s.tokens.audience,
+            ttl=s.tokens.access_ttl,
+            leeway=s.tokens.leeway,
+        )
+        self.sessions = SessionManager(
+            self.db,
+            self.ephemeral,
+            self.secrets.material,
+            self.clock,
+            self.access,
+            self.denylist,
+            self.audit,
+            self.mailer,
+            self.limiter,
+            self.agents,
+            self.metrics,
+            self.failpoints,
+            SessionPolicy(
+                access_ttl=s.tokens.access_ttl,
+                absolute_ttl=s.refresh.absolute_ttl,
+                idle_ttl=s.refresh.idle_ttl,
+                grace=s.refresh.grace,
+                reuse_mfa_hold=s.refresh.reuse_mfa_hold,
+                max_per_user=s.sessions.max_per_user,
+            ),
+        )
 
     def _start_mail(self) -> None:
         s = self.settings
@@ -292,7 +370,13 @@ class Application:
         await self.server.start()
         if s.http.enabled:
             self.http = OpsHttpServer(
-                {"/healthz": self._healthz, "/metrics": self._metrics_route}, s.http.host, s.http.port
+                {
+                    "/healthz": self._healthz,
+                    "/metrics": self._metrics_route,
+                    "/.well-known/jwks.json": self._jwks,
+                },
+                s.http.host,
+                s.http.port,
             )
             try:
                 await self.http.start()
@@ -300,7 +384,27 @@ class Application:
                 raise StartupError(
                     f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {s.http_address}"
                 ) from None
-        self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop(), name="health-probe"))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._probe_loop(), name="health-probe"))
+        assert self.keys is not None
+        assert self.denylist is not None
+        self._tasks.append(loop.create_task(self._every(s.keys.reload_interval, self.keys.maintain, "keys")))
+        self._tasks.append(
+            loop.create_task(self._every(s.tokens.denylist_replay, self.denylist.replay, "deny-list"))
+        )
+        assert self.db is not None
+        assert self.ephemeral is not None
+        self.cleanup = Cleanup(
+            self.db,
+            self.ephemeral,
+            self.clock,
+            CleanupPolicy(
+                reuse_memory=s.refresh.reuse_memory,
+                audit_retention=s.audit.retention,
+                batch=s.cleanup.batch,
+            ),
+        )
+        self._tasks.append(loop.create_task(self._every(s.cleanup.interval, self.cleanup.run, "cleanup")))
         if self.transport is not None:
             try:
                 await self.transport.check()
@@ -361,6 +465,29 @@ class Application:
         if self._probe_failures >= PROBE_FAILURES and self._serving:
             log.error("stores failing; reporting NOT_SERVING")
             await self._set_serving(False)
+
+    async def _every(self, interval: timedelta, job: Callable[[], Awaitable[object]], name: str) -> None:
+        """Run ``job`` every ``interval`` (with up to 20% random jitter) until stopped."""
+        seconds = max(interval.total_seconds(), 0.05)
+        while not self._draining:
+            await asyncio.sleep(seconds * (1 + random.random() * 0.2))  # noqa: S311 - spreading load, not security
+            try:
+                await job()
+            except BackendUnavailable:
+                log.bind(job=name).warning("background job could not reach a store")
+            except Exception:
+                log.bind(job=name).exception("background job failed")
+
+    async def _jwks(self) -> Response:
+        assert self.keys is not None
+        body = json.dumps(self.keys.jwks(), separators=(",", ":")).encode()
+        max_age = int(self.settings.keys.jwks_max_age.total_seconds())
+        return Response(
+            200,
+            body,
+            content_type="application/jwk-set+json",
+            headers=(("cache-control", f"public, max-age={max_age}"),),
+        )
 
     async def _healthz(self) -> Response:
         status = "SERVING" if self.serving else "NOT_SERVING"

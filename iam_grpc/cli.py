@@ -27,12 +27,20 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 migrate_app = typer.Typer(help="Database migrations.", invoke_without_command=True)
 secrets_app = typer.Typer(help="Secrets.", no_args_is_help=True)
 outbox_app = typer.Typer(help="The email outbox.", no_args_is_help=True)
+keys_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
+roles_app = typer.Typer(help="Roles.", no_args_is_help=True)
+users_app = typer.Typer(help="Accounts and their sessions.", no_args_is_help=True)
+cleanup_app = typer.Typer(help="Maintenance.", no_args_is_help=True)
 limits_app = typer.Typer(help="Rate-limit state of one key (shared Redis state only).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(limits_app, name="limits")
 app.add_typer(outbox_app, name="outbox")
+app.add_typer(keys_app, name="keys")
+app.add_typer(roles_app, name="roles")
+app.add_typer(users_app, name="users")
+app.add_typer(cleanup_app, name="cleanup")
 app.add_typer(limits_app, name="ratelimit", hidden=True)  # behaviour.md 8.6 spelling
 
 ConfigOption = Annotated[
@@ -435,6 +443,314 @@ def outbox_retry(
     revived, considered = _with_database(config, action)
     typer.echo(f"{revived} of {considered} queued again")
     raise typer.Exit(0 if revived or dead else 1)
+
+
+# keys, roles, users, cleanup ------------------------------------------------------------
+
+
+def _admin(config: Path | None, action: Any) -> Any:
+    from iam_grpc.admin import admin_tools
+
+    settings = _settings(config)
+
+    async def run() -> Any:
+        async with admin_tools(settings) as tools:
+            return await action(tools)
+
+    try:
+        return asyncio.run(run())
+    except ConfigError as exc:
+        raise _refuse(exc.problems) from None
+
+
+def _note_shared(tools: Any) -> None:
+    if not tools.shared_state:
+        typer.echo(
+            "note: embedded mode: a running server applies these revocations within tokens.denylist_replay",
+            err=True,
+        )
+
+
+def _key_state(row: Any, now: Any) -> str:
+    if row.unpublish_at is not None and row.unpublish_at <= now:
+        return "unpublished"
+    if row.activate_at > now:
+        return "published, not signing yet"
+    if row.deactivate_at is not None and row.deactivate_at <= now:
+        return "retired (verifies until unpublished)"
+    return "signing"
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOption = None) -> None:
+    """The signing keys and their lifecycle times."""
+
+    async def action(tools: Any) -> list[dict[str, Any]]:
+        now = tools.clock.now()
+        return [
+            {
+                "kid": row.kid,
+                "alg": row.alg,
+                "state": _key_state(row, now),
+                "publish_at": row.publish_at.isoformat(),
+                "activate_at": row.activate_at.isoformat(),
+                "deactivate_at": row.deactivate_at.isoformat() if row.deactivate_at else None,
+                "unpublish_at": row.unpublish_at.isoformat() if row.unpublish_at else None,
+                "private_key": "destroyed" if row.private_key_enc is None else "encrypted",
+            }
+            for row in tools.keys.rows()
+        ]
+
+    for row in _admin(config, action):
+        typer.echo(json.dumps(row))
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    immediate: Annotated[bool, typer.Option(help="Sign with the new key now (emergency).")] = False,
+    revoke: Annotated[
+        str | None, typer.Option(help="kid to withdraw at once: its tokens stop verifying.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create the next signing key (published now, signing after keys.publish_ahead unless --immediate)."""
+
+    async def action(tools: Any) -> Any:
+        if revoke is not None and revoke not in {row.kid for row in tools.keys.rows()}:
+            typer.echo(f"iam-grpc: no key {revoke}", err=True)
+            raise typer.Exit(1)
+        new = await tools.keys.rotate(immediate=immediate, revoke=revoke)
+        await tools.audit.record(
+            tools.audit.event("keys.created", "ok", details={"kid": new.kid, "immediate": immediate})
+        )
+        if revoke is not None:
+            await tools.audit.record(tools.audit.event("keys.revoked", "ok", details={"kid": revoke}))
+        return new
+
+    new = _admin(config, action)
+    typer.echo(f"new key {new.kid} signs from {new.activate_at.isoformat()}")
+
+
+@roles_app.command("list")
+def roles_list(config: ConfigOption = None) -> None:
+    """Roles and how many users hold each."""
+
+    async def action(tools: Any) -> Any:
+        async with tools.db.transaction() as tx:
+            return await tx.users.list_roles()
+
+    for name, description, holders in _admin(config, action):
+        typer.echo(json.dumps({"role": name, "description": description, "holders": holders}))
+
+
+def _check_role_name(name: str) -> None:
+    from iam_grpc.core.validation import ROLE_NAME
+
+    if not ROLE_NAME.match(name):
+        typer.echo("iam-grpc: role names match ^[a-z][a-z0-9:_-]{0,63}$", err=True)
+        raise typer.Exit(2)
+
+
+@roles_app.command("create")
+def roles_create(name: str, config: ConfigOption = None) -> None:
+    """Create a role (granting creates it too)."""
+    _check_role_name(name)
+
+    async def action(tools: Any) -> None:
+        async with tools.db.transaction() as tx:
+            await tx.users.ensure_roles([name], tools.clock.now())
+
+    _admin(config, action)
+    typer.echo(f"role {name} exists")
+
+
+@roles_app.command("delete")
+def roles_delete(name: str, config: ConfigOption = None) -> None:
+    """Delete a role and every grant of it (tokens lose it at their next refresh)."""
+
+    async def action(tools: Any) -> bool:
+        async with tools.db.transaction() as tx:
+            deleted = bool(await tx.users.delete_role(name))
+            if deleted:
+                await tools.audit.record(
+                    tools.audit.event("roles.revoked", "ok", details={"role": name, "all": True}), tx
+                )
+        return deleted
+
+    if not _admin(config, action):
+        typer.echo(f"iam-grpc: no role {name}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"role {name} deleted")
+
+
+@roles_app.command("grant")
+def roles_grant(user: str, role: str, config: ConfigOption = None) -> None:
+    """Grant ROLE to USER (id or email); it appears in tokens from the next refresh."""
+    _check_role_name(role)
+
+    async def action(tools: Any) -> bool:
+        now = tools.clock.now()
+        async with tools.db.transaction() as tx:
+            found = await tools.find_user(tx, user)
+            if found is None:
+                typer.echo("iam-grpc: no such user", err=True)
+                raise typer.Exit(1)
+            await tx.users.ensure_roles([role], now)
+            granted = bool(await tx.users.grant_role(found.id, role, "cli", now))
+            if granted:
+                await tools.audit.record(
+                    tools.audit.event("roles.granted", "ok", user_id=found.id, details={"role": role}), tx
+                )
+        return granted
+
+    typer.echo("granted" if _admin(config, action) else "already held")
+
+
+@roles_app.command("revoke")
+def roles_revoke(
+    user: str,
+    role: str,
+    now_flag: Annotated[
+        bool, typer.Option("--now", help="Also invalidate the user's current access tokens.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Revoke ROLE from USER; with --now the current access tokens stop verifying at once."""
+
+    async def action(tools: Any) -> bool:
+        now = tools.clock.now()
+        async with tools.db.transaction() as tx:
+            found = await tools.find_user(tx, user)
+            if found is None:
+                typer.echo("iam-grpc: no such user", err=True)
+                raise typer.Exit(1)
+            revoked = bool(await tx.users.revoke_role(found.id, role))
+            jtis: list[str] = []
+            if revoked and now_flag:
+                window = tools.settings.tokens.access_ttl + tools.settings.tokens.leeway
+                jtis = await tx.sessions.access_jtis_since(found.id, now - window)
+            if revoked:
+                details = {"role": role, "now": now_flag, "tokens": len(jtis)}
+                await tools.audit.record(
+                    tools.audit.event("roles.revoked", "ok", user_id=found.id, details=details), tx
+                )
+        if jtis:
+            _note_shared(tools)
+            await tools.denylist.revoke_tokens(jtis)
+        return revoked
+
+    typer.echo("revoked" if _admin(config, action) else "not held")
+
+
+@users_app.command("show")
+def users_show(user: str, config: ConfigOption = None) -> None:
+    """An account: status, roles, devices and live sessions (no secrets, email masked)."""
+    from iam_grpc.logging import mask_email
+
+    async def action(tools: Any) -> dict[str, Any]:
+        async with tools.db.transaction() as tx:
+            found = await tools.find_user(tx, user)
+            if found is None:
+                typer.echo("iam-grpc: no such user", err=True)
+                raise typer.Exit(1)
+            live = await tx.sessions.list_live(found.id, tools.clock.now())
+            return {
+                "id": found.id,
+                "email": mask_email(found.email),
+                "status": found.status,
+                "roles": await tx.users.roles_of(found.id),
+                "created_at": found.created_at.isoformat(),
+                "last_login_at": found.last_login_at.isoformat() if found.last_login_at else None,
+                "mfa_hold_until": found.mfa_hold_until.isoformat() if found.mfa_hold_until else None,
+                "devices": len(await tx.devices.links_of(found.id)),
+                "live_sessions": [s.id for s in live],
+            }
+
+    typer.echo(json.dumps(_admin(config, action), indent=2))
+
+
+@users_app.command("sessions")
+def users_sessions(user: str, config: ConfigOption = None) -> None:
+    """The user's live sessions."""
+
+    async def action(tools: Any) -> list[Any]:
+        async with tools.db.transaction() as tx:
+            found = await tools.find_user(tx, user)
+            if found is None:
+                typer.echo("iam-grpc: no such user", err=True)
+                raise typer.Exit(1)
+            return list(await tx.sessions.list_live(found.id, tools.clock.now()))
+
+    for session in _admin(config, action):
+        typer.echo(
+            json.dumps(
+                {
+                    "session_id": session.id,
+                    "device_id": session.device_id,
+                    "created_at": session.created_at.isoformat(),
+                    "last_refreshed_at": session.last_refreshed_at.isoformat(),
+                    "last_ip": session.last_ip,
+                }
+            )
+        )
+
+
+def _set_status(user: str, status: str, config: Path | None) -> None:
+    async def action(tools: Any) -> int:
+        now = tools.clock.now()
+        async with tools.db.transaction() as tx:
+            found = await tools.find_user(tx, user)
+            if found is None:
+                typer.echo("iam-grpc: no such user", err=True)
+                raise typer.Exit(1)
+            await tx.users.set_status(found.id, status, now)
+            kind = "user.disabled" if status == "disabled" else "user.enabled"
+            await tools.audit.record(tools.audit.event(kind, "ok", user_id=found.id), tx)
+        if status != "disabled":
+            return 0
+        _note_shared(tools)
+        return len(await tools.revoke_user_sessions(found, "disabled"))
+
+    ended = _admin(config, action)
+    typer.echo(f"{status}" + (f"; {ended} sessions ended" if status == "disabled" else ""))
+
+
+@users_app.command("disable")
+def users_disable(user: str, config: ConfigOption = None) -> None:
+    """Disable an account: every session ends, logins fail like a wrong password."""
+    _set_status(user, "disabled", config)
+
+
+@users_app.command("enable")
+def users_enable(user: str, config: ConfigOption = None) -> None:
+    """Enable a disabled account again."""
+    _set_status(user, "active", config)
+
+
+@users_app.command("revoke-sessions")
+def users_revoke_sessions(user: str, config: ConfigOption = None) -> None:
+    """End every session of an account (it can sign in again)."""
+
+    async def action(tools: Any) -> int:
+        async with tools.db.transaction() as tx:
+            found = await tools.find_user(tx, user)
+        if found is None:
+            typer.echo("iam-grpc: no such user", err=True)
+            raise typer.Exit(1)
+        _note_shared(tools)
+        return len(await tools.revoke_user_sessions(found, "user"))
+
+    typer.echo(f"{_admin(config, action)} sessions ended")
+
+
+@cleanup_app.command("run")
+def cleanup_run(config: ConfigOption = None) -> None:
+    """One cleanup pass now (expired tokens, ended sessions, old mail and audit rows, stale devices)."""
+
+    async def action(tools: Any) -> dict[str, int]:
+        return dict(await tools.cleanup.run(lock=False))
+
+    typer.echo(json.dumps(_admin(config, action)))
 
 
 def main() -> None:

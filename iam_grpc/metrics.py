@@ -62,6 +62,20 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.key_reloads = Counter(
+            "iam_key_reloads_total", "Key-table reloads caused by unknown kids.", registry=self.registry
+        )
+        self.denylist_fallbacks = Counter(
+            "iam_denylist_fallbacks_total",
+            "Token checks that read revocations from SQL because the ephemeral store failed.",
+            registry=self.registry,
+        )
+        self.refreshes = Counter(
+            "iam_refresh_total",
+            "Refresh outcomes (rotated, grace, reuse, invalid, revoked, expired).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.serving = Gauge("iam_serving", "1 while the service reports SERVING.", registry=self.registry)
 
     def render(self) -> bytes:

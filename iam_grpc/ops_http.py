@@ -93,9 +93,10 @@ class OpsHttpServer:
             headers = [
                 ("content-type", response.content_type),
                 ("content-length", str(len(response.body))),
-                ("cache-control", "no-store"),
                 *response.headers,
             ]
+            if not any(name.lower() == "cache-control" for name, _ in response.headers):
+                headers.append(("cache-control", "no-store"))
             writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
             writer.write(conn.send(h11.Data(data=b"" if head else response.body)) or b"")
             writer.write(conn.send(h11.EndOfMessage()) or b"")

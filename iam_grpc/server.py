@@ -116,8 +116,13 @@ def build_server(app: Application, settings: Settings) -> tuple[grpc.aio.Server,
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(), server)
-    token_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(), server)
+    assert app.sessions is not None
+    assert app.access is not None
+    assert app.keys is not None
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(app.sessions), server)
+    token_pb2_grpc.add_TokenServiceServicer_to_server(
+        TokenService(app.access, app.sessions, app.keys), server
+    )
     mfa_pb2_grpc.add_MfaServiceServicer_to_server(MfaService(), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     if settings.reflection:

@@ -29,6 +29,8 @@ __all__ = [
     "constant_time_equal",
     "decode_key",
     "generate_key_text",
+    "open_with_secret",
+    "seal_with_secret",
 ]
 
 Purpose = Literal["refresh", "otp", "grant", "link", "ratelimit", "email", "log", "outbox", "kek"]
@@ -44,6 +46,24 @@ _PURPOSES: tuple[Purpose, ...] = (
     "kek",
 )
 _NONCE = 12
+
+
+def seal_with_secret(secret: bytes, purpose: bytes, plaintext: bytes) -> bytes:
+    """AES-256-GCM under a key derived from ``secret`` itself: only a holder of the secret can open it.
+
+    Used for the refresh grace cache, sealed under the presented refresh token (behaviour.md 1.5).
+    """
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"iam-grpc/" + purpose).derive(secret)
+    nonce = secrets.token_bytes(_NONCE)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, purpose)
+
+
+def open_with_secret(secret: bytes, purpose: bytes, sealed: bytes) -> bytes:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"iam-grpc/" + purpose).derive(secret)
+    try:
+        return AESGCM(key).decrypt(sealed[:_NONCE], sealed[_NONCE:], purpose)
+    except (InvalidTag, ValueError):
+        raise SealError("sealed value does not open") from None
 
 
 class SealError(Exception):

@@ -8,6 +8,7 @@ deactivate, unpublish) is a timestamp, so replicas agree without talking.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -84,13 +85,77 @@ class LoadedKey:
 class KeyRing:
     """The key table as this replica last read it."""
 
-    def __init__(self, db: Database, material: SecretMaterial, clock: Clock, *, algorithm: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        material: SecretMaterial,
+        clock: Clock,
+        *,
+        algorithm: str,
+        publish_ahead: timedelta = timedelta(hours=1),
+        retire_after: timedelta = timedelta(minutes=20, seconds=30),
+        rotation_interval: timedelta = timedelta(days=30),
+    ) -> None:
         self._db = db
         self._material = material
         self._clock = clock
         self._algorithm = algorithm
+        self._publish_ahead = publish_ahead
+        # A retired key stays published until its last token has expired and every JWKS cache has seen
+        # the change: access TTL + leeway + JWKS max-age.
+        self._retire_after = retire_after
+        self._rotation_interval = rotation_interval
         self._keys: dict[str, LoadedKey] = {}
         self.reloads = 0
+
+    async def rotate(self, *, immediate: bool = False, revoke: str | None = None) -> SigningKey:
+        """Create the next key (behaviour.md 1.3).
+
+        Planned: published now, signing after ``keys.publish_ahead`` so caches know it first; the
+        current key stops signing then and stays published until its tokens have expired.
+        Immediate: signing now; ``revoke`` names a key to withdraw at once (its tokens fail).
+        """
+        async with self._db.named_lock(LOCK, timedelta(seconds=30)) as held:
+            if not held:
+                raise RuntimeError("another process is rotating keys")
+            async with self._db.transaction() as tx:
+                now = self._clock.now()
+                activate = now if immediate else now + self._publish_ahead
+                new = generate_key(
+                    self._algorithm, self._material, now=now, publish_at=now, activate_at=activate
+                )
+                for row in await tx.keys.all():
+                    if row.kid == revoke:
+                        await tx.keys.retire(row.kid, deactivate_at=now, unpublish_at=now, destroy_at=now)
+                    elif row.deactivate_at is None or row.deactivate_at > activate:
+                        await tx.keys.retire(
+                            row.kid, deactivate_at=activate, unpublish_at=activate + self._retire_after
+                        )
+                await tx.keys.insert(new)
+        await self.reload()
+        return new
+
+    async def maintain(self) -> None:
+        """Periodic: reload, destroy private parts of retired keys, rotate when the active key is old."""
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            for row in await tx.keys.all():
+                if (
+                    row.private_key_enc is not None
+                    and row.deactivate_at is not None
+                    and row.deactivate_at <= now
+                ):
+                    await tx.keys.retire(row.kid, destroy_at=now)
+        await self.reload()
+        if self._rotation_interval.total_seconds() <= 0:
+            return
+        newest = max((k.row.activate_at for k in self._keys.values()), default=None)
+        if newest is not None and newest <= now - self._rotation_interval:
+            with contextlib.suppress(RuntimeError):  # another replica is rotating
+                await self.rotate()
+
+    def rows(self) -> list[SigningKey]:
+        return sorted((k.row for k in self._keys.values()), key=lambda r: r.activate_at)
 
     async def ensure_initial_key(self) -> None:
         """Create the first key (publish and activate now) when the table has none usable."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc
+from iam_grpc.core.tokens.sessions import SessionManager
 from iam_grpc.errors import NotImplementedYet
 from iam_grpc.interceptors.base import Context as Ctx
 
@@ -10,6 +11,9 @@ __all__ = ["AuthService"]
 
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, sessions: SessionManager) -> None:
+        self._sessions = sessions
+
     async def Signup(self, request: auth_pb2.SignupRequest, context: Ctx) -> auth_pb2.SignupResponse:
         raise NotImplementedYet()
 
@@ -17,7 +21,8 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         raise NotImplementedYet()
 
     async def Logout(self, request: auth_pb2.LogoutRequest, context: Ctx) -> auth_pb2.LogoutResponse:
-        raise NotImplementedYet()
+        await self._sessions.logout(request.refresh_token)
+        return auth_pb2.LogoutResponse()
 
     async def RequestPasswordReset(
         self, request: auth_pb2.RequestPasswordResetRequest, context: Ctx

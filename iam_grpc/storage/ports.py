@@ -42,6 +42,7 @@ __all__ = [
     "LimiterStore",
     "MailError",
     "MailTransport",
+    "Maintenance",
     "MessageRenderer",
     "Outbox",
     "PermanentMailError",
@@ -88,6 +89,12 @@ class UserStore(Protocol):
 
     async def set_status(self, user_id: str, status: str, now: datetime) -> bool: ...
 
+    async def set_mfa_hold(self, user_id: str, until: datetime | None, now: datetime) -> None:
+        """Require MFA at every login until ``until`` (refresh-token reuse, behaviour.md 1.5)."""
+        ...
+
+    async def record_login(self, user_id: str, now: datetime) -> None: ...
+
     async def ensure_roles(self, names: Sequence[str], now: datetime) -> None:
         """Create the roles that do not exist yet."""
         ...
@@ -100,6 +107,14 @@ class UserStore(Protocol):
 
     async def roles_of(self, user_id: str) -> list[str]:
         """Role names of the user, sorted."""
+        ...
+
+    async def list_roles(self) -> list[tuple[str, str | None, int]]:
+        """(name, description, number of holders), by name."""
+        ...
+
+    async def delete_role(self, name: str) -> bool:
+        """Remove a role and every grant of it."""
         ...
 
 
@@ -136,6 +151,36 @@ class SessionStore(Protocol):
         """Mark a live session revoked and its tokens ``revoked``; False when it already was."""
         ...
 
+    async def revoke_all(
+        self, user_id: str, reason: str, now: datetime, *, keep: str | None = None
+    ) -> list[str]:
+        """Revoke every live session of a user (but ``keep``); returns the ids revoked."""
+        ...
+
+    async def touch(
+        self,
+        session_id: str,
+        now: datetime,
+        *,
+        ip: str,
+        browser: str | None = None,
+        os: str | None = None,
+        country: str | None = None,
+        region: str | None = None,
+        city: str | None = None,
+    ) -> None:
+        """Record a refresh: ``last_refreshed_at`` and where it came from."""
+        ...
+
+    async def end(self, session_id: str, reason: str, now: datetime) -> bool:
+        """Mark a session ended by time (``idle``/``expired``): like revoke, without being a revocation
+        anyone asked for."""
+        ...
+
+    async def set_auth(self, session_id: str, now: datetime, *, mfa: bool = False) -> None:
+        """A strong authentication happened now (password, MFA, step-up)."""
+        ...
+
     async def revoked_since(self, since: datetime) -> list[str]:
         """Ids of sessions revoked at or after ``since`` (deny-list replay)."""
         ...
@@ -152,6 +197,16 @@ class SessionStore(Protocol):
 
     async def mark_rotated(self, token_id: int, successor_id: int | None, now: datetime) -> bool:
         """``active`` -> ``rotated`` (compare-and-set); False when it was not active."""
+        ...
+
+    async def token(self, token_id: int) -> RefreshToken | None: ...
+
+    async def recent_rotations(self, session_id: str, since: datetime) -> int:
+        """How many tokens of the session were created at or after ``since`` (rotation burst)."""
+        ...
+
+    async def access_jtis_since(self, user_id: str, since: datetime) -> list[str]:
+        """``access_jti`` of every token minted for the user since ``since`` (roles revoke --now)."""
         ...
 
 
@@ -223,6 +278,22 @@ class AuditLog(Protocol):
         ...
 
 
+class Maintenance(Protocol):
+    """Batched purges for the cleanup job; each returns how many rows it removed."""
+
+    async def purge_refresh_tokens(self, used_before: datetime, batch: int) -> int: ...
+
+    async def purge_sessions(self, ended_before: datetime, now: datetime, batch: int) -> int: ...
+
+    async def purge_outbox(self, done_before: datetime, dead_before: datetime, batch: int) -> int: ...
+
+    async def wipe_outbox_secrets(self, batch: int) -> int: ...
+
+    async def purge_audit(self, before: datetime, batch: int) -> int: ...
+
+    async def purge_devices(self, unseen_before: datetime, batch: int) -> int: ...
+
+
 class Transaction(Protocol):
     """One database transaction with a store per table family."""
 
@@ -243,6 +314,9 @@ class Transaction(Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
+
+    @property
+    def maintenance(self) -> Maintenance: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

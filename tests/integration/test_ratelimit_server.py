@@ -108,6 +108,8 @@ async def test_refusals_and_blocks_are_counted_and_audited(service: RunningServi
         async with service.channel() as channel:
             for _ in range(6):
                 await signup(channel, ip)
+        assert service.app.audit is not None
+        await service.app.audit.drain()  # blocks are audited in the background
     finally:
         logger.remove(sink)
     text = service.app.metrics.render().decode()

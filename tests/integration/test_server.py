@@ -44,6 +44,21 @@ async def channel(service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
         yield opened
 
 
+BUILT = {
+    "iam.v1.AuthService/Logout",
+    "iam.v1.TokenService/Refresh",
+    "iam.v1.TokenService/VerifyAccessToken",
+    "iam.v1.TokenService/RevokeSession",
+    "iam.v1.TokenService/RevokeAllSessions",
+    "iam.v1.TokenService/ListSessions",
+    "iam.v1.TokenService/GetJwks",
+}
+
+
+def unbuilt_rpcs() -> list[tuple[str, object, object]]:
+    return [rpc for rpc in every_rpc() if rpc[0] not in BUILT]
+
+
 def every_rpc() -> list[tuple[str, object, object]]:
     """(full method, stub factory, empty request) for every iam.v1 RPC."""
     rpcs = []
@@ -136,7 +151,7 @@ def test_the_contract_names_every_rpc_of_api_md() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "stub", "request_message"), every_rpc(), ids=[rpc[0] for rpc in every_rpc()]
+    ("method", "stub", "request_message"), unbuilt_rpcs(), ids=[rpc[0] for rpc in unbuilt_rpcs()]
 )
 async def test_unbuilt_rpcs_answer_unimplemented_with_error_info(
     channel: grpc.aio.Channel, method: str, stub: object, request_message: object

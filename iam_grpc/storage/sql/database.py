@@ -24,6 +24,7 @@ from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.sql.audit import SqlAuditLog
 from iam_grpc.storage.sql.devices import SqlDeviceStore
 from iam_grpc.storage.sql.keys import SqlKeyStore
+from iam_grpc.storage.sql.maintenance import SqlMaintenance
 from iam_grpc.storage.sql.outbox import SqlOutbox
 from iam_grpc.storage.sql.sessions import SqlSessionStore
 from iam_grpc.storage.sql.tables import metadata
@@ -151,6 +152,7 @@ class SqlTransaction:
         self.keys = SqlKeyStore(connection)
         self.outbox = SqlOutbox(connection, dialect)
         self.audit = SqlAuditLog(connection)
+        self.maintenance = SqlMaintenance(connection)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import exists, insert, select, update
+from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iam_grpc.storage.records import RefreshToken, SessionRecord
@@ -56,6 +56,52 @@ class SqlSessionStore:
         )
         return result.rowcount == 1
 
+    async def revoke_all(
+        self, user_id: str, reason: str, now: datetime, *, keep: str | None = None
+    ) -> list[str]:
+        condition = and_(sessions.c.user_id == user_id, sessions.c.revoked_at.is_(None))
+        if keep is not None:
+            condition = and_(condition, sessions.c.id != keep)
+        ids = list((await self._c.execute(select(sessions.c.id).where(condition))).scalars())
+        for session_id in ids:
+            await self.revoke(session_id, reason, now)
+        return ids
+
+    async def touch(
+        self,
+        session_id: str,
+        now: datetime,
+        *,
+        ip: str,
+        browser: str | None = None,
+        os: str | None = None,
+        country: str | None = None,
+        region: str | None = None,
+        city: str | None = None,
+    ) -> None:
+        await self._c.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id)
+            .values(
+                last_refreshed_at=now,
+                last_ip=ip,
+                last_browser=browser,
+                last_os=os,
+                last_country=country,
+                last_region=region,
+                last_city=city,
+            )
+        )
+
+    async def end(self, session_id: str, reason: str, now: datetime) -> bool:
+        return await self.revoke(session_id, reason, now)
+
+    async def set_auth(self, session_id: str, now: datetime, *, mfa: bool = False) -> None:
+        values: dict[str, object] = {"auth_at": now}
+        if mfa:
+            values["mfa_at"] = now
+        await self._c.execute(update(sessions).where(sessions.c.id == session_id).values(**values))
+
     async def revoked_since(self, since: datetime) -> list[str]:
         rows = await self._c.execute(select(sessions.c.id).where(sessions.c.revoked_at >= since))
         return list(rows.scalars())
@@ -80,6 +126,26 @@ class SqlSessionStore:
             .order_by(refresh_tokens.c.generation, refresh_tokens.c.id)
         )
         return [RefreshToken(**dict(row._mapping)) for row in rows]
+
+    async def token(self, token_id: int) -> RefreshToken | None:
+        row = (await self._c.execute(select(refresh_tokens).where(refresh_tokens.c.id == token_id))).first()
+        return to_record(RefreshToken, row)
+
+    async def recent_rotations(self, session_id: str, since: datetime) -> int:
+        query = (
+            select(func.count())
+            .select_from(refresh_tokens)
+            .where(refresh_tokens.c.session_id == session_id, refresh_tokens.c.created_at >= since)
+        )
+        return int((await self._c.execute(query)).scalar() or 0)
+
+    async def access_jtis_since(self, user_id: str, since: datetime) -> list[str]:
+        query = (
+            select(refresh_tokens.c.access_jti)
+            .join(sessions, sessions.c.id == refresh_tokens.c.session_id)
+            .where(sessions.c.user_id == user_id, refresh_tokens.c.created_at >= since)
+        )
+        return list((await self._c.execute(query)).scalars())
 
     async def mark_rotated(self, token_id: int, successor_id: int | None, now: datetime) -> bool:
         result = await self._c.execute(

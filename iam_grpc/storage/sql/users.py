@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -65,6 +65,14 @@ class SqlUserStore:
         )
         return result.rowcount == 1
 
+    async def set_mfa_hold(self, user_id: str, until: datetime | None, now: datetime) -> None:
+        await self._c.execute(
+            update(users).where(users.c.id == user_id).values(mfa_hold_until=until, updated_at=now)
+        )
+
+    async def record_login(self, user_id: str, now: datetime) -> None:
+        await self._c.execute(update(users).where(users.c.id == user_id).values(last_login_at=now))
+
     async def ensure_roles(self, names: Sequence[str], now: datetime) -> None:
         wanted = sorted(set(names))
         if not wanted:
@@ -101,6 +109,24 @@ class SqlUserStore:
             delete(user_roles).where(user_roles.c.user_id == user_id, user_roles.c.role_id == role_id)
         )
         return result.rowcount > 0
+
+    async def list_roles(self) -> list[tuple[str, str | None, int]]:
+        holders = func.count(user_roles.c.user_id)
+        query = (
+            select(roles.c.name, roles.c.description, holders)
+            .select_from(roles.outerjoin(user_roles, user_roles.c.role_id == roles.c.id))
+            .group_by(roles.c.id, roles.c.name, roles.c.description)
+            .order_by(roles.c.name)
+        )
+        return [(str(n), d, int(c)) for n, d, c in (await self._c.execute(query)).all()]
+
+    async def delete_role(self, name: str) -> bool:
+        role_id = (await self._c.execute(select(roles.c.id).where(roles.c.name == name))).scalar()
+        if role_id is None:
+            return False
+        await self._c.execute(delete(user_roles).where(user_roles.c.role_id == role_id))
+        await self._c.execute(delete(roles).where(roles.c.id == role_id))
+        return True
 
     async def roles_of(self, user_id: str) -> list[str]:
         query = (

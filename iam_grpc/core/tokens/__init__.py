@@ -1,0 +1,1 @@
+"""Access tokens, the revocation deny-lists, and sessions with their refresh tokens."""

@@ -1,0 +1,193 @@
+"""Access tokens (behaviour.md 1.2): stateless JWTs signed with the active key,
+verified in a fixed order where the first failure answers, so a forged token
+never learns anything (expiry is reported only after the signature passed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+
+from iam_grpc.clock import Clock
+from iam_grpc.core.keys import KeyRing
+from iam_grpc.core.tokens.denylist import DenyList
+from iam_grpc.errors import RoleRequired, SessionRevoked, TokenExpired, TokenInvalid
+from iam_grpc.ids import JTI, new_jti
+from iam_grpc.metrics import Metrics
+
+__all__ = ["AccessClaims", "AccessTokens", "MintedToken"]
+
+MAX_TOKEN_BYTES = 4096
+_FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
+_REQUIRED = ["iss", "aud", "sub", "sid", "did", "roles", "jti", "iat", "exp", "auth_time"]
+_RELOAD_EVERY = 10.0  # seconds: unknown kids reload the key table at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    user_id: str
+    session_id: str
+    device_id: str
+    roles: tuple[str, ...]
+    jti: str
+    issued_at: datetime
+    expires_at: datetime
+    auth_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MintedToken:
+    token: str
+    claims: AccessClaims
+
+
+def _when(value: Any) -> datetime:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenInvalid()
+    return datetime.fromtimestamp(value, UTC)
+
+
+class AccessTokens:
+    def __init__(
+        self,
+        keys: KeyRing,
+        denylist: DenyList,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        algorithm: str,
+        issuer: str,
+        audience: str,
+        ttl: timedelta,
+        leeway: timedelta,
+    ) -> None:
+        self._keys = keys
+        self._denylist = denylist
+        self._clock = clock
+        self._metrics = metrics
+        self._algorithm = algorithm
+        self._issuer = issuer
+        self._audience = audience
+        self._ttl = ttl
+        self._leeway = leeway
+        self._last_reload = 0.0
+
+    @property
+    def ttl(self) -> timedelta:
+        return self._ttl
+
+    def mint(
+        self,
+        *,
+        user_id: str,
+        session_id: str,
+        device_id: str,
+        roles: Sequence[str],
+        auth_time: datetime,
+        jti: str | None = None,
+    ) -> MintedToken:
+        key = self._keys.signing_key()
+        if key is None or key.private is None:
+            raise RuntimeError("no signing key is active")
+        now = self._clock.now().replace(microsecond=0)
+        claims = AccessClaims(
+            user_id=user_id,
+            session_id=session_id,
+            device_id=device_id,
+            roles=tuple(sorted(set(roles))),
+            jti=jti or new_jti(),
+            issued_at=now,
+            expires_at=now + self._ttl,
+            auth_time=auth_time.replace(microsecond=0),
+        )
+        payload = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": claims.user_id,
+            "sid": claims.session_id,
+            "did": claims.device_id,
+            "roles": list(claims.roles),
+            "jti": claims.jti,
+            "iat": int(now.timestamp()),
+            "exp": int(claims.expires_at.timestamp()),
+            "auth_time": int(claims.auth_time.timestamp()),
+        }
+        token = jwt.encode(
+            payload, key.private, algorithm=self._algorithm, headers={"kid": key.row.kid, "typ": "at+jwt"}
+        )
+        return MintedToken(token, claims)
+
+    async def _key_for(self, kid: str) -> Any:
+        key = self._keys.verification_key(kid)
+        if key is None and time.monotonic() - self._last_reload >= _RELOAD_EVERY:
+            # An unknown kid may be a key another replica just created: look once, not per token.
+            self._last_reload = time.monotonic()
+            self._metrics.key_reloads.inc()
+            await self._keys.reload()
+            key = self._keys.verification_key(kid)
+        if key is None:
+            raise TokenInvalid()
+        return key.public
+
+    async def decode(self, token: str) -> AccessClaims:
+        """Steps 1-6: shape, header, key, signature, claims, time. No deny-lists."""
+        if not token or len(token.encode()) > MAX_TOKEN_BYTES or token.count(".") != 2:
+            raise TokenInvalid()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenInvalid() from None
+        if (
+            header.get("alg") != self._algorithm
+            or header.get("typ") != "at+jwt"
+            or not isinstance(header.get("kid"), str)
+            or _FORBIDDEN_HEADERS & set(header)
+        ):
+            raise TokenInvalid()
+        public = await self._key_for(header["kid"])
+        try:
+            payload = jwt.decode(
+                token,
+                public,
+                algorithms=[self._algorithm],  # pinned from configuration, never from the header
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": _REQUIRED, "verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            )
+        except jwt.PyJWTError:
+            raise TokenInvalid() from None
+        subject, session, device, jti, roles = (payload.get(k) for k in ("sub", "sid", "did", "jti", "roles"))
+        if (
+            not all(isinstance(v, str) and v for v in (subject, session, device, jti))
+            or not isinstance(roles, list)
+            or not all(isinstance(r, str) for r in roles)
+            or not JTI.match(str(jti))
+        ):
+            raise TokenInvalid()
+        issued, expires, auth_time = _when(payload["iat"]), _when(payload["exp"]), _when(payload["auth_time"])
+        now = self._clock.now()
+        if issued > now + self._leeway:
+            raise TokenInvalid()
+        if expires + self._leeway < now:
+            raise TokenExpired()
+        return AccessClaims(
+            str(subject), str(session), str(device), tuple(roles), str(jti), issued, expires, auth_time
+        )
+
+    async def verify(self, token: str, required_roles: Sequence[str] = ()) -> AccessClaims:
+        """Steps 1-8 of VerifyAccessToken."""
+        claims = await self.decode(token)
+        denied = await self._denylist.check(claims.session_id, claims.jti)
+        if denied == "session":
+            raise SessionRevoked()
+        if denied == "token":
+            raise TokenInvalid()
+        missing = [role for role in required_roles if role not in claims.roles]
+        if missing:
+            raise RoleRequired(missing)
+        return claims

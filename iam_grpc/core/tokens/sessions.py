@@ -1,0 +1,619 @@
+"""Sessions and their refresh-token chains (behaviour.md 1.5-1.7).
+
+A session is one sign-in of one user on one device. It owns a chain of
+refresh tokens, exactly one ``active`` while it lives. Every Refresh rotates
+the token in one SQL transaction (a compare-and-set on ``state``); concurrent
+refreshes within ``refresh.grace`` converge on one successor through a result
+sealed under the presented token; a rotated token presented after the grace
+window is a replay, and the whole session ends (``REFRESH_TOKEN_REUSED``),
+whoever rotated first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from iam_grpc.clock import Clock
+from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.crypto import SealError, SecretMaterial, open_with_secret, seal_with_secret
+from iam_grpc.core.failpoints import Failpoints
+from iam_grpc.core.mail.mailer import Mailer
+from iam_grpc.core.ratelimit import RateLimiter, ip_key
+from iam_grpc.core.tokens.access import AccessClaims, AccessTokens
+from iam_grpc.core.tokens.denylist import DenyList
+from iam_grpc.errors import (
+    BackendUnavailable,
+    InvalidArgument,
+    RefreshTokenReused,
+    SessionExpired,
+    SessionRevoked,
+    TokenInvalid,
+)
+from iam_grpc.ids import DEVICE_ID, REFRESH_TOKEN, new_device_id, new_refresh_token, new_ulid
+from iam_grpc.logging import component_logger
+from iam_grpc.metrics import Metrics
+from iam_grpc.storage.ports import Database, Ephemeral, Transaction
+from iam_grpc.storage.records import Device, RefreshToken, SessionRecord, User, UserDevice
+from iam_grpc.ua import ParsedAgent, UserAgentParser
+
+__all__ = [
+    "ClientInfo",
+    "IssuedSession",
+    "RefreshCheck",
+    "RefreshContext",
+    "SessionManager",
+    "SessionPolicy",
+    "SessionView",
+]
+
+log = component_logger("iam.sessions")
+
+_LOCK_TTL = timedelta(seconds=5)
+_POLL = 0.05
+_GRACE_PURPOSE = b"refresh-grace"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """The end user's request as the calling service described it (``ClientContext``)."""
+
+    ip: str
+    user_agent: str = ""
+    device_id: str = ""
+    accept_language: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    access_ttl: timedelta = timedelta(minutes=15)
+    absolute_ttl: timedelta = timedelta(days=30)
+    idle_ttl: timedelta = timedelta(days=7)
+    grace: timedelta = timedelta(seconds=15)
+    reuse_mfa_hold: timedelta = timedelta(days=7)
+    max_per_user: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSession:
+    access_token: str
+    access_expires_at: datetime
+    refresh_token: str
+    refresh_expires_at: datetime
+    session_id: str
+    user_id: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    session: SessionRecord
+    device: Device | None
+    current: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshContext:
+    """What the anomaly checks (issue 7) see of a Refresh before rotation."""
+
+    client: ClientInfo
+    agent: ParsedAgent
+    user: User
+    session: SessionRecord
+    token: RefreshToken
+    link: UserDevice | None
+
+
+class RefreshCheck(Protocol):
+    """The seam where anomaly evaluation plugs in: return a challenge to answer instead of a
+    Session, raise an IamError to refuse, or return None to rotate."""
+
+    async def __call__(self, context: RefreshContext, tx: Transaction) -> object | None: ...
+
+
+class SessionManager:
+    def __init__(
+        self,
+        db: Database,
+        ephemeral: Ephemeral,
+        material: SecretMaterial,
+        clock: Clock,
+        access: AccessTokens,
+        denylist: DenyList,
+        audit: AuditTrail,
+        mailer: Mailer,
+        limiter: RateLimiter,
+        agents: UserAgentParser,
+        metrics: Metrics,
+        failpoints: Failpoints,
+        policy: SessionPolicy,
+    ) -> None:
+        self._db = db
+        self._ephemeral = ephemeral
+        self._material = material
+        self._clock = clock
+        self._access = access
+        self._denylist = denylist
+        self._audit = audit
+        self._mailer = mailer
+        self._limiter = limiter
+        self._agents = agents
+        self._metrics = metrics
+        self._failpoints = failpoints
+        self._policy = policy
+        self.refresh_check: RefreshCheck | None = None
+
+    # hashing ---------------------------------------------------------------------------
+
+    def token_hash(self, raw: str) -> str:
+        return self._material.keyed_hash("refresh", raw)
+
+    async def _find_token(self, tx: Transaction, raw: str) -> RefreshToken | None:
+        """Look a presented token up by its keyed hash, under the current and older master keys."""
+        for _version, digest in self._material.keyed_hashes("refresh", raw):
+            found = await tx.sessions.token_by_hash(digest)
+            if found is not None:
+                return found
+        return None
+
+    # devices ---------------------------------------------------------------------------
+
+    async def resolve_device(
+        self, tx: Transaction, client: ClientInfo, agent: ParsedAgent, now: datetime
+    ) -> Device:
+        """The client's device, updated; a new one when it sent none or an unknown one."""
+        existing = await tx.devices.get(client.device_id) if DEVICE_ID.match(client.device_id) else None
+        fields = {
+            "user_agent": client.user_agent[:1024] or None,
+            "browser_family": agent.browser_family,
+            "browser_major": agent.browser_major,
+            "os_family": agent.os_family,
+            "os_major": agent.os_major,
+            "device_brand": agent.device_brand,
+            "device_model": agent.device_model,
+            "device_type": agent.device_type,
+        }
+        if existing is None:
+            device = Device(id=new_device_id(), created_at=now, last_seen_at=now, **fields)
+            await tx.devices.insert(device)
+            return device
+        device = replace(existing, last_seen_at=now, **fields)  # type: ignore[arg-type]
+        await tx.devices.update(device)
+        return device
+
+    async def link_device(
+        self, tx: Transaction, user_id: str, device: Device, client: ClientInfo, now: datetime, *, trust: bool
+    ) -> UserDevice:
+        link = await tx.devices.get_link(user_id, device.id)
+        if link is None:
+            link = UserDevice(user_id=user_id, device_id=device.id, first_seen_at=now, last_seen_at=now)
+        link = replace(link, last_seen_at=now, last_ip=client.ip)
+        if trust:
+            link = replace(link, trusted_at=now)
+        await tx.devices.save_link(link)
+        return link
+
+    # creating --------------------------------------------------------------------------
+
+    async def open_session(
+        self,
+        tx: Transaction,
+        user: User,
+        client: ClientInfo,
+        *,
+        trust_device: bool,
+        mfa: bool = False,
+    ) -> tuple[IssuedSession, list[str]]:
+        """Create a session, its first refresh token and an access token, inside ``tx``.
+
+        Returns the issued session and the ids of sessions evicted by the cap, whose
+        deny-list markers the caller writes after commit (see :meth:`after_revocations`).
+        """
+        now = self._clock.now()
+        agent = self._agents.parse(client.user_agent)
+        device = await self.resolve_device(tx, client, agent, now)
+        await self.link_device(tx, user.id, device, client, now, trust=trust_device)
+        session = SessionRecord(
+            id=new_ulid(now),
+            user_id=user.id,
+            device_id=device.id,
+            created_at=now,
+            auth_at=now,
+            last_refreshed_at=now,
+            absolute_expires_at=now + self._policy.absolute_ttl,
+            created_ip=client.ip,
+            last_ip=client.ip,
+            mfa_at=now if mfa else None,
+            last_browser=agent.browser_family,
+            last_os=agent.os_family,
+        )
+        await tx.sessions.insert(session)
+        evicted = await self._enforce_cap(tx, user.id, session.id, now)
+        issued = await self._issue(tx, user, session, device.id, generation=0, now=now)
+        await self._audit.record(
+            self._audit.event(
+                "session.created", "ok", user_id=user.id, session_id=session.id, device_id=device.id
+            ),
+            tx,
+        )
+        return issued, evicted
+
+    async def _enforce_cap(self, tx: Transaction, user_id: str, keep: str, now: datetime) -> list[str]:
+        live = [s for s in await tx.sessions.list_live(user_id, now) if s.id != keep]
+        evicted: list[str] = []
+        overflow = len(live) + 1 - self._policy.max_per_user
+        for session in sorted(live, key=lambda s: (s.last_refreshed_at, s.id))[: max(0, overflow)]:
+            if await tx.sessions.revoke(session.id, "evicted", now):
+                evicted.append(session.id)
+                await self._audit.record(
+                    self._audit.event(
+                        "session.revoked",
+                        "info",
+                        user_id=user_id,
+                        session_id=session.id,
+                        details={"reason": "evicted"},
+                    ),
+                    tx,
+                )
+        return evicted
+
+    async def _issue(
+        self,
+        tx: Transaction,
+        user: User,
+        session: SessionRecord,
+        device_id: str,
+        *,
+        generation: int,
+        now: datetime,
+    ) -> IssuedSession:
+        raw = new_refresh_token()
+        expires = min(now + self._policy.idle_ttl, session.absolute_expires_at)
+        roles = await tx.users.roles_of(user.id)
+        minted = self._access.mint(
+            user_id=user.id,
+            session_id=session.id,
+            device_id=device_id,
+            roles=roles,
+            auth_time=session.auth_at,
+        )
+        await tx.sessions.insert_token(
+            RefreshToken(
+                session_id=session.id,
+                token_hash=self.token_hash(raw),
+                key_version=self._material.version,
+                generation=generation,
+                state="active",
+                created_at=now,
+                expires_at=expires,
+                access_jti=minted.claims.jti,
+            )
+        )
+        return IssuedSession(
+            access_token=minted.token,
+            access_expires_at=minted.claims.expires_at,
+            refresh_token=raw,
+            refresh_expires_at=expires,
+            session_id=session.id,
+            user_id=user.id,
+            device_id=device_id,
+        )
+
+    async def after_revocations(self, session_ids: list[str]) -> None:
+        """Deny-list markers for sessions revoked in a committed transaction."""
+        if session_ids:
+            await self._denylist.revoke_sessions(session_ids)
+
+    # refreshing -------------------------------------------------------------------------
+
+    async def refresh(self, client: ClientInfo, raw: str) -> IssuedSession | object:
+        """Rotate ``raw`` (behaviour.md 1.5); returns a Session, or what the refresh check answered."""
+        if not REFRESH_TOKEN.match(raw):
+            raise TokenInvalid()  # never looked up: a stored hash is not a token
+        digest = self.token_hash(raw)
+        await self._limiter.hit("refresh.token", digest)
+        lock_key, result_key = f"rf:lock:{{{digest}}}", f"rf:res:{{{digest}}}"
+        holds_lock = await self._single_flight(lock_key, result_key)
+        try:
+            for _attempt in range(3):
+                answer = await self._refresh_once(client, raw, result_key)
+                if answer is not _RETRY:
+                    return answer
+            raise BackendUnavailable()
+        finally:
+            if holds_lock:
+                await self._quietly(self._ephemeral.delete(lock_key))
+
+    async def _single_flight(self, lock_key: str, result_key: str) -> bool:
+        """One rotation at a time per token; others wait for its sealed result (an optimisation only)."""
+        try:
+            if await self._ephemeral.set_if_absent(lock_key, b"1", _LOCK_TTL):
+                return True
+            deadline = asyncio.get_running_loop().time() + _LOCK_TTL.total_seconds()
+            while asyncio.get_running_loop().time() < deadline:
+                if await self._ephemeral.get(result_key) is not None:
+                    break
+                await asyncio.sleep(_POLL)
+        except BackendUnavailable:
+            pass  # the SQL compare-and-set below is the truth
+        return False
+
+    async def _quietly(self, operation: Awaitable[object]) -> None:
+        try:
+            await operation
+        except BackendUnavailable:
+            log.warning("ephemeral store failed; continuing")
+
+    async def _refresh_once(self, client: ClientInfo, raw: str, result_key: str) -> object:
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            token = await self._find_token(tx, raw)
+            if token is None:
+                await self._invalid(client)
+                raise TokenInvalid()
+            session = await tx.sessions.get(token.session_id)
+            user = await tx.users.get(session.user_id) if session else None
+            if session is None or user is None:
+                raise TokenInvalid()
+            if session.revoked_at is not None or token.state == "revoked" or user.status != "active":
+                self._metrics.refreshes.labels("revoked").inc()
+                raise SessionRevoked()
+            if session.absolute_expires_at <= now:
+                await tx.sessions.end(session.id, "expired", now)
+                ended: tuple[str, str] | None = ("absolute", session.id)
+            elif token.state == "active" and token.expires_at <= now:
+                await tx.sessions.end(session.id, "idle", now)
+                ended = ("idle", session.id)
+            else:
+                ended = None
+            if ended is None and token.state == "rotated":
+                assert token.used_at is not None
+                if now - token.used_at <= self._policy.grace:
+                    graced = await self._grace(tx, raw, token, result_key)
+                    self._metrics.refreshes.labels("grace").inc()
+                    return graced
+                await self._reuse(tx, user, session, token, client, now)
+                reused = True
+            else:
+                reused = False
+        if ended is not None:
+            await self.after_revocations([ended[1]])
+            self._metrics.refreshes.labels("expired").inc()
+            raise SessionExpired(ended[0])
+        if reused:
+            await self.after_revocations([session.id])
+            self._metrics.refreshes.labels("reuse").inc()
+            raise RefreshTokenReused()
+        try:
+            return await self._rotate(client, raw, token, result_key)
+        except _Rotated:
+            return _RETRY  # another request rotated first: look again (it is now a grace case)
+
+    async def _invalid(self, client: ClientInfo) -> None:
+        """An unknown token: count it against the IP (refresh.ip_invalid)."""
+        self._metrics.refreshes.labels("invalid").inc()
+        await self._limiter.hit("refresh.ip_invalid", ip_key(client.ip))
+
+    async def _grace(self, tx: Transaction, raw: str, token: RefreshToken, result_key: str) -> IssuedSession:
+        """A concurrent or retried refresh inside the grace window: the same successor, or TOKEN_INVALID."""
+        try:
+            sealed = await self._ephemeral.get(result_key)
+        except BackendUnavailable:
+            sealed = None
+        if sealed is None or token.successor_id is None:
+            raise TokenInvalid()  # the store lost it, or the rotation never committed: nothing is revoked
+        try:
+            result = json.loads(open_with_secret(raw.encode(), _GRACE_PURPOSE, sealed))
+        except (SealError, ValueError):
+            raise TokenInvalid() from None
+        successor = await tx.sessions.token(token.successor_id)
+        if successor is None or successor.state == "revoked":
+            raise TokenInvalid()
+        return IssuedSession(
+            access_token=result["access_token"],
+            access_expires_at=datetime.fromisoformat(result["access_expires_at"]),
+            refresh_token=result["refresh_token"],
+            refresh_expires_at=datetime.fromisoformat(result["refresh_expires_at"]),
+            session_id=result["session_id"],
+            user_id=result["user_id"],
+            device_id=result["device_id"],
+        )
+
+    async def _reuse(
+        self,
+        tx: Transaction,
+        user: User,
+        session: SessionRecord,
+        token: RefreshToken,
+        client: ClientInfo,
+        now: datetime,
+    ) -> None:
+        """A replayed token: end the session and its whole chain, distrust the device, hold MFA, alert."""
+        await tx.sessions.revoke(session.id, "reuse", now)
+        link = await tx.devices.get_link(user.id, session.device_id)
+        if link is not None:
+            await tx.devices.save_link(replace(link, trust_revoked_at=now))
+        await tx.users.set_mfa_hold(user.id, now + self._policy.reuse_mfa_hold, now)
+        details = {
+            "generation": token.generation,
+            "rotated_at": token.used_at.isoformat() if token.used_at else None,
+        }
+        await self._audit.record(
+            self._audit.event(
+                "refresh.reuse_detected",
+                "fail",
+                user_id=user.id,
+                session_id=session.id,
+                device_id=session.device_id,
+                details=details,
+            ),
+            tx,
+        )
+        await self._audit.record(
+            self._audit.event(
+                "session.revoked", "info", user_id=user.id, session_id=session.id, details={"reason": "reuse"}
+            ),
+            tx,
+        )
+        await self._mailer.queue(
+            tx,
+            "security_alert",
+            user.email,
+            params={
+                "name": user.name,
+                "what": "an old sign-in token was used again, which happens when it has been copied",
+                "time_utc": now.strftime("%Y-%m-%d %H:%M"),
+            },
+            user_id=user.id,
+            locale=user.locale,
+            dedupe_scope=session.id,
+        )
+        log.bind(user_id=user.id, session_id=session.id).warning("refresh token reuse: session ended")
+
+    async def _rotate(self, client: ClientInfo, raw: str, presented: RefreshToken, result_key: str) -> object:
+        now = self._clock.now()
+        agent = self._agents.parse(client.user_agent)
+        async with self._db.transaction() as tx:
+            session = await tx.sessions.get(presented.session_id)
+            user = await tx.users.get(session.user_id) if session else None
+            assert session is not None
+            assert user is not None
+            if self.refresh_check is not None:
+                link = await tx.devices.get_link(user.id, session.device_id)
+                answer = await self.refresh_check(
+                    RefreshContext(client, agent, user, session, presented, link), tx
+                )
+                if answer is not None:
+                    return answer
+            issued = await self._issue(
+                tx, user, session, session.device_id, generation=presented.generation + 1, now=now
+            )
+            successor = await tx.sessions.token_by_hash(self.token_hash(issued.refresh_token))
+            assert successor is not None
+            await self._failpoints.hit("refresh.after_insert")
+            if not await tx.sessions.mark_rotated(presented.id or 0, successor.id, now):
+                raise _Rotated()  # someone else rotated first: roll back, look again (grace)
+            await tx.sessions.touch(
+                session.id, now, ip=client.ip, browser=agent.browser_family, os=agent.os_family
+            )
+            link = await tx.devices.get_link(user.id, session.device_id)
+            if link is not None:
+                await tx.devices.save_link(replace(link, last_seen_at=now, last_ip=client.ip))
+            # Sealed under the presented token before COMMIT: a retry whose answer got lost gets it back.
+            await self._store_result(raw, result_key, issued)
+            await self._failpoints.hit("refresh.before_commit")
+        await self._failpoints.hit("refresh.after_commit")
+        self._metrics.refreshes.labels("rotated").inc()
+        return issued
+
+    async def _store_result(self, raw: str, result_key: str, issued: IssuedSession) -> None:
+        payload = json.dumps(
+            {
+                "access_token": issued.access_token,
+                "access_expires_at": issued.access_expires_at.isoformat(),
+                "refresh_token": issued.refresh_token,
+                "refresh_expires_at": issued.refresh_expires_at.isoformat(),
+                "session_id": issued.session_id,
+                "user_id": issued.user_id,
+                "device_id": issued.device_id,
+            }
+        ).encode()
+        sealed = seal_with_secret(raw.encode(), _GRACE_PURPOSE, payload)
+        await self._quietly(
+            self._ephemeral.set(result_key, sealed, self._policy.grace + timedelta(seconds=5))
+        )
+
+    # ending ---------------------------------------------------------------------------------
+
+    async def logout(self, raw: str) -> None:
+        """End the session a refresh token belongs to (active or already rotated). Idempotent."""
+        if not REFRESH_TOKEN.match(raw):
+            raise InvalidArgument.one("refresh_token", "must be a refresh token (iamr_ and 43 characters)")
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            token = await self._find_token(tx, raw)
+            session = await tx.sessions.get(token.session_id) if token else None
+            revoked = session is not None and await tx.sessions.revoke(session.id, "logout", now)
+            if revoked and session is not None:
+                await self._audit.record(
+                    self._audit.event(
+                        "session.revoked",
+                        "ok",
+                        user_id=session.user_id,
+                        session_id=session.id,
+                        device_id=session.device_id,
+                        details={"reason": "logout"},
+                    ),
+                    tx,
+                )
+        if revoked and session is not None:
+            await self.after_revocations([session.id])
+
+    async def revoke_session(self, claims: AccessClaims, session_id: str) -> None:
+        """End one of the token owner's sessions; a foreign or unknown id changes nothing."""
+        await self._limiter.hit("sessions.user", claims.user_id)
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            session = await tx.sessions.get(session_id)
+            if session is None or session.user_id != claims.user_id:
+                return
+            revoked = await tx.sessions.revoke(session.id, "user", now)
+            if revoked:
+                await self._audit.record(
+                    self._audit.event(
+                        "session.revoked",
+                        "ok",
+                        user_id=claims.user_id,
+                        session_id=session.id,
+                        details={"reason": "user"},
+                    ),
+                    tx,
+                )
+        if revoked:
+            await self.after_revocations([session_id])
+
+    async def revoke_all(self, claims: AccessClaims, *, keep_current: bool) -> int:
+        """The panic button: every live session ends (but the current one, if asked) and every
+        other device loses trust."""
+        await self._limiter.hit("sessions.user", claims.user_id)
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            ids = await tx.sessions.revoke_all(
+                claims.user_id, "all", now, keep=claims.session_id if keep_current else None
+            )
+            for link in await tx.devices.links_of(claims.user_id):
+                if link.device_id != claims.device_id and link.trusted_at is not None:
+                    await tx.devices.save_link(replace(link, trust_revoked_at=now))
+            await self._audit.record(
+                self._audit.event(
+                    "session.revoked",
+                    "ok",
+                    user_id=claims.user_id,
+                    session_id=claims.session_id,
+                    details={"reason": "all", "count": len(ids)},
+                ),
+                tx,
+            )
+        await self.after_revocations(ids)
+        return len(ids)
+
+    async def list_sessions(self, claims: AccessClaims) -> list[SessionView]:
+        await self._limiter.hit("sessions.user", claims.user_id)
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            live = await tx.sessions.list_live(claims.user_id, now)
+            return [
+                SessionView(session, await tx.devices.get(session.device_id), session.id == claims.session_id)
+                for session in live
+            ]
+
+
+class _Rotated(Exception):
+    """The compare-and-set lost: another request rotated the token first."""
+
+
+_RETRY = object()

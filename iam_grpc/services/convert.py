@@ -1,0 +1,49 @@
+"""Proto <-> domain translation shared by the servicers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from iam_grpc._proto.iam.v1 import common_pb2
+from iam_grpc.core.call import current_call
+from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession
+from iam_grpc.core.validation import ClientRules, Violations, clean_user_agent, first_language_tag
+
+__all__ = ["client_info", "session_message", "timestamp"]
+
+
+def timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def client_info(client: common_pb2.ClientContext, violations: Violations) -> ClientInfo:
+    """The end user's context, with the IP the call is counted under (the relayed one only from
+    trusted callers). Problems are added to ``violations``."""
+    call = current_call()
+    trusted = bool(call and call.caller and call.caller.trust_client_ip)
+    ClientRules(ip_required=trusted).check(
+        violations, client.ip, client.user_agent, client.device_id, client.accept_language
+    )
+    ip = (call.client_ip if call else None) or client.ip
+    return ClientInfo(
+        ip=ip,
+        user_agent=clean_user_agent(client.user_agent),
+        device_id=client.device_id,
+        accept_language=first_language_tag(client.accept_language),
+    )
+
+
+def session_message(issued: IssuedSession) -> common_pb2.Session:
+    return common_pb2.Session(
+        access_token=issued.access_token,
+        access_expires_at=timestamp(issued.access_expires_at),
+        refresh_token=issued.refresh_token,
+        refresh_expires_at=timestamp(issued.refresh_expires_at),
+        session_id=issued.session_id,
+        user_id=issued.user_id,
+        device_id=issued.device_id,
+    )

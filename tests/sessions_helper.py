@@ -1,0 +1,60 @@
+"""Creating users and sessions directly (until Signup and Login land) for token tests."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+from iam_grpc.app import Application
+from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession
+from iam_grpc.ids import new_ulid
+from iam_grpc.storage.records import User
+
+FIREFOX = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
+IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+
+
+async def new_user(app: Application, *, roles: tuple[str, ...] = ()) -> User:
+    assert app.db is not None
+    now = app.clock.now()
+    email = f"tok.{secrets.token_hex(5)}@example.com"
+    user = User(
+        id=new_ulid(now),
+        email=email,
+        email_norm=email,
+        password_hash=None,
+        pepper_id=1,
+        name="Token Tester",
+        terms_accepted_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    async with app.db.transaction() as tx:
+        await tx.users.insert(user)
+        await tx.users.ensure_roles(["user", *roles], now)
+        for role in ("user", *roles):
+            await tx.users.grant_role(user.id, role, "test", now)
+    return user
+
+
+async def new_session(
+    app: Application,
+    user: User | None = None,
+    *,
+    ip: str = "198.51.100.10",
+    user_agent: str = FIREFOX,
+    device_id: str = "",
+) -> tuple[User, IssuedSession]:
+    """A signed-in session, as Signup or Login will create it."""
+    assert app.db is not None
+    assert app.sessions is not None
+    user = user or await new_user(app)
+    async with app.db.transaction() as tx:
+        issued, evicted = await app.sessions.open_session(
+            tx, user, ClientInfo(ip=ip, user_agent=user_agent, device_id=device_id), trust_device=True
+        )
+    await app.sessions.after_revocations(evicted)
+    return user, issued
+
+
+SHORT = timedelta(seconds=1)
