@@ -44,6 +44,7 @@ proto-check:
 bench: install
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/ratelimit.py
+	$(BIN)/python bench/tokens.py
 
 services:
 	scripts/services.sh

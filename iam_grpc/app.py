@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from iam_grpc.clock import Clock, SystemClock
-from iam_grpc.config import Settings
+from iam_grpc.config import Settings, join_host_port
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.cleanup import Cleanup, CleanupPolicy
 from iam_grpc.core.failpoints import Failpoints
@@ -70,8 +70,10 @@ class Application:
         clock: Clock | None = None,
         migrate_on_start: bool | None = None,
         probe_interval: float = PROBE_INTERVAL,
+        worker: int = 0,
     ) -> None:
         self.settings = settings
+        self.worker = worker  # 0: the only process; 1..N: a pre-forked worker (iam_grpc.workers)
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
         self.failpoints = Failpoints(settings.test_failpoints)
@@ -104,6 +106,14 @@ class Application:
         self._probe_failures = 0
 
     # startup ----------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Steps 1-4 only (database, migrations, first key), then close: the parent of workers."""
+        try:
+            await self._start_database()
+            await self._start_secrets_and_keys()
+        finally:
+            await self._close_resources()
 
     async def start(self) -> None:
         started = time.monotonic()
@@ -193,10 +203,9 @@ class Application:
                 raise StartupError(
                     "no usable signing key: another replica holds keys:rotate; retry the start"
                 )
-        except KeysUnreadable:
-            raise StartupError(
-                "secrets.master_key: no configured master key can decrypt the stored signing keys"
-            ) from None
+        except KeysUnreadable as unreadable:
+            where = "secrets.master_key" if "master key" in unreadable.why else "signing_keys table"
+            raise StartupError(f"{where}: {unreadable}") from None
 
     async def _start_ephemeral(self) -> None:
         s = self.settings
@@ -369,6 +378,8 @@ class Application:
             raise StartupError(str(exc)) from None
         await self.server.start()
         if s.http.enabled:
+            # Pre-forked worker k listens on http.port + k - 1, so each can be scraped on its own.
+            http_port = s.http.port + self.worker - 1 if self.worker and s.http.port else s.http.port
             self.http = OpsHttpServer(
                 {
                     "/healthz": self._healthz,
@@ -376,13 +387,14 @@ class Application:
                     "/.well-known/jwks.json": self._jwks,
                 },
                 s.http.host,
-                s.http.port,
+                http_port,
             )
             try:
                 await self.http.start()
             except OSError:
+                where = join_host_port(s.http.host, http_port)
                 raise StartupError(
-                    f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {s.http_address}"
+                    f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {where}"
                 ) from None
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._probe_loop(), name="health-probe"))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,57 +78,18 @@ def serve(
     migrate: Annotated[bool, typer.Option("--migrate", help="Apply pending migrations first.")] = False,
 ) -> None:
     """Run the service (embedded mode with no configuration at all)."""
-    from iam_grpc.app import Application, StartupError
-    from iam_grpc.logging import component_logger, configure_logging
+    from iam_grpc.process import run_single, run_workers, setup_logging
 
     settings = _settings(config)
     refusals = production_refusals(settings)
     if refusals:
         raise _refuse(refusals)
     os.umask(0o027)  # nothing this process creates is readable by other users
-    configure_logging(
-        level=settings.logging.level,
-        log_dir=settings.log_dir,
-        rotation_mb=settings.logging.rotation_mb,
-        retention_days=settings.logging.retention_days,
-        redact_extra=settings.logging.redact_extra,
-    )
-    log = component_logger("iam.cli")
-
-    async def run() -> int:
-        application = Application(settings, migrate_on_start=True if migrate else None)
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        signals = 0
-
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:
-                log.warning("second signal: exiting now")
-                sys.stdout.flush()
-                os._exit(1)
-            stop_requested.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await application.start()
-        except StartupError as exc:
-            log.bind(problems=[str(exc)]).critical("startup refused")
-            typer.echo(f"iam-grpc: refusing to start: {exc}", err=True)
-            return EXIT_REFUSED
-        except ConfigError as exc:
-            for problem in exc.problems:
-                typer.echo(f"iam-grpc: refusing to start: {problem}", err=True)
-            return EXIT_REFUSED
-        await stop_requested.wait()
-        log.info("signal received; shutting down")
-        await application.stop()
-        return 0
-
-    code = asyncio.run(run())
-    raise typer.Exit(code)
+    setup_logging(settings)
+    migrate_on_start = True if migrate else None
+    if settings.server.workers > 1:
+        raise typer.Exit(run_workers(settings, migrate_on_start=migrate_on_start))
+    raise typer.Exit(run_single(settings, migrate_on_start=migrate_on_start))
 
 
 @app.command()
@@ -520,6 +479,9 @@ def keys_rotate(
             typer.echo(f"iam-grpc: no key {revoke}", err=True)
             raise typer.Exit(1)
         new = await tools.keys.rotate(immediate=immediate, revoke=revoke)
+        if revoke is not None:
+            _note_shared(tools)
+            await tools.denylist.revoke_key(revoke)
         await tools.audit.record(
             tools.audit.event("keys.created", "ok", details={"kid": new.kid, "immediate": immediate})
         )

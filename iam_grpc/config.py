@@ -696,11 +696,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:
         if self.server.workers > 1:
-            # Pre-forked workers (behaviour.md 11.4) are not built yet; scale with replicas meanwhile.
-            raise ValueError(
-                "server.workers > 1 is not supported yet: "
-                "run several replicas (processes or containers) instead"
-            )
+            # Workers share nothing in memory: rate limits, deny-lists and grace results must be
+            # in Redis, and SQLite is one file behind one writer (behaviour.md 11.2).
+            if self.database.is_sqlite or not self.redis.url:
+                raise ValueError(
+                    "server.workers > 1 needs MySQL (IAM_DATABASE_URL) and Redis (IAM_REDIS_URL): "
+                    "workers share no memory"
+                )
+            if self.server.port == 0:
+                raise ValueError("server.workers > 1 needs a fixed port (IAM_GRPC_LISTEN), not 0")
         return self
 
     # derived values -------------------------------------------------------
@@ -725,11 +729,11 @@ class Settings(BaseSettings):
 
     @property
     def grpc_address(self) -> str:
-        return _join_host_port(self.server.host, self.server.port)
+        return join_host_port(self.server.host, self.server.port)
 
     @property
     def http_address(self) -> str:
-        return _join_host_port(self.http.host, self.http.port)
+        return join_host_port(self.http.host, self.http.port)
 
     @classmethod
     def settings_customise_sources(
@@ -823,7 +827,7 @@ def _split_host_port(text: str, default_port: int | None = None) -> tuple[str, i
     return host, int(port_text)
 
 
-def _join_host_port(host: str, port: int) -> str:
+def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -23,6 +23,7 @@ import grpc
 from iam_grpc.app import Application
 from iam_grpc.clock import Clock
 from iam_grpc.config import Settings, load_settings
+from iam_grpc.status import ErrorDetails, error_details  # re-exported for tests
 
 __all__ = ["ErrorDetails", "RunningService", "error_details", "running_service", "service_settings"]
 
@@ -75,53 +76,3 @@ async def running_service(
         yield RunningService(app)
     finally:
         await app.stop(drain_delay=timedelta(0), grace=timedelta(seconds=1))
-
-
-@dataclass(frozen=True)
-class ErrorDetails:
-    """The rich details of a failed call (google.rpc.Status from the trailers)."""
-
-    code: grpc.StatusCode
-    message: str
-    reason: str | None
-    domain: str | None
-    metadata: dict[str, str]
-    field_violations: dict[str, str]
-    retry_delay: timedelta | None
-    raw_status: bytes
-
-
-def error_details(error: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
-    """Decode ``ErrorInfo``, ``BadRequest`` and ``RetryInfo`` from a failed call."""
-    from google.rpc import error_details_pb2, status_pb2
-
-    raw = b""
-    trailers: Any = error.trailing_metadata() or ()  # grpc.aio.Metadata or a tuple of pairs
-    for key, value in trailers:
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            raw = value
-    status = status_pb2.Status.FromString(raw)
-    reason = domain = None
-    metadata: dict[str, str] = {}
-    violations: dict[str, str] = {}
-    retry: timedelta | None = None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        bad = error_details_pb2.BadRequest()
-        retry_info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
-        elif detail.Unpack(bad):
-            violations = {v.field: v.description for v in bad.field_violations}
-        elif detail.Unpack(retry_info):
-            retry = retry_info.retry_delay.ToTimedelta()
-    return ErrorDetails(
-        code=error.code(),
-        message=error.details() or "",
-        reason=reason,
-        domain=domain,
-        metadata=metadata,
-        field_violations=violations,
-        retry_delay=retry,
-        raw_status=raw,
-    )

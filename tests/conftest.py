@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,3 +168,35 @@ def start_redis(port: int, folder: Path) -> None:
         check=True,
         capture_output=True,
     )
+
+
+@asynccontextmanager
+async def _database_of_its_own(backend: Backend, mysql_url: str) -> AsyncIterator[Backend]:
+    if not backend.shared:
+        yield backend
+        return
+    server = mysql_url.rsplit("/", 1)[0]
+    name = "iam_test_own_" + secrets.token_hex(4)
+    admin = create_async_engine(server + "/", isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    try:
+        yield Backend(backend.name, {**backend.isolated(), "IAM_DATABASE_URL": f"{server}/{name}"})
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        await admin.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_database(backend: Backend, mysql_url: str) -> AsyncIterator[Backend]:
+    """The backend with a database of its own on MySQL (for tests that change shared rows, like keys)."""
+    async with _database_of_its_own(backend, mysql_url) as isolated:
+        yield isolated
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def shared_own_database(shared_backend: Backend, mysql_url: str) -> AsyncIterator[Backend]:
+    """MySQL + Redis with a database of its own."""
+    async with _database_of_its_own(shared_backend, mysql_url) as isolated:
+        yield isolated

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
@@ -35,7 +36,12 @@ LOCK = "keys:rotate"
 
 
 class KeysUnreadable(Exception):
-    """No configured master key opens the active signing key."""
+    """A stored key cannot be used: no configured master key opens it, or its row is corrupt."""
+
+    def __init__(self, kid: str, why: str = "no configured master key can decrypt it") -> None:
+        super().__init__(f"signing key {kid}: {why}")
+        self.kid = kid
+        self.why = why
 
 
 def thumbprint(jwk: dict[str, Any]) -> str:
@@ -168,7 +174,7 @@ class KeyRing:
         async with self._db.transaction() as tx:
             rows = await tx.keys.all()
             now = self._clock.now()
-            if any(self._signs_at(row, now) for row in rows):
+            if any(self._signs_at(row, now) and row.alg == self._algorithm for row in rows):
                 return
             await tx.keys.insert(
                 generate_key(self._algorithm, self._material, now=now, publish_at=now, activate_at=now)
@@ -189,6 +195,9 @@ class KeyRing:
         loaded: dict[str, LoadedKey] = {}
         now = self._clock.now()
         for row in rows:
+            retired = row.unpublish_at is not None and row.unpublish_at <= now
+            if retired and row.private_key_enc is None:
+                continue  # kept for the record only: it neither signs nor verifies
             public = _load_public(row)
             private: PrivateKey | None = None
             if row.private_key_enc is not None and (row.deactivate_at is None or row.deactivate_at > now):
@@ -198,7 +207,7 @@ class KeyRing:
                     raise KeysUnreadable(row.kid) from None
                 key = serialization.load_der_private_key(der, password=None)
                 if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-                    raise KeysUnreadable(row.kid)
+                    raise KeysUnreadable(row.kid, "the stored private key is not an EC or Ed25519 key")
                 private = key
             loaded[row.kid] = LoadedKey(row, public, private)
         self._keys = loaded
@@ -207,14 +216,18 @@ class KeyRing:
     def signing_key(self) -> LoadedKey | None:
         """The key with the latest ``activate_at <= now`` that is not deactivated."""
         now = self._clock.now()
-        usable = [k for k in self._keys.values() if k.private is not None and self._signs_at(k.row, now)]
+        usable = [
+            k
+            for k in self._keys.values()
+            if k.private is not None and k.row.alg == self._algorithm and self._signs_at(k.row, now)
+        ]
         return max(usable, key=lambda k: k.row.activate_at) if usable else None
 
     def verification_key(self, kid: str) -> LoadedKey | None:
         """A key that is published and activated now (never one that is not yet active)."""
         key = self._keys.get(kid)
-        if key is None:
-            return None
+        if key is None or key.row.alg != self._algorithm:
+            return None  # the algorithm is pinned by configuration, never chosen by a key or a header
         now = self._clock.now()
         row = key.row
         published = row.publish_at <= now and (row.unpublish_at is None or row.unpublish_at > now)
@@ -236,7 +249,10 @@ class KeyRing:
 
 def _load_public(row: SigningKey) -> PublicKey:
     jwk = json.dumps(row.public_jwk)
-    key = ECAlgorithm.from_jwk(jwk) if row.public_jwk.get("kty") == "EC" else OKPAlgorithm.from_jwk(jwk)
+    try:
+        key = ECAlgorithm.from_jwk(jwk) if row.public_jwk.get("kty") == "EC" else OKPAlgorithm.from_jwk(jwk)
+    except (ValueError, TypeError, jwt.PyJWTError):  # binascii.Error is a ValueError
+        raise KeysUnreadable(row.kid, "its public key (public_jwk) is corrupt") from None
     if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-        raise KeysUnreadable(row.kid)
+        raise KeysUnreadable(row.kid, "its public key is not an EC or Ed25519 key")
     return key

@@ -28,6 +28,7 @@ from iam_grpc.storage.records import (
     RefreshToken,
     SessionRecord,
     SigningKey,
+    TokenContext,
     User,
     UserDevice,
 )
@@ -137,6 +138,10 @@ class DeviceStore(Protocol):
 
     async def links_of(self, user_id: str) -> list[UserDevice]: ...
 
+    async def touch_link(self, user_id: str, device_id: str, now: datetime, ip: str) -> None:
+        """Record activity on a user-device (``last_seen_at``, ``last_ip``)."""
+        ...
+
 
 class SessionStore(Protocol):
     async def insert(self, session: SessionRecord) -> None: ...
@@ -189,7 +194,9 @@ class SessionStore(Protocol):
         """Store a refresh-token row and return its id."""
         ...
 
-    async def token_by_hash(self, token_hash: str) -> RefreshToken | None: ...
+    async def token_with_context(self, token_hash: str) -> TokenContext | None:
+        """The token, its session, its user and the user's roles in one query (the Refresh hot path)."""
+        ...
 
     async def tokens_of(self, session_id: str) -> list[RefreshToken]:
         """The session's chain, oldest first."""

@@ -20,6 +20,7 @@ __all__ = [
     "RefreshToken",
     "SessionRecord",
     "SigningKey",
+    "TokenContext",
     "User",
     "UserDevice",
 ]
@@ -169,6 +170,16 @@ class AuditEvent:
     caller: str | None = None
     request_id: str | None = None
     id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenContext:
+    """A refresh token with its session, user and the user's role names (one query)."""
+
+    token: RefreshToken
+    session: SessionRecord
+    user: User
+    roles: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from iam_grpc.app import Application, StartupError
+from iam_grpc.storage.sql.tables import signing_keys
 from iam_grpc.testing import running_service, service_settings
 from tests.conftest import Backend, start_redis
 
@@ -31,9 +34,32 @@ async def test_a_different_master_key_cannot_start_on_existing_keys(tmp_path: Pa
     async with running_service(tmp_path, first):
         pass
     other = Application(service_settings(tmp_path, {"IAM_SECRETS__MASTER_KEY": secrets.token_urlsafe(32)}))
-    with pytest.raises(StartupError, match=r"^secrets\.master_key: no configured master key can decrypt"):
+    with pytest.raises(
+        StartupError, match=r"^secrets\.master_key: signing key \S+: no configured master key can decrypt it$"
+    ):
         await other.start()
     assert other.server is None
+
+
+async def test_a_corrupt_key_row_stops_startup_naming_the_table(tmp_path: Path) -> None:
+    """A live key whose stored public JWK is damaged is a clear startup error, not a traceback."""
+    async with running_service(tmp_path) as running:
+        assert running.app.db is not None
+        async with running.app.db.transaction() as tx:
+            (row,) = await tx.keys.all()
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'iam.db'}")
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(signing_keys)
+            .where(signing_keys.c.kid == row.kid)
+            .values(public_jwk={**row.public_jwk, "x": "a"})
+        )
+    await engine.dispose()
+    other = Application(service_settings(tmp_path))
+    with pytest.raises(
+        StartupError, match=r"^signing_keys table: signing key \S+: its public key \(public_jwk\) is corrupt$"
+    ):
+        await other.start()
 
 
 async def test_a_rotated_master_key_still_starts_with_the_old_one_listed(tmp_path: Path) -> None:

@@ -229,6 +229,55 @@ async def test_devices_and_user_devices_round_trip_and_upsert(database: SqlDatab
 # sessions and refresh tokens ---------------------------------------------------------
 
 
+async def test_a_token_comes_with_its_session_user_and_roles_in_one_lookup(database: SqlDatabase) -> None:
+    """token_with_context: the row, its session, its user and role names; None for an unknown hash."""
+    user, session = await user_with_session(database)
+    token = new_token(session.id)
+    async with database.transaction() as tx:
+        await tx.users.ensure_roles(["user", "support"], NOW)
+        await tx.users.grant_role(user.id, "support", "test", NOW)
+        await tx.users.grant_role(user.id, "user", "test", NOW)
+        await tx.sessions.insert_token(token)
+    other_user, other_session = await user_with_session(database)
+    bare = new_token(other_session.id)
+    async with database.transaction() as tx:
+        await tx.sessions.insert_token(bare)
+        found = await tx.sessions.token_with_context(token.token_hash)
+        without_roles = await tx.sessions.token_with_context(bare.token_hash)
+        assert await tx.sessions.token_with_context(ids.b64url(secrets.token_bytes(32))) is None
+    assert found is not None
+    assert (found.token.token_hash, found.session, found.user.id, found.user.email) == (
+        token.token_hash,
+        session,
+        user.id,
+        user.email,
+    )
+    assert sorted(found.roles) == ["support", "user"]
+    assert without_roles is not None
+    assert (without_roles.user.id, without_roles.roles) == (other_user.id, ())
+
+
+async def test_touching_a_device_link_updates_only_that_link(database: SqlDatabase) -> None:
+    """touch_link sets last_seen_at and last_ip of one (user, device) link and leaves trust alone."""
+    user, session = await user_with_session(database)
+    link = UserDevice(
+        user_id=user.id, device_id=session.device_id, first_seen_at=NOW, last_seen_at=NOW, trusted_at=NOW
+    )
+    later = NOW + timedelta(minutes=5)
+    async with database.transaction() as tx:
+        await tx.devices.save_link(link)
+        await tx.devices.touch_link(user.id, session.device_id, later, "198.51.100.9")
+        await tx.devices.touch_link(user.id, "no-such-device", later, "198.51.100.10")
+        touched = await tx.devices.get_link(user.id, session.device_id)
+    assert touched is not None
+    assert (touched.last_seen_at, touched.last_ip, touched.trusted_at, touched.first_seen_at) == (
+        later,
+        "198.51.100.9",
+        NOW,
+        NOW,
+    )
+
+
 async def test_refresh_tokens_are_found_by_hash_and_rotate_once(database: SqlDatabase) -> None:
     """mark_rotated is a compare-and-set: only an active token rotates, and only once."""
     _, session = await user_with_session(database)
@@ -237,14 +286,15 @@ async def test_refresh_tokens_are_found_by_hash_and_rotate_once(database: SqlDat
         token_id = await tx.sessions.insert_token(token)
         successor_id = await tx.sessions.insert_token(new_token(session.id, generation=1))
     async with database.transaction() as tx:
-        found = await tx.sessions.token_by_hash(token.token_hash)
+        found = await tx.sessions.token_with_context(token.token_hash)
         assert found is not None
-        assert (found.id, found.state, found.created_at) == (token_id, "active", NOW)
+        assert (found.token.id, found.token.state, found.token.created_at) == (token_id, "active", NOW)
         assert await tx.sessions.mark_rotated(token_id, successor_id, NOW + timedelta(seconds=1))
         assert not await tx.sessions.mark_rotated(token_id, successor_id, NOW + timedelta(seconds=2))
-        rotated = await tx.sessions.token_by_hash(token.token_hash)
+        context = await tx.sessions.token_with_context(token.token_hash)
         chain = await tx.sessions.tokens_of(session.id)
-    assert rotated is not None
+    assert context is not None
+    rotated = context.token
     assert (rotated.state, rotated.successor_id, rotated.used_at) == (
         "rotated",
         successor_id,

@@ -215,18 +215,40 @@ def test_invalid_values_are_refused_with_one_clear_line(environ: dict[str, str],
     assert problems(environ) == [expected]
 
 
-def test_more_than_one_worker_is_refused_until_pre_forking_exists() -> None:
-    """server.workers > 1 is refused with a clear line instead of being silently ignored."""
-    found = problems(
-        {
-            "IAM_SERVER__WORKERS": "2",
-            "IAM_DATABASE_URL": "mysql+asyncmy://x@db/iam",
-            "IAM_REDIS_URL": "redis://r:6379/0",
-        }
-    )
-    assert found == [
-        "server.workers > 1 is not supported yet: run several replicas (processes or containers) instead"
-    ]
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        (
+            {"IAM_SERVER__WORKERS": "2"},
+            "server.workers > 1 needs MySQL (IAM_DATABASE_URL) and Redis (IAM_REDIS_URL): workers share no memory",
+        ),
+        (
+            {"IAM_SERVER__WORKERS": "2", "IAM_DATABASE_URL": "mysql+asyncmy://x@db/iam"},
+            "server.workers > 1 needs MySQL (IAM_DATABASE_URL) and Redis (IAM_REDIS_URL): workers share no memory",
+        ),
+        (
+            {
+                "IAM_SERVER__WORKERS": "2",
+                "IAM_DATABASE_URL": "mysql+asyncmy://x@db/iam",
+                "IAM_REDIS_URL": "redis://r:6379/0",
+                "IAM_GRPC_LISTEN": "127.0.0.1:0",
+            },
+            "server.workers > 1 needs a fixed port (IAM_GRPC_LISTEN), not 0",
+        ),
+    ],
+)
+def test_workers_are_refused_where_they_cannot_share_state(environ: dict[str, str], expected: str) -> None:
+    """Several workers need shared SQL and Redis and one fixed port; otherwise one clear line."""
+    assert problems(environ) == [expected]
+
+
+def test_workers_with_shared_stores_are_accepted() -> None:
+    environ = {
+        "IAM_SERVER__WORKERS": "4",
+        "IAM_DATABASE_URL": "mysql+asyncmy://x@db/iam",
+        "IAM_REDIS_URL": "redis://r:6379/0",
+    }
+    assert load_settings(environ=environ).server.workers == 4
 
 
 def test_file_variants_read_secrets_from_files(tmp_path: Path) -> None:

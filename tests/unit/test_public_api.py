@@ -27,3 +27,31 @@ def test_testing_helpers_exports() -> None:
         "running_service",
         "service_settings",
     ]
+
+
+def test_client_exports() -> None:
+    """iam_grpc.client ships the client, the guard and the interceptor, without importing the server."""
+    import subprocess
+    import sys
+
+    import iam_grpc.client
+
+    assert sorted(iam_grpc.client.__all__) == [
+        "GuardInterceptor",
+        "IamCallError",
+        "IamClient",
+        "Principal",
+        "TokenGuard",
+        "current_principal",
+    ]
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, iam_grpc.client; print('iam_grpc.app' in sys.modules, 'sqlalchemy' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.split() == ["False", "False"]

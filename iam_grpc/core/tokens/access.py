@@ -5,6 +5,9 @@ never learns anything (expiry is reported only after the signature passed).
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +29,8 @@ MAX_TOKEN_BYTES = 4096
 _FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 _REQUIRED = ["iss", "aud", "sub", "sid", "did", "roles", "jti", "iat", "exp", "auth_time"]
 _RELOAD_EVERY = 10.0  # seconds: unknown kids reload the key table at most this often
+_CACHE_SIZE = 4096  # verified tokens remembered (about 1 KB each)
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +43,27 @@ class AccessClaims:
     issued_at: datetime
     expires_at: datetime
     auth_time: datetime
+    kid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class MintedToken:
     token: str
     claims: AccessClaims
+
+
+def _header(token: str) -> dict[str, Any]:
+    """The JOSE header, strictly: base64url without padding, a JSON object."""
+    segment = token.split(".", 1)[0]
+    if not segment or len(segment) > 1024 or not _B64URL.match(segment):
+        raise TokenInvalid()
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        raise TokenInvalid() from None
+    if not isinstance(header, dict):
+        raise TokenInvalid()
+    return header
 
 
 def _when(value: Any) -> datetime:
@@ -76,6 +96,7 @@ class AccessTokens:
         self._ttl = ttl
         self._leeway = leeway
         self._last_reload = 0.0
+        self._verified: dict[str, AccessClaims] = {}
 
     @property
     def ttl(self) -> timedelta:
@@ -135,13 +156,36 @@ class AccessTokens:
         return key.public
 
     async def decode(self, token: str) -> AccessClaims:
-        """Steps 1-6: shape, header, key, signature, claims, time. No deny-lists."""
-        if not token or len(token.encode()) > MAX_TOKEN_BYTES or token.count(".") != 2:
+        """Steps 1-6: shape, header, key, signature, claims, time. No deny-lists.
+
+        A token whose signature and claims were verified before is answered from a small cache
+        (the same bytes always verify the same way), after checking that its key is still
+        published and its times still hold; a token is typically presented many times.
+        """
+        if not token or len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
             raise TokenInvalid()
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise TokenInvalid() from None
+        cached = self._verified.get(token)
+        if cached is not None:
+            if self._keys.verification_key(cached.kid) is None:
+                self._verified.pop(token, None)
+                raise TokenInvalid()
+            return self._check_times(cached)
+        claims = await self._decode_uncached(token)
+        if len(self._verified) >= _CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[token] = claims
+        return claims
+
+    def _check_times(self, claims: AccessClaims) -> AccessClaims:
+        now = self._clock.now()
+        if claims.issued_at > now + self._leeway:
+            raise TokenInvalid()
+        if claims.expires_at + self._leeway < now:
+            raise TokenExpired()
+        return claims
+
+    async def _decode_uncached(self, token: str) -> AccessClaims:
+        header = _header(token)
         if (
             header.get("alg") != self._algorithm
             or header.get("typ") != "at+jwt"
@@ -170,19 +214,25 @@ class AccessTokens:
         ):
             raise TokenInvalid()
         issued, expires, auth_time = _when(payload["iat"]), _when(payload["exp"]), _when(payload["auth_time"])
-        now = self._clock.now()
-        if issued > now + self._leeway:
-            raise TokenInvalid()
-        if expires + self._leeway < now:
-            raise TokenExpired()
-        return AccessClaims(
-            str(subject), str(session), str(device), tuple(roles), str(jti), issued, expires, auth_time
+        claims = AccessClaims(
+            str(subject),
+            str(session),
+            str(device),
+            tuple(roles),
+            str(jti),
+            issued,
+            expires,
+            auth_time,
+            str(header["kid"]),
         )
+        return self._check_times(claims)
 
     async def verify(self, token: str, required_roles: Sequence[str] = ()) -> AccessClaims:
         """Steps 1-8 of VerifyAccessToken."""
         claims = await self.decode(token)
-        denied = await self._denylist.check(claims.session_id, claims.jti)
+        denied = await self._denylist.check(claims.session_id, claims.jti, claims.kid)
+        if denied == "key":
+            raise TokenInvalid()  # withdrawn in an emergency; the key table reload will follow
         if denied == "session":
             raise SessionRevoked()
         if denied == "token":

@@ -36,6 +36,10 @@ def jti_key(jti: str) -> str:
     return f"deny:jti:{{{jti}}}"
 
 
+def kid_key(kid: str) -> str:
+    return f"deny:kid:{{{kid}}}"
+
+
 class DenyList:
     def __init__(
         self,
@@ -72,10 +76,20 @@ class DenyList:
         for jti in jtis:
             await self._ephemeral.set(jti_key(jti), b"1", self._ttl)
 
-    async def check(self, session_id: str, jti: str) -> Literal["session", "token"] | None:
+    async def revoke_key(self, kid: str) -> None:
+        """An emergency key withdrawal: every replica refuses the key's tokens at once, before its
+        next key-table reload."""
+        await self._ephemeral.set(kid_key(kid), b"1", self._ttl)
+
+    async def check(
+        self, session_id: str, jti: str, kid: str = ""
+    ) -> Literal["session", "token", "key"] | None:
         """Which deny-list holds the token, in one round trip (SQL when the store fails)."""
         try:
-            session_denied, token_denied = await self._ephemeral.exists([sid_key(session_id), jti_key(jti)])
+            keys = [sid_key(session_id), jti_key(jti)] + ([kid_key(kid)] if kid else [])
+            found = await self._ephemeral.exists(keys)
+            session_denied, token_denied = found[0], found[1]
+            key_denied = len(found) > 2 and found[2]
         except BackendUnavailable:
             if self._fallback == "closed":
                 raise
@@ -87,6 +101,8 @@ class DenyList:
             async with self._db.transaction() as tx:
                 session = await tx.sessions.get(session_id)
             return "session" if session is None or session.revoked_at is not None else None
+        if key_denied:
+            return "key"
         if session_denied:
             return "session"
         if token_denied:
@@ -98,6 +114,13 @@ class DenyList:
         since = self._clock.now() - self._memory
         async with self._db.transaction() as tx:
             ids = await tx.sessions.revoked_since(since)
+            withdrawn = [
+                row.kid
+                for row in await tx.keys.all()
+                if row.unpublish_at is not None and since <= row.unpublish_at <= self._clock.now()
+            ]
         for session_id in ids:
             await self._ephemeral.set(sid_key(session_id), b"1", self._ttl)
+        for kid in withdrawn:
+            await self._ephemeral.set(kid_key(kid), b"1", self._ttl)
         return len(ids)

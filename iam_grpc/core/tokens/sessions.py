@@ -38,7 +38,7 @@ from iam_grpc.ids import DEVICE_ID, REFRESH_TOKEN, new_device_id, new_refresh_to
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Database, Ephemeral, Transaction
-from iam_grpc.storage.records import Device, RefreshToken, SessionRecord, User, UserDevice
+from iam_grpc.storage.records import Device, RefreshToken, SessionRecord, TokenContext, User, UserDevice
 from iam_grpc.ua import ParsedAgent, UserAgentParser
 
 __all__ = [
@@ -152,14 +152,6 @@ class SessionManager:
     def token_hash(self, raw: str) -> str:
         return self._material.keyed_hash("refresh", raw)
 
-    async def _find_token(self, tx: Transaction, raw: str) -> RefreshToken | None:
-        """Look a presented token up by its keyed hash, under the current and older master keys."""
-        for _version, digest in self._material.keyed_hashes("refresh", raw):
-            found = await tx.sessions.token_by_hash(digest)
-            if found is not None:
-                return found
-        return None
-
     # devices ---------------------------------------------------------------------------
 
     async def resolve_device(
@@ -233,7 +225,7 @@ class SessionManager:
         )
         await tx.sessions.insert(session)
         evicted = await self._enforce_cap(tx, user.id, session.id, now)
-        issued = await self._issue(tx, user, session, device.id, generation=0, now=now)
+        issued, _ = await self._issue(tx, user, session, device.id, generation=0, now=now)
         await self._audit.record(
             self._audit.event(
                 "session.created", "ok", user_id=user.id, session_id=session.id, device_id=device.id
@@ -270,10 +262,12 @@ class SessionManager:
         *,
         generation: int,
         now: datetime,
-    ) -> IssuedSession:
+        roles: list[str] | None = None,
+    ) -> tuple[IssuedSession, int]:
         raw = new_refresh_token()
         expires = min(now + self._policy.idle_ttl, session.absolute_expires_at)
-        roles = await tx.users.roles_of(user.id)
+        if roles is None:
+            roles = await tx.users.roles_of(user.id)
         minted = self._access.mint(
             user_id=user.id,
             session_id=session.id,
@@ -281,7 +275,7 @@ class SessionManager:
             roles=roles,
             auth_time=session.auth_at,
         )
-        await tx.sessions.insert_token(
+        token_id = await tx.sessions.insert_token(
             RefreshToken(
                 session_id=session.id,
                 token_hash=self.token_hash(raw),
@@ -293,7 +287,7 @@ class SessionManager:
                 access_jti=minted.claims.jti,
             )
         )
-        return IssuedSession(
+        issued = IssuedSession(
             access_token=minted.token,
             access_expires_at=minted.claims.expires_at,
             refresh_token=raw,
@@ -302,6 +296,7 @@ class SessionManager:
             user_id=user.id,
             device_id=device_id,
         )
+        return issued, token_id
 
     async def after_revocations(self, session_ids: list[str]) -> None:
         """Deny-list markers for sessions revoked in a committed transaction."""
@@ -348,50 +343,59 @@ class SessionManager:
         except BackendUnavailable:
             log.warning("ephemeral store failed; continuing")
 
+    async def _find_with_context(self, tx: Transaction, raw: str) -> TokenContext | None:
+        for _version, digest in self._material.keyed_hashes("refresh", raw):
+            found = await tx.sessions.token_with_context(digest)
+            if found is not None:
+                return found
+        return None
+
     async def _refresh_once(self, client: ClientInfo, raw: str, result_key: str) -> object:
+        """Steps 4-9 of behaviour.md 1.5 in one transaction: load, check, rotate, seal, commit."""
         now = self._clock.now()
-        async with self._db.transaction() as tx:
-            token = await self._find_token(tx, raw)
-            if token is None:
-                await self._invalid(client)
-                raise TokenInvalid()
-            session = await tx.sessions.get(token.session_id)
-            user = await tx.users.get(session.user_id) if session else None
-            if session is None or user is None:
-                raise TokenInvalid()
-            if session.revoked_at is not None or token.state == "revoked" or user.status != "active":
-                self._metrics.refreshes.labels("revoked").inc()
-                raise SessionRevoked()
-            if session.absolute_expires_at <= now:
-                await tx.sessions.end(session.id, "expired", now)
-                ended: tuple[str, str] | None = ("absolute", session.id)
-            elif token.state == "active" and token.expires_at <= now:
-                await tx.sessions.end(session.id, "idle", now)
-                ended = ("idle", session.id)
-            else:
-                ended = None
-            if ended is None and token.state == "rotated":
-                assert token.used_at is not None
-                if now - token.used_at <= self._policy.grace:
-                    graced = await self._grace(tx, raw, token, result_key)
-                    self._metrics.refreshes.labels("grace").inc()
-                    return graced
-                await self._reuse(tx, user, session, token, client, now)
-                reused = True
-            else:
-                reused = False
+        ended: str | None = None
+        reused = False
+        answer: object = None
+        try:
+            async with self._db.transaction() as tx:
+                found = await self._find_with_context(tx, raw)
+                if found is None:
+                    await self._invalid(client)
+                    raise TokenInvalid()
+                token, session, user = found.token, found.session, found.user
+                if session.revoked_at is not None or token.state == "revoked" or user.status != "active":
+                    self._metrics.refreshes.labels("revoked").inc()
+                    raise SessionRevoked()
+                if session.absolute_expires_at <= now:
+                    await tx.sessions.end(session.id, "expired", now)
+                    ended = "absolute"
+                elif token.state == "active" and token.expires_at <= now:
+                    await tx.sessions.end(session.id, "idle", now)
+                    ended = "idle"
+                elif token.state == "rotated":
+                    assert token.used_at is not None
+                    if now - token.used_at <= self._policy.grace:
+                        graced = await self._grace(tx, raw, token, result_key)
+                        self._metrics.refreshes.labels("grace").inc()
+                        return graced
+                    await self._reuse(tx, user, session, token, client, now)
+                    reused = True
+                else:
+                    answer = await self._rotate(tx, client, raw, found, result_key, now)
+        except _Rotated:
+            return _RETRY  # another request rotated first: look again (it is now a grace case)
         if ended is not None:
-            await self.after_revocations([ended[1]])
+            await self.after_revocations([session.id])
             self._metrics.refreshes.labels("expired").inc()
-            raise SessionExpired(ended[0])
+            raise SessionExpired(ended)
         if reused:
             await self.after_revocations([session.id])
             self._metrics.refreshes.labels("reuse").inc()
             raise RefreshTokenReused()
-        try:
-            return await self._rotate(client, raw, token, result_key)
-        except _Rotated:
-            return _RETRY  # another request rotated first: look again (it is now a grace case)
+        await self._failpoints.hit("refresh.after_commit")
+        if isinstance(answer, IssuedSession):
+            self._metrics.refreshes.labels("rotated").inc()
+        return answer
 
     async def _invalid(self, client: ClientInfo) -> None:
         """An unknown token: count it against the IP (refresh.ip_invalid)."""
@@ -474,40 +478,44 @@ class SessionManager:
         )
         log.bind(user_id=user.id, session_id=session.id).warning("refresh token reuse: session ended")
 
-    async def _rotate(self, client: ClientInfo, raw: str, presented: RefreshToken, result_key: str) -> object:
-        now = self._clock.now()
+    async def _rotate(
+        self,
+        tx: Transaction,
+        client: ClientInfo,
+        raw: str,
+        found: TokenContext,
+        result_key: str,
+        now: datetime,
+    ) -> object:
+        """Step 8: the compare-and-set, the successor and the bookkeeping, inside the caller's transaction."""
+        presented, session, user = found.token, found.session, found.user
         agent = self._agents.parse(client.user_agent)
-        async with self._db.transaction() as tx:
-            session = await tx.sessions.get(presented.session_id)
-            user = await tx.users.get(session.user_id) if session else None
-            assert session is not None
-            assert user is not None
-            if self.refresh_check is not None:
-                link = await tx.devices.get_link(user.id, session.device_id)
-                answer = await self.refresh_check(
-                    RefreshContext(client, agent, user, session, presented, link), tx
-                )
-                if answer is not None:
-                    return answer
-            issued = await self._issue(
-                tx, user, session, session.device_id, generation=presented.generation + 1, now=now
-            )
-            successor = await tx.sessions.token_by_hash(self.token_hash(issued.refresh_token))
-            assert successor is not None
-            await self._failpoints.hit("refresh.after_insert")
-            if not await tx.sessions.mark_rotated(presented.id or 0, successor.id, now):
-                raise _Rotated()  # someone else rotated first: roll back, look again (grace)
-            await tx.sessions.touch(
-                session.id, now, ip=client.ip, browser=agent.browser_family, os=agent.os_family
-            )
+        if self.refresh_check is not None:
             link = await tx.devices.get_link(user.id, session.device_id)
-            if link is not None:
-                await tx.devices.save_link(replace(link, last_seen_at=now, last_ip=client.ip))
-            # Sealed under the presented token before COMMIT: a retry whose answer got lost gets it back.
-            await self._store_result(raw, result_key, issued)
-            await self._failpoints.hit("refresh.before_commit")
-        await self._failpoints.hit("refresh.after_commit")
-        self._metrics.refreshes.labels("rotated").inc()
+            answer = await self.refresh_check(
+                RefreshContext(client, agent, user, session, presented, link), tx
+            )
+            if answer is not None:
+                return answer
+        issued, successor_id = await self._issue(
+            tx,
+            user,
+            session,
+            session.device_id,
+            generation=presented.generation + 1,
+            now=now,
+            roles=list(found.roles),
+        )
+        await self._failpoints.hit("refresh.after_insert")
+        if not await tx.sessions.mark_rotated(presented.id or 0, successor_id, now):
+            raise _Rotated()  # someone else rotated first: roll back, look again (grace)
+        await tx.sessions.touch(
+            session.id, now, ip=client.ip, browser=agent.browser_family, os=agent.os_family
+        )
+        await tx.devices.touch_link(user.id, session.device_id, now, client.ip)
+        # Sealed under the presented token before COMMIT: a retry whose answer got lost gets it back.
+        await self._store_result(raw, result_key, issued)
+        await self._failpoints.hit("refresh.before_commit")
         return issued
 
     async def _store_result(self, raw: str, result_key: str, issued: IssuedSession) -> None:
@@ -535,8 +543,8 @@ class SessionManager:
             raise InvalidArgument.one("refresh_token", "must be a refresh token (iamr_ and 43 characters)")
         now = self._clock.now()
         async with self._db.transaction() as tx:
-            token = await self._find_token(tx, raw)
-            session = await tx.sessions.get(token.session_id) if token else None
+            found = await self._find_with_context(tx, raw)
+            session = found.session if found else None
             revoked = session is not None and await tx.sessions.revoke(session.id, "logout", now)
             if revoked and session is not None:
                 await self._audit.record(

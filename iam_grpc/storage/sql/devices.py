@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select, update
+from datetime import datetime
+
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -12,6 +14,13 @@ from iam_grpc.storage.sql._rows import to_record, to_values
 from iam_grpc.storage.sql.tables import devices, user_devices
 
 __all__ = ["SqlDeviceStore"]
+
+
+_TOUCH_LINK = (
+    update(user_devices)
+    .where(user_devices.c.user_id == bindparam("user"), user_devices.c.device_id == bindparam("device"))
+    .values(last_seen_at=bindparam("now"), last_ip=bindparam("ip"))
+)
 
 
 class SqlDeviceStore:
@@ -51,6 +60,9 @@ class SqlDeviceStore:
             await self._c.execute(
                 upsert_sqlite.on_conflict_do_update(index_elements=["user_id", "device_id"], set_=changes)
             )
+
+    async def touch_link(self, user_id: str, device_id: str, now: datetime, ip: str) -> None:
+        await self._c.execute(_TOUCH_LINK, {"user": user_id, "device": device_id, "now": now, "ip": ip})
 
     async def links_of(self, user_id: str) -> list[UserDevice]:
         rows = await self._c.execute(

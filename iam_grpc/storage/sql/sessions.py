@@ -3,15 +3,58 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from iam_grpc.storage.records import RefreshToken, SessionRecord
+from iam_grpc.storage.records import RefreshToken, SessionRecord, TokenContext, User
 from iam_grpc.storage.sql._rows import to_record, to_values
-from iam_grpc.storage.sql.tables import refresh_tokens, sessions
+from iam_grpc.storage.sql.tables import refresh_tokens, roles, sessions, user_roles, users
 
 __all__ = ["SqlSessionStore"]
+
+
+# Hot-path statements are built once: constructing a statement costs about as much as running it.
+_ROLE_NAMES = (
+    select(func.group_concat(roles.c.name))
+    .select_from(user_roles.join(roles, roles.c.id == user_roles.c.role_id))
+    .where(user_roles.c.user_id == users.c.id)
+    .scalar_subquery()
+)
+_TOKEN_WITH_CONTEXT = (
+    select(
+        *(c.label(f"t_{c.name}") for c in refresh_tokens.c),
+        *(c.label(f"s_{c.name}") for c in sessions.c),
+        *(c.label(f"u_{c.name}") for c in users.c),
+        _ROLE_NAMES.label("role_names"),
+    )
+    .select_from(
+        refresh_tokens.join(sessions, sessions.c.id == refresh_tokens.c.session_id).join(
+            users, users.c.id == sessions.c.user_id
+        )
+    )
+    .where(refresh_tokens.c.token_hash == bindparam("token_hash"))
+)
+_INSERT_TOKEN = insert(refresh_tokens)
+_MARK_ROTATED = (
+    update(refresh_tokens)
+    .where(refresh_tokens.c.id == bindparam("token_id"), refresh_tokens.c.state == "active")
+    .values(state="rotated", used_at=bindparam("used_at"), successor_id=bindparam("successor"))
+)
+_TOUCH = (
+    update(sessions)
+    .where(sessions.c.id == bindparam("session_id"))
+    .values(
+        last_refreshed_at=bindparam("now"),
+        last_ip=bindparam("ip"),
+        last_browser=bindparam("browser"),
+        last_os=bindparam("os"),
+        last_country=bindparam("country"),
+        last_region=bindparam("region"),
+        last_city=bindparam("city"),
+    )
+)
 
 
 class SqlSessionStore:
@@ -80,17 +123,17 @@ class SqlSessionStore:
         city: str | None = None,
     ) -> None:
         await self._c.execute(
-            update(sessions)
-            .where(sessions.c.id == session_id)
-            .values(
-                last_refreshed_at=now,
-                last_ip=ip,
-                last_browser=browser,
-                last_os=os,
-                last_country=country,
-                last_region=region,
-                last_city=city,
-            )
+            _TOUCH,
+            {
+                "session_id": session_id,
+                "now": now,
+                "ip": ip,
+                "browser": browser,
+                "os": os,
+                "country": country,
+                "region": region,
+                "city": city,
+            },
         )
 
     async def end(self, session_id: str, reason: str, now: datetime) -> bool:
@@ -107,17 +150,28 @@ class SqlSessionStore:
         return list(rows.scalars())
 
     async def insert_token(self, token: RefreshToken) -> int:
-        result = await self._c.execute(insert(refresh_tokens).values(**to_values(token, without=("id",))))
+        result = await self._c.execute(_INSERT_TOKEN, to_values(token, without=("id",)))
         key = result.inserted_primary_key
         if key is None or key[0] is None:
             raise RuntimeError("the database assigned no id")
         return int(key[0])
 
-    async def token_by_hash(self, token_hash: str) -> RefreshToken | None:
-        row = (
-            await self._c.execute(select(refresh_tokens).where(refresh_tokens.c.token_hash == token_hash))
-        ).first()
-        return to_record(RefreshToken, row)
+    async def token_with_context(self, token_hash: str) -> TokenContext | None:
+        row = (await self._c.execute(_TOKEN_WITH_CONTEXT, {"token_hash": token_hash})).first()
+        if row is None:
+            return None
+        values = dict(row._mapping)
+
+        def part(prefix: str) -> dict[str, Any]:
+            return {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+
+        names = values["role_names"]
+        return TokenContext(
+            RefreshToken(**part("t_")),
+            SessionRecord(**part("s_")),
+            User(**part("u_")),
+            tuple(sorted(str(names).split(","))) if names else (),
+        )
 
     async def tokens_of(self, session_id: str) -> list[RefreshToken]:
         rows = await self._c.execute(
@@ -149,8 +203,6 @@ class SqlSessionStore:
 
     async def mark_rotated(self, token_id: int, successor_id: int | None, now: datetime) -> bool:
         result = await self._c.execute(
-            update(refresh_tokens)
-            .where(refresh_tokens.c.id == token_id, refresh_tokens.c.state == "active")
-            .values(state="rotated", used_at=now, successor_id=successor_id)
+            _MARK_ROTATED, {"token_id": token_id, "used_at": now, "successor": successor_id}
         )
         return result.rowcount == 1

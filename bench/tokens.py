@@ -1,0 +1,269 @@
+"""Token benchmarks (issue 5), measured in one run on one machine.
+
+Usage: python bench/tokens.py [--seconds S] [--concurrency C]
+
+1. VerifyAccessToken throughput divided by the throughput of an empty unary
+   RPC (grpc.health.v1.Health/Check, which passes the same interceptors) on the
+   same server: an `iam-grpc serve` subprocess in embedded mode, loaded from
+   this process with C calls in flight.
+2. Local guard verification (iam_grpc.client.TokenGuard) in µs per token.
+3. Refresh rotations per second on MariaDB + Redis: a second server
+   subprocess (`server.workers` = 1, then 2 pre-forked workers); sessions are
+   created here through the service's own code, then C clients over 4
+   connections each keep refreshing their session chain (a distinct client IP
+   per call, as from many users). Three runs each; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from iam_grpc.client import IamClient, TokenGuard
+from iam_grpc.proto import common_pb2, token_pb2, token_pb2_grpc
+
+IAM = str(Path(sys.executable).parent / "iam-grpc")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.sessions_helper
+MYSQL = os.environ.get("TEST_MYSQL_SERVER", "mysql+asyncmy://root@127.0.0.1:3306")
+REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve(folder: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IAM_")}
+    env.update(
+        IAM_DATA_DIR=str(folder),
+        IAM_GRPC_LISTEN=f"127.0.0.1:{port}",
+        IAM_HTTP_LISTEN="",
+        IAM_LOG_LEVEL="WARNING",
+        IAM_LOGGING__FILES="false",
+        IAM_SHUTDOWN__DRAIN_DELAY="0",
+        **extra,
+    )
+    process = subprocess.Popen(
+        [IAM, "serve"], cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5
+                )
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                return process, port
+        except grpc.RpcError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+async def throughput(call: Callable[[], Awaitable[Any]], seconds: float, concurrency: int) -> float:
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < stop:
+            await call()
+            done += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.monotonic() - started)
+
+
+async def in_process_app(folder: Path, extra: dict[str, str]) -> Any:
+    """The service's own code in this process (no serving needed) to create sessions."""
+    from iam_grpc.app import Application
+    from iam_grpc.testing import service_settings
+
+    app = Application(service_settings(folder, {"IAM_HTTP_LISTEN": "", **extra}))
+    await app.start()
+    return app
+
+
+async def sessions_for(app: Any, count: int) -> list[Any]:
+    from tests.sessions_helper import new_session, new_user
+
+    sessions = []
+    for _ in range(count):  # one user each: sessions.max_per_user would evict the oldest
+        _, session = await new_session(app, await new_user(app))
+        sessions.append(session)
+    return sessions
+
+
+def client_context() -> common_pb2.ClientContext:
+    return common_pb2.ClientContext(
+        ip=f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+    )
+
+
+async def verify_ratio(seconds: float, concurrency: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        process, port = serve(folder, {})
+        try:
+            app = await in_process_app(folder, {})  # same data directory: same database and secrets
+            try:
+                (session,) = await sessions_for(app, 1)
+                fresh = [  # distinct tokens, for the guard's first sight of a token
+                    app.access.mint(
+                        user_id=session.user_id,
+                        session_id=session.session_id,
+                        device_id=session.device_id,
+                        roles=["user"],
+                        auth_time=session.access_expires_at,
+                    ).token
+                    for _ in range(2000)
+                ]
+            finally:
+                await app.stop()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                tokens = token_pb2_grpc.TokenServiceStub(channel)
+                verify_request = token_pb2.VerifyAccessTokenRequest(access_token=session.access_token)
+                await tokens.VerifyAccessToken(verify_request)  # the token is good
+                # Alternating rounds, so that drift in the machine's load hits both alike.
+                empties, verifies = [], []
+                for _ in range(3):
+                    empties.append(
+                        await throughput(
+                            lambda: health.Check(health_pb2.HealthCheckRequest()), seconds / 3, concurrency
+                        )
+                    )
+                    verifies.append(
+                        await throughput(
+                            lambda: tokens.VerifyAccessToken(verify_request), seconds / 3, concurrency
+                        )
+                    )
+            async with IamClient(f"127.0.0.1:{port}") as client:
+                guard = TokenGuard(client)
+                await guard.verify(session.access_token)
+                rounds = 5000
+                started = time.perf_counter()
+                for _ in range(rounds):
+                    await guard.verify(session.access_token)
+                guard_us = (time.perf_counter() - started) / rounds * 1e6
+                started = time.perf_counter()
+                for token in fresh:
+                    await guard.verify(token)
+                guard_first_us = (time.perf_counter() - started) / len(fresh) * 1e6
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+    baseline, verify = sum(empties) / 3, sum(verifies) / 3
+    return {
+        "empty_unary_per_s": round(baseline),
+        "verify_access_token_per_s": round(verify),
+        "verify_over_empty": round(verify / baseline, 3),
+        "guard_verify_us_seen_before": round(guard_us, 1),
+        "guard_verify_us_first_sight": round(guard_first_us, 1),
+    }
+
+
+async def refresh_rate(seconds: float, concurrency: int, workers: int) -> float:
+    name = "iam_bench_" + secrets.token_hex(3)
+    admin = create_async_engine(MYSQL + "/", isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    shared = {
+        "IAM_DATABASE_URL": f"{MYSQL}/{name}",
+        "IAM_REDIS_URL": REDIS,
+        "IAM_REDIS__KEY_PREFIX": f"{name}:",
+        "IAM_SECRETS__MASTER_KEY": secrets.token_urlsafe(32),
+        "IAM_PASSWORDS__PEPPERS": json.dumps({"1": secrets.token_urlsafe(24)}),
+        "IAM_PASSWORDS__CURRENT_PEPPER": "1",
+    }
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            app = await in_process_app(folder / "helper", shared)
+            try:
+                sessions = await sessions_for(app, concurrency)
+            finally:
+                await app.stop()
+            process, port = serve(folder, {**shared, "IAM_SERVER__WORKERS": str(workers)})
+            # Several connections, as from several clients: SO_REUSEPORT spreads connections.
+            channels = [
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+                for _ in range(4)
+            ]
+            try:
+                rotations = 0
+                stop = time.monotonic() + seconds
+                stubs = [token_pb2_grpc.TokenServiceStub(channel) for channel in channels]
+
+                async def worker(stub: token_pb2_grpc.TokenServiceStub, token: str) -> None:
+                    nonlocal rotations
+                    while time.monotonic() < stop:
+                        answer = await stub.Refresh(
+                            token_pb2.RefreshRequest(client=client_context(), refresh_token=token)
+                        )
+                        token = answer.session.refresh_token
+                        rotations += 1
+
+                started = time.monotonic()
+                await asyncio.gather(
+                    *(worker(stubs[i % len(stubs)], s.refresh_token) for i, s in enumerate(sessions))
+                )
+                elapsed = time.monotonic() - started
+            finally:
+                for channel in channels:
+                    await channel.close()
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        await admin.dispose()
+    return round(rotations / elapsed, 1)
+
+
+async def main() -> None:
+    from loguru import logger
+
+    logger.remove()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    results = await verify_ratio(args.seconds, args.concurrency)
+    for workers in (1, 2):
+        # Loopback runs on two shared cores vary by +-15 %: report the median and the spread.
+        rates = sorted([await refresh_rate(args.seconds * 2, args.concurrency, workers) for _ in range(3)])
+        name = f"refresh_rotations_per_s_mariadb_{workers}_worker{'s' if workers > 1 else ''}"
+        results[name] = rates[1]
+        results[f"{name}_min_max"] = [rates[0], rates[-1]]
+    results["refresh_clients"] = args.concurrency
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

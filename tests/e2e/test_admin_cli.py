@@ -1,0 +1,129 @@
+"""Operator commands against a running service sharing MariaDB and Redis
+(keys, roles, users, cleanup; behaviour.md 11.7, S36)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from iam_grpc.proto import token_pb2, token_pb2_grpc
+from iam_grpc.testing import RunningService, error_details, running_service
+from tests.conftest import Backend
+from tests.e2e.test_cli import IAM, clean_env
+from tests.integration.test_tokens import client
+from tests.sessions_helper import new_session, new_user
+
+
+async def cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [IAM, *args], env=clean_env(**environ), capture_output=True, text=True, timeout=60
+    )
+
+
+async def reason(iam: RunningService, token: str) -> str:
+    async with iam.channel() as channel:
+        try:
+            await token_pb2_grpc.TokenServiceStub(channel).VerifyAccessToken(
+                token_pb2.VerifyAccessTokenRequest(access_token=token)
+            )
+        except grpc.aio.AioRpcError as error:
+            return error_details(error).reason or ""
+    return "OK"
+
+
+async def test_disabling_a_user_ends_every_session_at_once(
+    shared_own_database: Backend, tmp_path: Path
+) -> None:
+    """users disable: access tokens answer SESSION_REVOKED and Refresh SESSION_REVOKED (S36)."""
+    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    async with running_service(tmp_path, environ) as iam:
+        user, session = await new_session(iam.app)
+        result = await cli(environ, "users", "disable", user.email.upper())
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "disabled; 1 sessions ended"
+        assert await reason(iam, session.access_token) == "SESSION_REVOKED"
+        async with iam.channel() as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await token_pb2_grpc.TokenServiceStub(channel).Refresh(
+                    token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token)
+                )
+        assert error_details(refused.value).reason == "SESSION_REVOKED"
+        shown = json.loads((await cli(environ, "users", "show", user.id)).stdout)
+        assert shown["status"] == "disabled"
+        assert user.email not in json.dumps(shown)
+        assert (await cli(environ, "users", "enable", user.id)).stdout.strip() == "active"
+
+
+async def test_revoking_a_role_now_invalidates_current_tokens(
+    shared_own_database: Backend, tmp_path: Path
+) -> None:
+    """roles revoke --now: the current access token is TOKEN_INVALID; the next refresh lacks the role (S36)."""
+    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    async with running_service(tmp_path, environ) as iam:
+        user = await new_user(iam.app)
+        assert (await cli(environ, "roles", "grant", user.id, "admin")).stdout.strip() == "granted"
+        _, session = await new_session(iam.app, user)
+        assert await reason(iam, session.access_token) == "OK"
+        listed = [json.loads(line) for line in (await cli(environ, "roles", "list")).stdout.splitlines()]
+        assert {"role": "admin", "description": None, "holders": 1} in listed
+        revoked = await cli(environ, "roles", "revoke", user.id, "admin", "--now")
+        assert revoked.stdout.strip() == "revoked"
+        assert await reason(iam, session.access_token) == "TOKEN_INVALID"
+        async with iam.channel() as channel:
+            stub = token_pb2_grpc.TokenServiceStub(channel)
+            fresh = (
+                await stub.Refresh(
+                    token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token)
+                )
+            ).session
+            verified = await stub.VerifyAccessToken(
+                token_pb2.VerifyAccessTokenRequest(access_token=fresh.access_token)
+            )
+        assert list(verified.roles) == ["user"]
+        assert (await cli(environ, "roles", "grant", user.id, "Bad Role")).returncode == 2
+
+
+async def test_keys_can_be_listed_and_rotated(shared_own_database: Backend, tmp_path: Path) -> None:
+    """keys rotate publishes a new key; keys list shows both with their states; --revoke withdraws one."""
+    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    async with running_service(tmp_path, environ) as iam:
+        first = [json.loads(line) for line in (await cli(environ, "keys", "list")).stdout.splitlines()]
+        assert [k["state"] for k in first] == ["signing"]
+        rotated = await cli(environ, "keys", "rotate")
+        assert rotated.returncode == 0, rotated.stderr
+        states = {
+            k["kid"]: k["state"]
+            for k in (json.loads(line) for line in (await cli(environ, "keys", "list")).stdout.splitlines())
+        }
+        assert sorted(states.values()) == ["published, not signing yet", "signing"]
+        _, session = await new_session(iam.app)
+        emergency = await cli(environ, "keys", "rotate", "--immediate", "--revoke", first[0]["kid"])
+        assert emergency.returncode == 0, emergency.stderr
+        assert await reason(iam, session.access_token) == "TOKEN_INVALID"
+        assert (await cli(environ, "keys", "rotate", "--revoke", "nope")).returncode == 1
+        assert iam.app.db is not None
+        async with iam.app.db.transaction() as tx:
+            events = [e.type for e in await tx.audit.recent(type_prefix="keys.")]
+        assert events.count("keys.created") == 2
+        assert events.count("keys.revoked") == 1
+
+
+async def test_cleanup_runs_on_demand(shared_own_database: Backend, tmp_path: Path) -> None:
+    """cleanup run answers what it removed, per table."""
+    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    async with running_service(tmp_path, environ):
+        result = await cli(environ, "cleanup", "run")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)) == {
+        "refresh_tokens",
+        "sessions",
+        "outbox",
+        "outbox_secrets",
+        "audit_events",
+        "devices",
+    }

@@ -1,0 +1,225 @@
+"""iam_grpc.client protecting a sample service against a real iam-grpc (issue 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+import pytest_asyncio
+
+from iam_grpc.client import GuardInterceptor, IamCallError, IamClient, TokenGuard, current_principal
+from iam_grpc.proto import auth_pb2, common_pb2
+from iam_grpc.testing import RunningService, running_service
+from tests.conftest import Backend
+from tests.sessions_helper import new_session, new_user
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def iam(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningService]:
+    async with running_service(tmp_path_factory.mktemp("guard"), backend.isolated()) as running:
+        yield running
+
+
+async def test_the_guard_verifies_tokens_locally(iam: RunningService) -> None:
+    """A fresh token verifies offline against the JWKS; roles are enforced; forgeries fail."""
+    async with IamClient(iam.address) as client:
+        guard = TokenGuard(client)
+        user, session = await new_session(iam.app, await new_user(iam.app, roles=("support",)))
+        principal = await guard.verify(session.access_token, ["support"])
+        assert (principal.user_id, principal.session_id, principal.roles) == (
+            user.id,
+            session.session_id,
+            ("support", "user"),
+        )
+        with pytest.raises(IamCallError) as missing:
+            await guard.verify(session.access_token, ["admin"])
+        assert (missing.value.reason, missing.value.metadata) == ("ROLE_REQUIRED", {"missing": "admin"})
+        head, body, _ = session.access_token.split(".")
+        for bad in (f"{head}.{body}.AAAA", "not-a-token", session.refresh_token):
+            with pytest.raises(IamCallError) as invalid:
+                await guard.verify(bad)
+            assert invalid.value.reason == "TOKEN_INVALID"
+
+
+async def test_unknown_kids_refetch_the_jwks_at_most_once_per_interval(iam: RunningService) -> None:
+    """A new key is learned by refetching; a flood of unknown kids does not hammer the service."""
+    async with IamClient(iam.address) as client:
+        guard = TokenGuard(client, refetch_interval=timedelta(seconds=60))
+        _, session = await new_session(iam.app)
+        await guard.verify(session.access_token)
+        assert guard.fetches == 1
+        assert iam.app.keys is not None
+        key = iam.app.keys.signing_key()
+        assert key is not None
+        claims = jwt.decode(session.access_token, options={"verify_signature": False})
+        for _ in range(20):
+            forged = jwt.encode(
+                claims, key.private, algorithm="ES256", headers={"kid": "unknown-kid", "typ": "at+jwt"}
+            )
+            with pytest.raises(IamCallError):
+                await guard.verify(forged)
+        assert guard.fetches <= 2
+
+
+async def test_expired_tokens_are_reported_as_expired(iam: RunningService) -> None:
+    """An expired but genuine token is TOKEN_EXPIRED."""
+    async with IamClient(iam.address) as client:
+        guard = TokenGuard(client, leeway=timedelta(0))
+        _, session = await new_session(iam.app)
+        assert iam.app.keys is not None
+        key = iam.app.keys.signing_key()
+        assert key is not None
+        claims = {
+            **jwt.decode(session.access_token, options={"verify_signature": False}),
+            "exp": int(time.time()) - 5,
+        }
+        expired = jwt.encode(
+            claims, key.private, algorithm="ES256", headers={"kid": key.row.kid, "typ": "at+jwt"}
+        )
+        with pytest.raises(IamCallError) as caught:
+            await guard.verify(expired)
+        assert caught.value.reason == "TOKEN_EXPIRED"
+
+
+async def test_cached_tokens_still_lose_their_key_and_their_time(iam: RunningService) -> None:
+    """A token verified before is answered from the cache only while its key is published and
+    its expiry holds."""
+    async with IamClient(iam.address) as client:
+        published = await client.get_jwks()
+        document = {"keys": list(json.loads(published)["keys"])}
+
+        async def jwks() -> str:
+            return json.dumps(document)
+
+        guard = TokenGuard(jwks, max_age=timedelta(0), refetch_interval=timedelta(0), leeway=timedelta(0))
+        _, session = await new_session(iam.app)
+        assert (await guard.verify(session.access_token)).session_id == session.session_id
+        assert (await guard.verify(session.access_token)).session_id == session.session_id
+        document["keys"] = []  # the key is withdrawn from the JWKS
+        with pytest.raises(IamCallError) as withdrawn:
+            await guard.verify(session.access_token)
+        assert withdrawn.value.reason == "TOKEN_INVALID"
+
+        document["keys"] = list(json.loads(published)["keys"])
+        assert iam.app.keys is not None
+        key = iam.app.keys.signing_key()
+        assert key is not None
+        claims = {
+            **jwt.decode(session.access_token, options={"verify_signature": False}),
+            "exp": int(time.time()) + 1,
+        }
+        short = jwt.encode(
+            claims, key.private, algorithm="ES256", headers={"kid": key.row.kid, "typ": "at+jwt"}
+        )
+        await guard.verify(short)  # cached now
+        await asyncio.sleep(2.1)
+        with pytest.raises(IamCallError) as expired:
+            await guard.verify(short)
+        assert expired.value.reason == "TOKEN_EXPIRED"
+
+
+async def test_revocation_checks_catch_logged_out_sessions(iam: RunningService) -> None:
+    """Locally a revoked token still looks fine; with revocation=client the guard asks the service."""
+    async with IamClient(iam.address) as client:
+        _, session = await new_session(iam.app)
+        await client.logout(common_pb2.ClientContext(ip="198.51.100.77"), session.refresh_token)
+        assert (await TokenGuard(client).verify(session.access_token)).session_id == session.session_id
+        with pytest.raises(IamCallError) as revoked:
+            await TokenGuard(client, revocation=client).verify(session.access_token)
+        assert revoked.value.reason == "SESSION_REVOKED"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def shop(iam: RunningService) -> AsyncIterator[str]:
+    """A sample resource service protected by GuardInterceptor (the docs/clients.md example)."""
+    client = IamClient(iam.address)
+    guard = TokenGuard(client)
+
+    async def create_order(request: Any, context: Any) -> auth_pb2.LoginResponse:
+        return auth_pb2.LoginResponse(session=common_pb2.Session(user_id=current_principal().user_id))
+
+    async def ping(request: Any, context: Any) -> auth_pb2.LoginResponse:
+        try:
+            current_principal()
+        except LookupError:
+            return auth_pb2.LoginResponse(session=common_pb2.Session(user_id="anonymous"))
+        raise AssertionError("a public method saw a principal")
+
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            create_order,
+            request_deserializer=auth_pb2.LoginRequest.FromString,
+            response_serializer=auth_pb2.LoginResponse.SerializeToString,
+        )
+        for name in ("CreateOrder", "RefundOrder", "Secret")
+    }
+    handlers["Ping"] = grpc.unary_unary_rpc_method_handler(
+        ping,
+        request_deserializer=auth_pb2.LoginRequest.FromString,
+        response_serializer=auth_pb2.LoginResponse.SerializeToString,
+    )
+    server = grpc.aio.server(
+        interceptors=[
+            GuardInterceptor(
+                guard,
+                {"/shop.v1.Orders/CreateOrder": ["user"], "/shop.v1.Orders/RefundOrder": ["support"]},
+                public={"/shop.v1.Orders/Ping"},
+            )
+        ]
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("shop.v1.Orders", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(0)
+    await client.close()
+
+
+async def shop_call(address: str, method: str, token: str | None) -> tuple[grpc.StatusCode, str]:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            f"/shop.v1.Orders/{method}",
+            request_serializer=auth_pb2.LoginRequest.SerializeToString,
+            response_deserializer=auth_pb2.LoginResponse.FromString,
+        )
+        try:
+            answer = await call(auth_pb2.LoginRequest(), metadata=metadata)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details() or ""
+        return grpc.StatusCode.OK, answer.session.user_id
+
+
+async def test_the_interceptor_guards_methods_by_role(iam: RunningService, shop: str) -> None:
+    """Listed methods need a valid token and their roles, public ones nothing, unlisted ones are refused."""
+    user, session = await new_session(iam.app)
+    assert await shop_call(shop, "CreateOrder", session.access_token) == (grpc.StatusCode.OK, user.id)
+    assert await shop_call(shop, "CreateOrder", None) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID")
+    assert await shop_call(shop, "RefundOrder", session.access_token) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ROLE_REQUIRED",
+    )
+    assert await shop_call(shop, "Secret", session.access_token) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "METHOD_NOT_ALLOWED",
+    )
+    assert await shop_call(shop, "Ping", None) == (grpc.StatusCode.OK, "anonymous")
+
+
+@pytest.mark.parametrize("document", ["", "[]", '{"keys": 1}', '{"keys": [{"kty": "nonsense"}]}'])
+async def test_a_malformed_key_set_is_an_outage_not_a_crash(document: str) -> None:
+    async def jwks() -> str:
+        return document
+
+    header = base64.urlsafe_b64encode(b'{"alg":"ES256","typ":"at+jwt","kid":"k1"}').rstrip(b"=").decode()
+    with pytest.raises(IamCallError) as caught:
+        await TokenGuard(jwks).verify(f"{header}.e30.AAAA")
+    assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
