@@ -338,6 +338,25 @@ async def test_refresh_rotates_and_keeps_the_session(
     assert verified.session_id == session.session_id
 
 
+async def test_the_grace_cache_holds_no_usable_token_in_clear(
+    iam: RunningService, stub: token_pb2_grpc.TokenServiceStub
+) -> None:
+    """The sealed rf:res value contains neither successor token, in any encoding we could spot (S32)."""
+    _, session = await new_session(iam.app)
+    rotated = (
+        await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token))
+    ).session
+    assert iam.app.sessions is not None
+    assert iam.app.ephemeral is not None
+    sealed = await iam.app.ephemeral.get(f"rf:res:{{{iam.app.sessions.token_hash(session.refresh_token)}}}")
+    assert sealed is not None
+    assert len(sealed) > 100
+    for secret in (rotated.refresh_token, rotated.access_token, rotated.refresh_token[5:]):
+        for form in (secret.encode(), base64.b64encode(secret.encode()), secret.encode().hex().encode()):
+            assert form not in sealed
+        assert secret.split(".")[-1].encode() not in sealed  # not even the JWT signature
+
+
 async def test_concurrent_refreshes_in_the_grace_window_converge(
     iam: RunningService, stub: token_pb2_grpc.TokenServiceStub
 ) -> None:
