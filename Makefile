@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/ratelimit.py
 	$(BIN)/python bench/tokens.py
+	$(BIN)/python bench/login.py
 
 services:
 	scripts/services.sh

@@ -19,16 +19,30 @@ from grpc_health.v1.health import aio as health_aio
 from iam_grpc.clock import Clock, SystemClock
 from iam_grpc.config import Settings, join_host_port
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.challenges import ChallengePolicy, Challenges
 from iam_grpc.core.cleanup import Cleanup, CleanupPolicy
+from iam_grpc.core.common_passwords import CommonPasswords
+from iam_grpc.core.email_change import EmailChange
+from iam_grpc.core.email_domains import EmailDomainPolicy
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing, KeysUnreadable
+from iam_grpc.core.links import Links
+from iam_grpc.core.login import LoginFlow
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.mail.sender import OutboxSender
+from iam_grpc.core.password_change import PasswordChange
+from iam_grpc.core.password_reset import PasswordReset
+from iam_grpc.core.password_rules import PasswordRules
+from iam_grpc.core.passwords import Argon2Params, PasswordHashing
 from iam_grpc.core.ratelimit import RateLimiter
+from iam_grpc.core.signup import SignupFlow
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.core.tokens.sessions import SessionManager, SessionPolicy
+from iam_grpc.dns import MailDomainLookup
 from iam_grpc.errors import BackendUnavailable
+from iam_grpc.hibp import BreachedPasswords as BreachedPasswordsAdapter
+from iam_grpc.hibp import breached_passwords
 from iam_grpc.logging import component_logger
 from iam_grpc.mail.render import MailRenderer
 from iam_grpc.mail.transports import FileTransport, SmtpTransport
@@ -36,6 +50,7 @@ from iam_grpc.metrics import Metrics
 from iam_grpc.ops_http import OpsHttpServer, Response
 from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
 from iam_grpc.server import SERVICE_NAMES, ListenError, build_server
+from iam_grpc.services.auth import AuthFlows
 from iam_grpc.storage.memory import MemoryEphemeral, MemoryLimiterStore
 from iam_grpc.storage.ports import Ephemeral, LimiterStore, MailError, MailTransport
 from iam_grpc.storage.sql import schema
@@ -95,6 +110,11 @@ class Application:
         self.access: AccessTokens | None = None
         self.sessions: SessionManager | None = None
         self.cleanup: Cleanup | None = None
+        self.hashing: PasswordHashing | None = None
+        self.breached: BreachedPasswordsAdapter | None = None
+        self.links: Links | None = None
+        self.challenges: Challenges | None = None
+        self.flows: AuthFlows | None = None
         self.server: grpc.aio.Server | None = None
         self.http: OpsHttpServer | None = None
         self.grpc_port = 0
@@ -121,6 +141,7 @@ class Application:
             await self._start_database()
             await self._start_secrets_and_keys()
             await self._start_ephemeral()
+            await self._start_accounts()
             await self._start_serving()
         except BaseException:
             if self.server is not None:
@@ -319,6 +340,151 @@ class Application:
                 grace=s.refresh.grace,
                 reuse_mfa_hold=s.refresh.reuse_mfa_hold,
                 max_per_user=s.sessions.max_per_user,
+                trust_idle=s.devices.trust_idle,
+            ),
+        )
+
+    async def _start_accounts(self) -> None:
+        """Passwords (hashing pool and dummy hash), breach and domain checks, links, challenges and
+        the account flows."""
+        s = self.settings
+        assert self.db is not None
+        assert self.ephemeral is not None
+        assert self.secrets is not None
+        assert self.limiter is not None
+        assert self.mailer is not None
+        assert self.audit is not None
+        assert self.sessions is not None
+        assert self.access is not None
+        assert self.agents is not None
+        material = self.secrets.material
+        pw = s.passwords
+        self.hashing = PasswordHashing(
+            Argon2Params(pw.memory_kib, pw.time_cost, pw.parallelism, pw.hash_len, pw.salt_len),
+            self.secrets.peppers,
+            self.secrets.current_pepper,
+            max_concurrent=pw.max_concurrent_hashes,
+            max_queued=pw.max_queued_hashes,
+        )
+        await self.hashing.start()
+        try:
+            common = CommonPasswords.load(pw.common_list)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"passwords.common_list: {exc}") from None
+        try:
+            self.breached = breached_passwords(
+                s.hibp, on_failure=lambda kind: self.metrics.hibp_failures.labels(kind).inc()
+            )
+        except ValueError as exc:
+            raise StartupError(f"hibp: {exc}") from None
+        rules = PasswordRules(
+            min_length=pw.min_length, max_length=pw.max_length, common=common, breached=self.breached
+        )
+        checks = s.email_checks
+        lookup = (
+            MailDomainLookup(
+                timeout=checks.mx_timeout,
+                nameservers=checks.nameservers,
+                on_unknown=lambda kind: self.metrics.mx_unknown.labels(kind).inc(),
+            )
+            if checks.check_mx
+            else None
+        )
+        domains = EmailDomainPolicy(
+            disposable=checks.disposable,
+            allow_domains=checks.allow_domains,
+            deny_domains=checks.deny_domains,
+            mail_lookup=lookup,
+        )
+        assert s.links.base_url is not None
+        self.links = Links(
+            material,
+            self.ephemeral,
+            self.clock,
+            issuer=s.tokens.issuer,
+            base_url=s.links.base_url,
+            paths=s.links.paths.model_dump(),
+        )
+        self.challenges = Challenges(
+            self.db,
+            self.ephemeral,
+            material,
+            self.clock,
+            self.mailer,
+            self.links,
+            ChallengePolicy(
+                code_length=s.mfa.code_length,
+                ttl=s.mfa.ttl,
+                max_attempts=s.mfa.max_attempts,
+                max_resends=s.mfa.max_resends,
+                max_pending_per_user=s.mfa.max_pending_per_user,
+            ),
+        )
+        common_args = (self.db, self.clock)
+        self.flows = AuthFlows(
+            signup=SignupFlow(
+                *common_args,
+                self.limiter,
+                rules,
+                domains,
+                self.hashing,
+                self.sessions,
+                self.audit,
+                default_roles=s.roles.default,
+            ),
+            login=LoginFlow(
+                *common_args,
+                self.limiter,
+                rules,
+                self.hashing,
+                self.sessions,
+                self.challenges,
+                self.mailer,
+                self.agents,
+                self.audit,
+                self.metrics,
+                mfa_on_new_device=s.login.mfa_on_new_device,
+            ),
+            reset=PasswordReset(
+                *common_args,
+                material,
+                self.limiter,
+                rules,
+                self.hashing,
+                self.sessions,
+                self.links,
+                self.mailer,
+                self.agents,
+                self.audit,
+                link_ttl=s.links.password_reset_ttl,
+                response_floor=s.reset.response_floor,
+                untrust_devices=s.reset.untrust_devices,
+            ),
+            password=PasswordChange(
+                *common_args,
+                self.limiter,
+                self.access,
+                rules,
+                self.hashing,
+                self.sessions,
+                self.mailer,
+                self.agents,
+                self.audit,
+            ),
+            email=EmailChange(
+                *common_args,
+                material,
+                self.limiter,
+                self.access,
+                domains,
+                self.sessions,
+                self.links,
+                self.mailer,
+                self.agents,
+                self.audit,
+                link_ttl=s.links.email_change_ttl,
+                max_auth_age=s.email_change.max_auth_age,
+                response_floor=s.reset.response_floor,
             ),
         )
 
@@ -547,6 +713,12 @@ class Application:
             if store is not None:
                 with contextlib.suppress(Exception):
                     await store.close()
+        if self.hashing is not None:
+            with contextlib.suppress(Exception):
+                await self.hashing.close()
+        if self.breached is not None:
+            with contextlib.suppress(Exception):
+                await self.breached.close()
         if self.db is not None:
             with contextlib.suppress(Exception):
                 await self.db.close()

@@ -76,6 +76,29 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.hibp_failures = Counter(
+            "iam_hibp_failures_total",
+            "Breached-password range lookups that failed (and were skipped when failing open), by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.mx_unknown = Counter(
+            "iam_mx_unknown_total",
+            "Email-domain lookups without an answer (timeout, servfail, error), which let signup pass.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.logins = Counter(
+            "iam_login_total",
+            "Login outcomes (session, mfa, failure, guarded).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.password_verifications = Counter(
+            "iam_password_verifications_total",
+            "argon2 verifications run (real and dummy alike).",
+            registry=self.registry,
+        )
         self.serving = Gauge("iam_serving", "1 while the service reports SERVING.", registry=self.registry)
 
     def render(self) -> bytes:

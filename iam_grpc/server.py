@@ -119,7 +119,8 @@ def build_server(app: Application, settings: Settings) -> tuple[grpc.aio.Server,
     assert app.sessions is not None
     assert app.access is not None
     assert app.keys is not None
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(app.sessions), server)
+    assert app.flows is not None
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(app.sessions, app.flows), server)
     token_pb2_grpc.add_TokenServiceServicer_to_server(
         TokenService(app.access, app.sessions, app.keys), server
     )

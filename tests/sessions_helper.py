@@ -1,4 +1,4 @@
-"""Creating users and sessions directly (until Signup and Login land) for token tests."""
+"""Creating users and sessions directly, without passwords or the API, for token tests."""
 
 from __future__ import annotations
 

@@ -16,7 +16,15 @@ from iam_grpc.core.ratelimit.keys import parse_ip
 from iam_grpc.errors import FieldViolation, InvalidArgument
 from iam_grpc.ids import DEVICE_ID
 
-__all__ = ["ClientRules", "Violations", "clean_user_agent", "first_language_tag"]
+__all__ = [
+    "ClientRules",
+    "EmailAddress",
+    "Violations",
+    "check_email",
+    "check_name",
+    "clean_user_agent",
+    "first_language_tag",
+]
 
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9:_-]{0,63}$")
 _LANGUAGE_TAG = re.compile(r"^[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*$")
@@ -68,6 +76,87 @@ class ClientRules:
             violations.add("client.device_id", "must be empty or a device id issued by this service")
         if len(accept_language) > MAX_ACCEPT_LANGUAGE:
             violations.add("client.accept_language", "must be at most 256 characters")
+
+
+# RFC 5322 dot-atom text: printable ASCII without spaces, quotes, parentheses or the other specials.
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class EmailAddress:
+    """An address as stored (local part as entered, domain lowercased) and its normalised form.
+
+    ``norm`` is fully lowercased with the domain in its ASCII (IDNA 2008) form, so Unicode and
+    punycode spellings of one domain, and case variants, share one account and one limit key.
+    """
+
+    display: str
+    norm: str
+    domain_ascii: str
+
+
+def check_email(violations: Violations, name: str, raw: str) -> EmailAddress | None:
+    """behaviour.md 2.1: trimmed, NFKC, 254/64 characters, dot-atom local part, IDNA 2008 domain."""
+    text = unicodedata.normalize("NFKC", raw).strip()
+    problem = _email_problem(text)
+    if problem is not None:
+        violations.add(name, problem)
+        return None
+    local, domain = text.split("@")
+    ascii_domain = _ascii_domain(domain)
+    if ascii_domain is None:
+        violations.add(name, "the domain is not a valid internet domain")
+        return None
+    return EmailAddress(f"{local}@{domain.lower()}", f"{local.lower()}@{ascii_domain}", ascii_domain)
+
+
+def _email_problem(text: str) -> str | None:
+    if not text:
+        return "is required"
+    if len(text) > 254:
+        return "must be at most 254 characters"
+    if text.count("@") != 1:
+        return "must contain exactly one @"
+    local, domain = text.split("@")
+    if not local or len(local) > 64:
+        return "the part before @ must be 1-64 characters"
+    if not _LOCAL_PART.match(local):
+        return (
+            "the part before @ may hold letters, digits, dots (not first, last or doubled)"
+            " and !#$%&'*+/=?^_`{|}~-"
+        )
+    if not domain:
+        return "the domain is missing"
+    return None
+
+
+def _ascii_domain(domain: str) -> str | None:
+    """The IDNA 2008 ASCII form, lowercased; None unless it has 2+ valid labels and a non-numeric TLD."""
+    import idna  # IDNA 2008 (the standard library's codec is IDNA 2003)
+
+    try:
+        ascii_domain = idna.encode(domain.rstrip(".").lower(), uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+    labels = ascii_domain.split(".")
+    if len(labels) < 2 or len(ascii_domain) > 253:
+        return None
+    if not all(_LABEL.match(label) for label in labels) or labels[-1].isdigit():
+        return None
+    return ascii_domain
+
+
+def check_name(violations: Violations, name: str, raw: str, *, required: bool) -> str:
+    """NFKC; 1-100 code points (0-100 when optional); no control or format characters."""
+    text = unicodedata.normalize("NFKC", raw).strip()
+    if required and not text:
+        violations.add(name, "is required")
+    elif len(text) > 100:
+        violations.add(name, "must be at most 100 characters")
+    elif any(unicodedata.category(ch) in ("Cc", "Cf") for ch in text):
+        violations.add(name, "must not contain control or formatting characters")
+    return text
 
 
 def check_roles(violations: Violations, name: str, roles: Sequence[str]) -> None:

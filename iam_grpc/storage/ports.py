@@ -80,12 +80,29 @@ class UserStore(Protocol):
         *,
         expect_credential_version: int | None = None,
         bump_version: bool = True,
+        verify_email: bool = False,
     ) -> bool:
         """Store a new hash (bumping ``credential_version`` unless it is a rehash).
 
         With ``expect_credential_version`` the update only happens while the
-        version still has that value. Returns whether a row changed.
+        version still has that value; ``verify_email`` sets ``email_verified_at`` if it is
+        empty (a reset link proved the mailbox). Returns whether a row changed.
         """
+        ...
+
+    async def change_email(
+        self,
+        user_id: str,
+        email: str,
+        email_norm: str,
+        now: datetime,
+        *,
+        expect_email_norm: str,
+        expect_credential_version: int,
+    ) -> bool:
+        """Move the account to a new address (verified now) while its address and credential
+        version are still the expected ones; :class:`Conflict` ("users.email_norm") when the new
+        address is taken. Returns whether a row changed."""
         ...
 
     async def set_status(self, user_id: str, status: str, now: datetime) -> bool: ...
@@ -338,8 +355,9 @@ class Database(Protocol):
         """``sqlite`` or ``mysql``."""
         ...
 
-    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
-        """Commit on normal exit, roll back on an exception."""
+    def transaction(self, *, read_only: bool = False) -> AbstractAsyncContextManager[Transaction]:
+        """Commit on normal exit, roll back on an exception. ``read_only`` promises no writes, so
+        SQLite need not take its single write lock (the statements still see one snapshot)."""
         ...
 
     def named_lock(self, name: str, timeout: timedelta) -> AbstractAsyncContextManager[bool]:

@@ -153,7 +153,7 @@ def test_access_log_lines_are_json_with_the_clients_request_id(
     login = [r for r in records if r.get("method") == "/iam.v1.AuthService/Login"]
     assert len(login) == 1
     assert login[0]["request_id"] == "e2e-request-0001"
-    assert login[0]["grpc_status"] == "UNIMPLEMENTED"
+    assert login[0]["grpc_status"] == "INVALID_ARGUMENT"  # no client.ip
     assert isinstance(login[0]["duration_ms"], float)
     everything = "".join(p.read_text() for p in (folder / "var" / "logs").glob("*.log")) + (
         process.stdout.read() if process.stdout else ""

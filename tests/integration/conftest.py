@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ import pytest_asyncio
 
 from iam_grpc.storage.sql import migrate
 from iam_grpc.storage.sql.database import SqlDatabase
+from tests.mailbox import Mailbox
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session", params=["sqlite", "mysql"])
@@ -26,3 +27,12 @@ async def database(
     await migrate.upgrade(db.engine)
     yield db
     await db.close()
+
+
+@pytest.fixture(scope="module")
+def mailbox() -> Iterator[Mailbox]:
+    """A real SMTP server (aiosmtpd) for the module's service to send to."""
+    box = Mailbox()
+    box.start()
+    yield box
+    box.stop()

@@ -83,7 +83,7 @@ async def test_both_configured_keys_of_a_caller_work(keyed: RunningService) -> N
     """A caller may have two keys (rotation); each passes authentication."""
     async with keyed.channel() as channel:
         for key in BFF_KEYS:
-            assert await login_outcome(channel, key) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
+            assert await login_outcome(channel, key) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 
 
 async def test_a_caller_outside_its_methods_is_permission_denied(keyed: RunningService) -> None:
@@ -116,7 +116,7 @@ async def test_denials_are_counted(keyed: RunningService) -> None:
 async def test_loopback_callers_need_no_key_in_embedded_mode(tmp_path: Path) -> None:
     """By default embedded mode serves unauthenticated callers on loopback."""
     async with running_service(tmp_path) as running, running.channel() as channel:
-        assert await login_outcome(channel) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
+        assert await login_outcome(channel) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 
 
 async def test_a_server_listening_beyond_loopback_needs_keys_even_from_loopback(tmp_path: Path) -> None:
@@ -124,7 +124,10 @@ async def test_a_server_listening_beyond_loopback_needs_keys_even_from_loopback(
     env = {**CALLERS, "IAM_GRPC_LISTEN": "0.0.0.0:0"}
     async with running_service(tmp_path, env) as running, running.channel() as channel:
         assert await login_outcome(channel) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNKNOWN")
-        assert await login_outcome(channel, BFF_KEYS[0]) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
+        assert await login_outcome(channel, BFF_KEYS[0]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
 
 
 async def test_remote_callers_need_a_key_even_in_embedded_mode(tmp_path: Path) -> None:
@@ -137,8 +140,8 @@ async def test_remote_callers_need_a_key_even_in_embedded_mode(tmp_path: Path) -
     ):
         assert await login_outcome(channel) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNKNOWN")
         assert await login_outcome(channel, BFF_KEYS[1]) == (
-            grpc.StatusCode.UNIMPLEMENTED,
-            "UNIMPLEMENTED",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
         )
 
 
@@ -202,8 +205,8 @@ async def test_tls_serves_with_a_server_certificate(pki: dict[str, Path | bytes]
         secure_channel(running.address, pki, None) as channel,
     ):
         assert await login_outcome(channel, BFF_KEYS[0]) == (
-            grpc.StatusCode.UNIMPLEMENTED,
-            "UNIMPLEMENTED",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
         )
         assert await login_outcome(channel) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNKNOWN")
 
@@ -212,7 +215,7 @@ async def test_mtls_identifies_callers_by_certificate(pki: dict[str, Path | byte
     """A certificate with a configured SAN is the caller; an unknown SAN is CALLER_UNKNOWN."""
     async with running_service(tmp_path, tls_env(pki, mutual=True)) as running:
         async with secure_channel(running.address, pki, "bff") as channel:
-            assert await login_outcome(channel) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
+            assert await login_outcome(channel) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
         async with secure_channel(running.address, pki, "stranger") as channel:
             assert await login_outcome(channel) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNKNOWN")
 
@@ -224,7 +227,7 @@ async def test_mtls_refuses_missing_or_foreign_certificates(
     """No client certificate, or one from another CA, fails the handshake (while a valid one works)."""
     async with running_service(tmp_path, tls_env(pki, mutual=True)) as running:
         async with secure_channel(running.address, pki, "bff") as good:
-            assert await login_outcome(good) == (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED")
+            assert await login_outcome(good) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
         async with secure_channel(running.address, pki, client) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await auth_pb2_grpc.AuthServiceStub(channel).Login(auth_pb2.LoginRequest(), timeout=3)

@@ -91,6 +91,8 @@ async def test_a_queued_email_is_delivered_with_both_bodies(
     async with running_service(tmp_path, env(backend, mailbox)) as iam:
         message_id = await queue_reset(iam.app, to, link=link)
         await wait_for(lambda: bool(mailbox.to(to)))
+        # The SMTP server has the message before the sender commits the row's new state.
+        await wait_for(lambda: _status(iam.app, message_id, "sent"))
         sent = await row(iam.app, message_id)
     (email,) = mailbox.to(to)
     assert email.get_content_type() == "multipart/alternative"

@@ -59,7 +59,7 @@ async def test_a_burst_over_an_ip_limit_is_rate_limited_with_retry_info(service:
     ip = fresh_ip()
     async with service.channel() as channel:
         outcomes = [await signup(channel, ip) for _ in range(3)]
-    assert [code for code, _ in outcomes[:2]] == [grpc.StatusCode.UNIMPLEMENTED] * 2
+    assert [code for code, _ in outcomes[:2]] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
     code, details = outcomes[2]
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details.reason == "RATE_LIMITED"  # type: ignore[attr-defined]
@@ -77,7 +77,7 @@ async def test_limits_of_one_rpc_do_not_touch_another(service: RunningService) -
             await auth_pb2_grpc.AuthServiceStub(channel).Login(
                 auth_pb2.LoginRequest(client=common_pb2.ClientContext(ip=ip))
             )
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_untrusted_callers_cannot_choose_the_ip_that_is_counted(service: RunningService) -> None:
@@ -85,8 +85,8 @@ async def test_untrusted_callers_cannot_choose_the_ip_that_is_counted(service: R
     async with service.channel() as channel:
         codes = [(await signup(channel, fresh_ip(), UNTRUSTED_KEY))[0] for _ in range(3)]
     assert codes == [
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     ]
     await asyncio.sleep(1.1)  # let the peer's 1 s window pass for the other tests
@@ -96,7 +96,7 @@ async def test_trusted_callers_relay_the_end_users_ip(service: RunningService) -
     """From a trusted caller, distinct client.ip values are distinct users."""
     async with service.channel() as channel:
         codes = [(await signup(channel, fresh_ip()))[0] for _ in range(6)]
-    assert set(codes) == {grpc.StatusCode.UNIMPLEMENTED}
+    assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
 
 
 async def test_refusals_and_blocks_are_counted_and_audited(service: RunningService) -> None:
@@ -131,7 +131,7 @@ async def test_exempt_networks_are_never_ip_limited(backend: Backend, tmp_path: 
     env = {**backend.isolated(), "IAM_RATELIMIT__EXEMPT_CIDRS": '["203.0.113.0/24"]'}
     async with running_service(tmp_path, env) as running, running.channel() as channel:
         codes = {(await signup(channel, "203.0.113.9"))[0] for _ in range(8)}
-    assert codes == {grpc.StatusCode.UNIMPLEMENTED}
+    assert codes == {grpc.StatusCode.INVALID_ARGUMENT}
 
 
 async def test_limits_can_be_tuned_per_group(backend: Backend, tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ async def test_limits_can_be_tuned_per_group(backend: Backend, tmp_path: Path) -
     ip = fresh_ip()
     async with running_service(tmp_path, env) as running, running.channel() as channel:
         codes = [(await signup(channel, ip))[0] for _ in range(5)]
-    assert codes == [grpc.StatusCode.UNIMPLEMENTED] * 4 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 4 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
 
 
 async def test_redis_down_falls_back_to_local_limits(private_redis: tuple[int, Path], tmp_path: Path) -> None:
@@ -162,8 +162,8 @@ async def test_redis_down_falls_back_to_local_limits(private_redis: tuple[int, P
     finally:
         logger.remove(sink)
     assert codes == [
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     ]
     assert "limiter store failed; limiting in process memory" in warnings

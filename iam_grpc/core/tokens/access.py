@@ -17,6 +17,7 @@ from typing import Any
 import jwt
 
 from iam_grpc.clock import Clock
+from iam_grpc.core.crypto import constant_time_equal
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.errors import RoleRequired, SessionRevoked, TokenExpired, TokenInvalid
@@ -240,4 +241,12 @@ class AccessTokens:
         missing = [role for role in required_roles if role not in claims.roles]
         if missing:
             raise RoleRequired(missing)
+        return claims
+
+    async def verify_from_device(self, token: str, device_id: str) -> AccessClaims:
+        """Steps 1-7, and the token must belong to the device that presents it (RPCs that carry
+        ``client``): a non-empty ``client.device_id`` equal to ``did``, else TOKEN_INVALID."""
+        claims = await self.verify(token)
+        if not device_id or not constant_time_equal(device_id, claims.device_id):
+            raise TokenInvalid()
         return claims

@@ -98,7 +98,7 @@ class DenyList:
             if now - self._last_warning > _WARN_EVERY:
                 self._last_warning = now
                 log.warning("deny-list store failed; reading session revocations from SQL")
-            async with self._db.transaction() as tx:
+            async with self._db.transaction(read_only=True) as tx:
                 session = await tx.sessions.get(session_id)
             return "session" if session is None or session.revoked_at is not None else None
         if key_denied:
@@ -112,7 +112,7 @@ class DenyList:
     async def replay(self) -> int:
         """Rewrite the markers of sessions revoked within an access token's lifetime."""
         since = self._clock.now() - self._memory
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(read_only=True) as tx:
             ids = await tx.sessions.revoked_since(since)
             withdrawn = [
                 row.kid

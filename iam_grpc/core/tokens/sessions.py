@@ -21,6 +21,7 @@ from typing import Protocol
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.crypto import SealError, SecretMaterial, open_with_secret, seal_with_secret
+from iam_grpc.core.devices import baseline_of, is_trusted
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.ratelimit import RateLimiter, ip_key
@@ -76,6 +77,7 @@ class SessionPolicy:
     grace: timedelta = timedelta(seconds=15)
     reuse_mfa_hold: timedelta = timedelta(days=7)
     max_per_user: int = 10
+    trust_idle: timedelta = timedelta(days=90)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,10 @@ class SessionManager:
         self._policy = policy
         self.refresh_check: RefreshCheck | None = None
 
+    @property
+    def trust_idle(self) -> timedelta:
+        return self._policy.trust_idle
+
     # hashing ---------------------------------------------------------------------------
 
     def token_hash(self, raw: str) -> str:
@@ -178,14 +184,25 @@ class SessionManager:
         return device
 
     async def link_device(
-        self, tx: Transaction, user_id: str, device: Device, client: ClientInfo, now: datetime, *, trust: bool
+        self,
+        tx: Transaction,
+        user_id: str,
+        device: Device,
+        client: ClientInfo,
+        agent: ParsedAgent,
+        now: datetime,
+        *,
+        trust: bool,
     ) -> UserDevice:
+        """The user-device link, seen now; ``trust`` (re)grants trust with the current baseline."""
         link = await tx.devices.get_link(user_id, device.id)
         if link is None:
             link = UserDevice(user_id=user_id, device_id=device.id, first_seen_at=now, last_seen_at=now)
         link = replace(link, last_seen_at=now, last_ip=client.ip)
-        if trust:
-            link = replace(link, trusted_at=now)
+        if not link.baseline:
+            link = replace(link, baseline=baseline_of(agent))  # first sight (behaviour.md 6.2)
+        if trust and not is_trusted(link, agent, now, self._policy.trust_idle):
+            link = replace(link, trusted_at=now, baseline=baseline_of(agent))
         await tx.devices.save_link(link)
         return link
 
@@ -208,7 +225,7 @@ class SessionManager:
         now = self._clock.now()
         agent = self._agents.parse(client.user_agent)
         device = await self.resolve_device(tx, client, agent, now)
-        await self.link_device(tx, user.id, device, client, now, trust=trust_device)
+        await self.link_device(tx, user.id, device, client, agent, now, trust=trust_device)
         session = SessionRecord(
             id=new_ulid(now),
             user_id=user.id,
@@ -612,7 +629,7 @@ class SessionManager:
     async def list_sessions(self, claims: AccessClaims) -> list[SessionView]:
         await self._limiter.hit("sessions.user", claims.user_id)
         now = self._clock.now()
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(read_only=True) as tx:
             live = await tx.sessions.list_live(claims.user_id, now)
             return [
                 SessionView(session, await tx.devices.get(session.device_id), session.id == claims.session_id)

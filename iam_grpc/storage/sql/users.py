@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, delete, func, insert, literal, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from iam_grpc.storage.records import User
 from iam_grpc.storage.sql._rows import to_record, to_values
 from iam_grpc.storage.sql.tables import roles, user_roles, users
+from iam_grpc.storage.sql.types import UtcDateTime
 
 __all__ = ["SqlUserStore"]
 
@@ -42,6 +43,7 @@ class SqlUserStore:
         *,
         expect_credential_version: int | None = None,
         bump_version: bool = True,
+        verify_email: bool = False,
     ) -> bool:
         condition = users.c.id == user_id
         if expect_credential_version is not None:
@@ -54,7 +56,32 @@ class SqlUserStore:
         if bump_version:
             values["credential_version"] = users.c.credential_version + 1
             values["password_changed_at"] = now
+        if verify_email:
+            values["email_verified_at"] = func.coalesce(
+                users.c.email_verified_at, literal(now, type_=UtcDateTime()), type_=UtcDateTime()
+            )
         result = await self._c.execute(update(users).where(condition).values(**values))
+        return result.rowcount == 1
+
+    async def change_email(
+        self,
+        user_id: str,
+        email: str,
+        email_norm: str,
+        now: datetime,
+        *,
+        expect_email_norm: str,
+        expect_credential_version: int,
+    ) -> bool:
+        result = await self._c.execute(
+            update(users)
+            .where(
+                users.c.id == user_id,
+                users.c.email_norm == expect_email_norm,
+                users.c.credential_version == expect_credential_version,
+            )
+            .values(email=email, email_norm=email_norm, email_verified_at=now, updated_at=now)
+        )
         return result.rowcount == 1
 
     async def set_status(self, user_id: str, status: str, now: datetime) -> bool:

@@ -1,0 +1,135 @@
+"""Signup (behaviour.md 2.3): limits, input rules, domain checks, password checks, hash, then
+the account, its device and its first session in one transaction.
+
+The steps run in the documented order and the first failure answers, so the
+cheap refusals (limits, input) come before the lookups (DNS, breach range)
+and those before the expensive argon2 hash. Nothing is written before the
+final transaction, so a failure anywhere leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from iam_grpc.clock import Clock
+from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.password_rules import PasswordRules
+from iam_grpc.core.passwords import PasswordHashing
+from iam_grpc.core.ratelimit import RateLimiter, pair_key
+from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession, SessionManager
+from iam_grpc.core.validation import Violations, check_email, check_name
+from iam_grpc.errors import EmailTaken
+from iam_grpc.ids import new_ulid
+from iam_grpc.logging import component_logger
+from iam_grpc.storage.ports import Conflict, Database
+from iam_grpc.storage.records import User
+
+__all__ = ["EmailDomains", "SignupFlow", "SignupForm"]
+
+log = component_logger("iam.signup")
+
+
+class EmailDomains(Protocol):
+    """Disposable-list and MX checks of an email domain; raises EMAIL_DOMAIN_REJECTED."""
+
+    async def check(self, domain: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SignupForm:
+    email: str
+    password: str
+    name: str
+    last_name: str
+    terms_accepted: bool
+
+
+class SignupFlow:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        limiter: RateLimiter,
+        rules: PasswordRules,
+        domains: EmailDomains,
+        hashing: PasswordHashing,
+        sessions: SessionManager,
+        audit: AuditTrail,
+        *,
+        default_roles: Sequence[str],
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._limiter = limiter
+        self._rules = rules
+        self._domains = domains
+        self._hashing = hashing
+        self._sessions = sessions
+        self._audit = audit
+        self._default_roles = tuple(default_roles)
+
+    async def signup(self, client: ClientInfo, form: SignupForm, violations: Violations) -> IssuedSession:
+        """Steps 2-8 (the caller check and ``signup.ip`` ran in the interceptors).
+
+        ``violations`` holds the client-context problems found by the servicer; the field rules
+        add theirs and all are reported together.
+        """
+        email = check_email(violations, "email", form.email)
+        name = check_name(violations, "name", form.name, required=True)
+        last_name = check_name(violations, "last_name", form.last_name, required=False)
+        self._rules.check_new(
+            violations, "password", form.password, email=email.norm if email else "", names=[name, last_name]
+        )
+        if not form.terms_accepted:
+            violations.add("terms_accepted", "must be true: the terms were not accepted")
+        violations.raise_any()
+        assert email is not None
+
+        await self._limiter.hit("signup.pair", pair_key(client.ip, email.norm))
+        await self._limiter.hit("signup.email", email.norm)
+        if client.device_id:
+            await self._limiter.hit("signup.device", client.device_id)
+
+        await self._domains.check(email.domain_ascii)
+        await self._rules.ensure_not_breached(form.password)
+        stored = await self._hashing.hash(form.password)
+
+        now = self._clock.now()
+        user = User(
+            id=new_ulid(now),
+            email=email.display,
+            email_norm=email.norm,
+            password_hash=stored.phc,
+            pepper_id=stored.pepper_id or 0,
+            name=name,
+            last_name=last_name,
+            locale=client.accept_language or None,
+            terms_accepted_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            async with self._db.transaction() as tx:
+                await tx.users.insert(user)
+                for role in self._default_roles:
+                    await tx.users.grant_role(user.id, role, "signup", now)
+                issued, evicted = await self._sessions.open_session(tx, user, client, trust_device=True)
+                await self._audit.record(
+                    self._audit.event(
+                        "user.signup",
+                        "ok",
+                        user_id=user.id,
+                        session_id=issued.session_id,
+                        device_id=issued.device_id,
+                    ),
+                    tx,
+                )
+        except Conflict as conflict:
+            if conflict.constraint == "users.email_norm":
+                raise EmailTaken() from None
+            raise
+        await self._sessions.after_revocations(evicted)
+        log.bind(user_id=user.id).info("signed up")
+        return issued
