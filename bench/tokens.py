@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from iam_grpc.proto import common_pb2, token_pb2, token_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.sessions_helper
 MYSQL = os.environ.get("TEST_MYSQL_SERVER", "mysql+asyncmy://root@127.0.0.1:3306")
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"  # as sessions_helper
 
 
 async def in_process_app(folder: Path, extra: dict[str, str]) -> Any:
@@ -53,20 +56,106 @@ async def in_process_app(folder: Path, extra: dict[str, str]) -> Any:
     return app
 
 
-async def sessions_for(app: Any, count: int) -> list[Any]:
+async def sessions_for(app: Any, ips: list[str]) -> list[Any]:
+    """One signed-in session per address (one user each: sessions.max_per_user would evict)."""
     from tests.sessions_helper import new_session, new_user
 
     sessions = []
-    for _ in range(count):  # one user each: sessions.max_per_user would evict the oldest
-        _, session = await new_session(app, await new_user(app))
+    for ip in ips:
+        _, session = await new_session(app, await new_user(app), ip=ip)
         sessions.append(session)
     return sessions
 
 
-def client_context() -> common_pb2.ClientContext:
-    return common_pb2.ClientContext(
-        ip=f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
-    )
+def random_ip() -> str:
+    return f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+
+
+# The benchmark's clients rotate far faster than real ones (a real client rotates about once per
+# access-token lifetime): the rotation-burst check and the per-ip refresh limit would rightly stop them.
+BURSTS_ALLOWED = {
+    "IAM_ANOMALY__BURST_MAX": "1000",
+    "IAM_ANOMALY__BURST_WINDOW": "1s",
+    "IAM_RATELIMIT__GROUPS": json.dumps({"refresh.ip": {"windows": ["100000/1s"]}}),
+}
+
+
+@contextlib.asynccontextmanager
+async def mariadb_and_redis() -> AsyncIterator[dict[str, str]]:
+    """A database of its own on MariaDB and a Redis prefix of its own, dropped afterwards."""
+    name = "iam_bench_" + secrets.token_hex(3)
+    admin = create_async_engine(MYSQL + "/", isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    try:
+        yield {
+            "IAM_DATABASE_URL": f"{MYSQL}/{name}",
+            "IAM_REDIS_URL": REDIS,
+            "IAM_REDIS__KEY_PREFIX": f"{name}:",
+            "IAM_SECRETS__MASTER_KEY": secrets.token_urlsafe(32),
+            "IAM_PASSWORDS__PEPPERS": json.dumps({"1": secrets.token_urlsafe(24)}),
+            "IAM_PASSWORDS__CURRENT_PEPPER": "1",
+            **BURSTS_ALLOWED,
+        }
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        await admin.dispose()
+
+
+async def refresh_rate(seconds: float, concurrency: int, workers: int, *, checks: bool) -> float:
+    """Rotations per second: C clients (a fixed address and device each, as real users) over 4
+    connections, each refreshing its own chain."""
+    from tests.sessions_helper import NO_ANOMALY_CHECKS
+
+    async with mariadb_and_redis() as shared:
+        if not checks:
+            shared = {**shared, **NO_ANOMALY_CHECKS}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            ips = [random_ip() for _ in range(concurrency)]
+            app = await in_process_app(folder / "helper", shared)
+            try:
+                sessions = await sessions_for(app, ips)
+            finally:
+                await app.stop()
+            process, port = serve(folder, {**shared, "IAM_SERVER__WORKERS": str(workers)})
+            # Several connections, as from several clients: SO_REUSEPORT spreads connections.
+            channels = [
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+                for _ in range(4)
+            ]
+            try:
+                rotations = 0
+                stop = time.monotonic() + seconds
+                stubs = [token_pb2_grpc.TokenServiceStub(channel) for channel in channels]
+
+                async def worker(stub: token_pb2_grpc.TokenServiceStub, session: Any, ip: str) -> None:
+                    nonlocal rotations
+                    token = session.refresh_token
+                    context = common_pb2.ClientContext(ip=ip, user_agent=UA, device_id=session.device_id)
+                    while time.monotonic() < stop:
+                        answer = await stub.Refresh(
+                            token_pb2.RefreshRequest(client=context, refresh_token=token)
+                        )
+                        if answer.WhichOneof("result") != "session":
+                            raise RuntimeError(f"challenged: {answer.mfa.reason}")
+                        token = answer.session.refresh_token
+                        rotations += 1
+
+                started = time.monotonic()
+                await asyncio.gather(
+                    *(worker(stubs[i % len(stubs)], s, ips[i]) for i, s in enumerate(sessions))
+                )
+                elapsed = time.monotonic() - started
+            finally:
+                for channel in channels:
+                    await channel.close()
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    return round(rotations / elapsed, 1)
 
 
 async def verify_ratio(seconds: float, concurrency: int) -> dict[str, Any]:
@@ -76,7 +165,7 @@ async def verify_ratio(seconds: float, concurrency: int) -> dict[str, Any]:
         try:
             app = await in_process_app(folder, {})  # same data directory: same database and secrets
             try:
-                (session,) = await sessions_for(app, 1)
+                (session,) = await sessions_for(app, [random_ip()])
                 fresh = [  # distinct tokens, for the guard's first sight of a token
                     app.access.mint(
                         user_id=session.user_id,
@@ -132,64 +221,46 @@ async def verify_ratio(seconds: float, concurrency: int) -> dict[str, Any]:
     }
 
 
-async def refresh_rate(seconds: float, concurrency: int, workers: int) -> float:
-    name = "iam_bench_" + secrets.token_hex(3)
-    admin = create_async_engine(MYSQL + "/", isolation_level="AUTOCOMMIT")
-    async with admin.connect() as connection:
-        await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    shared = {
-        "IAM_DATABASE_URL": f"{MYSQL}/{name}",
-        "IAM_REDIS_URL": REDIS,
-        "IAM_REDIS__KEY_PREFIX": f"{name}:",
-        "IAM_SECRETS__MASTER_KEY": secrets.token_urlsafe(32),
-        "IAM_PASSWORDS__PEPPERS": json.dumps({"1": secrets.token_urlsafe(24)}),
-        "IAM_PASSWORDS__CURRENT_PEPPER": "1",
-    }
-    try:
+async def anomaly_cost(rounds: int) -> dict[str, float]:
+    """The anomaly evaluation's own cost per Refresh, in process on MariaDB + Redis: the same
+    refreshes (one at a time) with the checks plugged in and taken out, timed, and the SQL
+    statements each one ran."""
+    from iam_grpc.core.tokens.sessions import ClientInfo
+
+    async with mariadb_and_redis() as shared:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            app = await in_process_app(folder / "helper", shared)
+            app = await in_process_app(Path(tmp), shared)
             try:
-                sessions = await sessions_for(app, concurrency)
+                checks = app.sessions.refresh_check
+                ips = [random_ip() for _ in range(rounds)]
+                results: dict[str, tuple[float, float]] = {}
+                for label, check in (("off", None), ("on", checks), ("off2", None), ("on2", checks)):
+                    app.sessions.refresh_check = check
+                    sessions = await sessions_for(app, ips[: rounds // 4])
+                    statements = app.metrics.sql_statements._value.get()
+                    started = time.perf_counter()
+                    for session, ip in zip(sessions, ips, strict=False):
+                        client = ClientInfo(ip=ip, user_agent=UA, device_id=session.device_id)
+                        answer = await app.sessions.refresh(client, session.refresh_token)
+                        if not hasattr(answer, "refresh_token"):
+                            raise RuntimeError("challenged")
+                    took = time.perf_counter() - started
+                    count = len(sessions)
+                    results[label] = (
+                        took / count * 1e6,
+                        (app.metrics.sql_statements._value.get() - statements) / count,
+                    )
             finally:
                 await app.stop()
-            process, port = serve(folder, {**shared, "IAM_SERVER__WORKERS": str(workers)})
-            # Several connections, as from several clients: SO_REUSEPORT spreads connections.
-            channels = [
-                grpc.aio.insecure_channel(
-                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
-                )
-                for _ in range(4)
-            ]
-            try:
-                rotations = 0
-                stop = time.monotonic() + seconds
-                stubs = [token_pb2_grpc.TokenServiceStub(channel) for channel in channels]
-
-                async def worker(stub: token_pb2_grpc.TokenServiceStub, token: str) -> None:
-                    nonlocal rotations
-                    while time.monotonic() < stop:
-                        answer = await stub.Refresh(
-                            token_pb2.RefreshRequest(client=client_context(), refresh_token=token)
-                        )
-                        token = answer.session.refresh_token
-                        rotations += 1
-
-                started = time.monotonic()
-                await asyncio.gather(
-                    *(worker(stubs[i % len(stubs)], s.refresh_token) for i, s in enumerate(sessions))
-                )
-                elapsed = time.monotonic() - started
-            finally:
-                for channel in channels:
-                    await channel.close()
-                process.send_signal(signal.SIGTERM)
-                process.wait(30)
-    finally:
-        async with admin.connect() as connection:
-            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        await admin.dispose()
-    return round(rotations / elapsed, 1)
+    off = (results["off"][0] + results["off2"][0]) / 2
+    on = (results["on"][0] + results["on2"][0]) / 2
+    return {
+        "refresh_us_without_checks": round(off),
+        "refresh_us_with_checks": round(on),
+        "anomaly_evaluation_us": round(on - off),
+        "sql_statements_per_refresh_without_checks": round(results["off"][1], 1),
+        "sql_statements_per_refresh_with_checks": round(results["on"][1], 1),
+    }
 
 
 async def main() -> None:
@@ -201,10 +272,13 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     results = await verify_ratio(args.seconds, args.concurrency)
-    for workers in (1, 2):
+    results.update(await anomaly_cost(400))
+    for workers, checks in ((1, False), (1, True), (2, True)):
         # Loopback runs on two shared cores vary by +-15 %: report the median and the spread.
-        rates = sorted([await refresh_rate(args.seconds * 2, args.concurrency, workers) for _ in range(3)])
-        name = f"refresh_rotations_per_s_mariadb_{workers}_worker{'s' if workers > 1 else ''}"
+        rates = sorted(
+            [await refresh_rate(args.seconds * 2, args.concurrency, workers, checks=checks) for _ in range(3)]
+        )
+        name = f"refresh_per_s_mariadb_{workers}_worker{'s' if workers > 1 else ''}_checks_{'on' if checks else 'off'}"
         results[name] = rates[1]
         results[f"{name}_min_max"] = [rates[0], rates[-1]]
     results["refresh_clients"] = args.concurrency

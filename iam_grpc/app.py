@@ -18,6 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from iam_grpc.clock import Clock, SystemClock
 from iam_grpc.config import Settings, join_host_port
+from iam_grpc.core.anomalies import CHECKS, AnomalyChecks, AnomalyPolicy
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import ChallengePolicy, Challenges
 from iam_grpc.core.cleanup import Cleanup, CleanupPolicy
@@ -30,17 +31,21 @@ from iam_grpc.core.links import Links
 from iam_grpc.core.login import LoginFlow
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.mail.sender import OutboxSender
+from iam_grpc.core.mfa import MfaFlows, MfaPolicy
+from iam_grpc.core.observation import LearningPolicy, Observer
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import Argon2Params, PasswordHashing
 from iam_grpc.core.ratelimit import RateLimiter
+from iam_grpc.core.risk import POINTS, RiskScores, limiter_hook
 from iam_grpc.core.signup import SignupFlow
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
-from iam_grpc.core.tokens.sessions import SessionManager, SessionPolicy
+from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager, SessionPolicy
 from iam_grpc.dns import MailDomainLookup
 from iam_grpc.errors import BackendUnavailable
+from iam_grpc.geo import GeoLookup, geo_lookup
 from iam_grpc.hibp import BreachedPasswords as BreachedPasswordsAdapter
 from iam_grpc.hibp import breached_passwords
 from iam_grpc.logging import component_logger
@@ -114,6 +119,9 @@ class Application:
         self.breached: BreachedPasswordsAdapter | None = None
         self.links: Links | None = None
         self.challenges: Challenges | None = None
+        self.geo: GeoLookup | None = None
+        self.risk: RiskScores | None = None
+        self.mfa: MfaFlows | None = None
         self.flows: AuthFlows | None = None
         self.server: grpc.aio.Server | None = None
         self.http: OpsHttpServer | None = None
@@ -269,6 +277,7 @@ class Application:
         assert self.db is not None
         assert self.secrets is not None
         self.audit = AuditTrail(self.db, self.clock, self.secrets.material)
+        self.risk = RiskScores(self.ephemeral, self.secrets.material, self.clock)
         self.limiter = RateLimiter(
             limits,
             groups=s.ratelimit.resolved_groups(),
@@ -279,6 +288,7 @@ class Application:
             exempt=s.ratelimit.exempt_networks(),
             audit=self.audit,
             enabled=s.ratelimit.enabled,
+            on_refusal=limiter_hook(self.risk),
         )
         self._start_mail()
         self._start_tokens()
@@ -405,6 +415,20 @@ class Application:
             base_url=s.links.base_url,
             paths=s.links.paths.model_dump(),
         )
+        try:
+            self.geo = geo_lookup(s.geoip)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        observer = Observer(self.agents, self.geo)
+        anomaly, devices = s.anomaly, s.devices
+        learning = LearningPolicy(
+            ipv4_prefix=anomaly.ipv4_prefix,
+            ipv6_prefix=anomaly.ipv6_prefix,
+            max_networks=devices.max_networks,
+            network_memory=devices.network_memory,
+            max_countries=devices.max_countries,
+            proxy_allowance=anomaly.proxy_allowance,
+        )
         self.challenges = Challenges(
             self.db,
             self.ephemeral,
@@ -416,10 +440,75 @@ class Application:
                 code_length=s.mfa.code_length,
                 ttl=s.mfa.ttl,
                 max_attempts=s.mfa.max_attempts,
+                resend_interval=s.mfa.resend_interval,
                 max_resends=s.mfa.max_resends,
+                max_lifetime=s.mfa.max_lifetime,
                 max_pending_per_user=s.mfa.max_pending_per_user,
             ),
         )
+        assert self.risk is not None
+        self.mfa = MfaFlows(
+            self.db,
+            self.ephemeral,
+            material,
+            self.clock,
+            self.limiter,
+            self.challenges,
+            self.links,
+            self.sessions,
+            self.access,
+            observer,
+            self.risk,
+            self.mailer,
+            self.audit,
+            policy=MfaPolicy(
+                code_length=s.mfa.code_length,
+                grant_ttl=s.step_up.grant_ttl,
+                step_up_actions=tuple(s.step_up.actions),
+            ),
+            learning=learning,
+        )
+        anomaly_checks = AnomalyChecks(
+            self.clock,
+            self.challenges,
+            self.mfa,
+            self.sessions,
+            observer,
+            self.risk,
+            self.limiter,
+            self.audit,
+            self.metrics,
+            policy=AnomalyPolicy(
+                actions={name: getattr(anomaly, name).action for name in CHECKS},
+                tor_action=anomaly.tor.action,
+                idle_after=anomaly.idle_after,
+                max_sessions=anomaly.max_sessions,
+                session_count_bypass=anomaly.session_count_bypass,
+                burst_max=anomaly.burst_max,
+                burst_window=anomaly.burst_window,
+                asn_match=anomaly.asn_match,
+                risk_threshold=anomaly.risk_threshold,
+                travel_max_kmh=anomaly.travel_max_kmh,
+                travel_min_km=anomaly.travel_min_km,
+            ),
+            learning=learning,
+        )
+        if any(getattr(anomaly, name).action != "off" for name in CHECKS):
+            self.sessions.refresh_check = (
+                anomaly_checks  # with every check off, Refresh does not pay for the seam
+            )
+        risk = self.risk
+
+        async def risk_event(event: str, client: ClientInfo) -> None:
+            ip_points, device_points = POINTS[event]
+            await risk.add(
+                ip=client.ip,
+                device_id=client.device_id or None,
+                ip_points=ip_points,
+                device_points=device_points,
+            )
+
+        self.sessions.risk_event = risk_event
         common_args = (self.db, self.clock)
         self.flows = AuthFlows(
             signup=SignupFlow(
@@ -430,7 +519,9 @@ class Application:
                 self.hashing,
                 self.sessions,
                 self.audit,
+                observer,
                 default_roles=s.roles.default,
+                learning=learning,
             ),
             login=LoginFlow(
                 *common_args,
@@ -439,11 +530,17 @@ class Application:
                 self.hashing,
                 self.sessions,
                 self.challenges,
+                self.mfa,
                 self.mailer,
-                self.agents,
+                observer,
+                self.risk,
                 self.audit,
                 self.metrics,
                 mfa_on_new_device=s.login.mfa_on_new_device,
+                risk_threshold=anomaly.risk_threshold,
+                travel_min_km=anomaly.travel_min_km,
+                travel_max_kmh=anomaly.travel_max_kmh,
+                learning=learning,
             ),
             reset=PasswordReset(
                 *common_args,
@@ -716,6 +813,8 @@ class Application:
         if self.hashing is not None:
             with contextlib.suppress(Exception):
                 await self.hashing.close()
+        if self.geo is not None:
+            self.geo.close()
         if self.breached is not None:
             with contextlib.suppress(Exception):
                 await self.breached.close()

@@ -399,6 +399,40 @@ class EmailChangeSettings(_Group):
     max_auth_age: Duration = timedelta(minutes=15)
 
 
+CheckAction = Literal["mfa", "block", "off"]
+
+
+class CheckSettings(_Group):
+    action: CheckAction = "mfa"
+
+
+class AnomalySettings(_Group):
+    """The Refresh checks of behaviour.md 3.2: one ``action`` per check, and their parameters."""
+
+    device: CheckSettings = CheckSettings()
+    idle: CheckSettings = CheckSettings()
+    session_count: CheckSettings = CheckSettings()
+    rotation_burst: CheckSettings = CheckSettings(action="block")
+    network: CheckSettings = CheckSettings()
+    risk: CheckSettings = CheckSettings()
+    proxy: CheckSettings = CheckSettings()
+    tor: CheckSettings = CheckSettings()
+    fingerprint: CheckSettings = CheckSettings()
+    travel: CheckSettings = CheckSettings()
+    idle_after: Duration = timedelta(hours=72)
+    max_sessions: int = Field(default=5, ge=1, le=1000)
+    session_count_bypass: Duration = timedelta(days=7)
+    burst_max: int = Field(default=3, ge=1, le=1000)
+    burst_window: Duration = timedelta(minutes=10)
+    ipv4_prefix: int = Field(default=24, ge=8, le=32)
+    ipv6_prefix: int = Field(default=56, ge=16, le=128)
+    asn_match: bool = True
+    risk_threshold: int = Field(default=25, ge=1)
+    proxy_allowance: Duration = timedelta(days=30)
+    travel_max_kmh: float = Field(default=900, gt=0)
+    travel_min_km: float = Field(default=500, ge=0)
+
+
 class StepUpSettings(_Group):
     grant_ttl: Duration = timedelta(minutes=5)
     actions: list[str] = []
@@ -651,6 +685,7 @@ class Settings(BaseSettings):
     sessions: SessionsSettings = SessionsSettings()
     devices: DevicesSettings = DevicesSettings()
     login: LoginSettings = LoginSettings()
+    anomaly: AnomalySettings = AnomalySettings()
     mfa: MfaSettings = MfaSettings()
     links: LinksSettings = LinksSettings()
     reset: ResetSettings = ResetSettings()

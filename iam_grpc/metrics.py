@@ -99,6 +99,18 @@ class Metrics:
             "argon2 verifications run (real and dummy alike).",
             registry=self.registry,
         )
+        self.challenges = Counter(
+            "iam_mfa_challenges_total",
+            "MFA challenges raised, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.anomaly_blocks = Counter(
+            "iam_anomaly_blocks_total",
+            "Refreshes refused by an anomaly check, by check.",
+            ["check"],
+            registry=self.registry,
+        )
         self.serving = Gauge("iam_serving", "1 while the service reports SERVING.", registry=self.registry)
 
     def render(self) -> bytes:

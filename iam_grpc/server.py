@@ -124,7 +124,8 @@ def build_server(app: Application, settings: Settings) -> tuple[grpc.aio.Server,
     token_pb2_grpc.add_TokenServiceServicer_to_server(
         TokenService(app.access, app.sessions, app.keys), server
     )
-    mfa_pb2_grpc.add_MfaServiceServicer_to_server(MfaService(), server)
+    assert app.mfa is not None
+    mfa_pb2_grpc.add_MfaServiceServicer_to_server(MfaService(app.mfa), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     if settings.reflection:
         reflection.enable_server_reflection(

@@ -16,17 +16,22 @@ victim's own trusted devices are never locked out by someone else's guesses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import NoReturn
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenge, Challenges
 from iam_grpc.core.devices import ever_trusted, is_trusted
+from iam_grpc.core.fingerprint import travel_is_impossible
 from iam_grpc.core.mail.mailer import Mailer
+from iam_grpc.core.mfa import MfaFlows
+from iam_grpc.core.observation import LearningPolicy, Observation, Observer, learned
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing, StoredPassword
 from iam_grpc.core.ratelimit import Permit, RateLimiter, ip_key, pair_key
+from iam_grpc.core.risk import POINTS, RiskScores
 from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import InvalidCredentials, RateLimited
@@ -35,7 +40,6 @@ from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Database
 from iam_grpc.storage.records import User, UserDevice
-from iam_grpc.ua import ParsedAgent, UserAgentParser
 
 __all__ = ["LoginFlow", "LoginResult"]
 
@@ -71,14 +75,26 @@ class LoginFlow:
         hashing: PasswordHashing,
         sessions: SessionManager,
         challenges: Challenges,
+        mfa: MfaFlows,
         mailer: Mailer,
-        agents: UserAgentParser,
+        observer: Observer,
+        risk: RiskScores,
         audit: AuditTrail,
         metrics: Metrics,
         *,
         mfa_on_new_device: bool,
+        risk_threshold: int,
+        travel_min_km: float,
+        travel_max_kmh: float,
+        learning: LearningPolicy,
     ) -> None:
         self._metrics = metrics
+        self._mfa = mfa
+        self._observer = observer
+        self._risk = risk
+        self._risk_threshold = risk_threshold
+        self._travel = (travel_min_km, travel_max_kmh)
+        self._learning = learning
         self._db = db
         self._clock = clock
         self._limiter = limiter
@@ -87,7 +103,6 @@ class LoginFlow:
         self._sessions = sessions
         self._challenges = challenges
         self._mailer = mailer
-        self._agents = agents
         self._audit = audit
         self._mfa_on_new_device = mfa_on_new_device
 
@@ -108,12 +123,12 @@ class LoginFlow:
             await self._fail(client, user, "login.failure")
         assert user is not None
 
-        agent = self._agents.parse(client.user_agent)
+        seen = self._observer.observe(client)
         now = self._clock.now()
         async with self._db.transaction(read_only=True) as tx:
             links = await tx.devices.links_of(user.id)
         link = _link_for(links, client.device_id)
-        trusted = is_trusted(link, agent, now, self._sessions.trust_idle)
+        trusted = is_trusted(link, seen.agent, now, self._sessions.trust_idle)
         if reserved.account is None and not trusted:
             await self._fail(client, user, "login.guarded")
 
@@ -121,12 +136,19 @@ class LoginFlow:
         await self._rehash_if_needed(user, password)
         breached = await self._rules.is_breached(password)
 
-        reason = self._mfa_reason(user, trusted, ever_trusted(links))
+        reason = await self._mfa_reason(user, client, seen, trusted, links)
         if reason is not None:
-            challenge = await self._challenge(user, client, agent, reason)
+            pending = await self._challenges.pending_login(user.id, client.device_id, seen.agent)
+            if pending is not None and pending.state == "approved":
+                # approved from another device (4.5): this repeated login completes it
+                done = await self._challenges.finish(pending.id)
+                session = await self._mfa.complete_login(done, client, seen)
+                self._metrics.logins.labels("session").inc()
+                return LoginResult(session, None, breached)
+            challenge = pending or await self._challenge(user, client, seen, reason)
             self._metrics.logins.labels("mfa").inc()
             return LoginResult(None, challenge, breached)
-        session = await self._open(user, client, agent, trust=trusted or not ever_trusted(links), links=links)
+        session = await self._open(user, client, seen, trust=trusted or not ever_trusted(links), links=links)
         self._metrics.logins.labels("session").inc()
         return LoginResult(session, None, breached)
 
@@ -157,6 +179,10 @@ class LoginFlow:
     async def _fail(self, client: ClientInfo, user: User | None, kind: str) -> NoReturn:
         """Keep the reservations, record the attempt, answer like a wrong password."""
         self._metrics.logins.labels("guarded" if kind == "login.guarded" else "failure").inc()
+        ip_points, device_points = POINTS["failed_login"]
+        await self._risk.add(
+            ip=client.ip, device_id=client.device_id or None, ip_points=ip_points, device_points=device_points
+        )
         async with self._db.transaction() as tx:
             await self._audit.record(
                 self._audit.event(kind, "fail", user_id=user.id if user else None, ip=client.ip), tx
@@ -173,31 +199,61 @@ class LoginFlow:
                 user.id, stored.phc, stored.pepper_id or 0, self._clock.now(), bump_version=False
             )
 
-    def _mfa_reason(self, user: User, trusted: bool, had_trusted: bool) -> str | None:
-        """Step 9, the first matching reason (risk score and travel arrive with the anomaly checks)."""
-        if user.mfa_hold_until is not None and user.mfa_hold_until > self._clock.now():
+    async def _mfa_reason(
+        self, user: User, client: ClientInfo, seen: Observation, trusted: bool, links: list[UserDevice]
+    ) -> str | None:
+        """Step 9: the first matching reason, or None for a session without MFA."""
+        now = self._clock.now()
+        if user.mfa_hold_until is not None and user.mfa_hold_until > now:
             return "SECURITY_HOLD"
-        if self._mfa_on_new_device and not trusted and had_trusted:
+        if self._mfa_on_new_device and not trusted and ever_trusted(links):
             return "NEW_DEVICE"
+        score = await self._risk.score(ip=client.ip, device_id=client.device_id or None)
+        if score is not None and score >= self._risk_threshold:
+            return "SUSPICIOUS_ACTIVITY"
+        if self._travelled_too_fast(links, seen, now):
+            return "IMPOSSIBLE_TRAVEL"
         return None
 
-    async def _challenge(self, user: User, client: ClientInfo, agent: ParsedAgent, reason: str) -> Challenge:
-        pending = await self._challenges.pending_login(user.id, client.device_id, agent)
-        if pending is not None:
-            return pending  # the same challenge, no new email
-        challenge = await self._challenges.create_login(
+    def _travelled_too_fast(self, links: list[UserDevice], seen: Observation, now: datetime) -> bool:
+        """6.5 for Login: against the user's most recent located activity on any device in 24 h."""
+        current = seen.geo.point
+        located = [
+            link
+            for link in links
+            if link.last_located_at is not None
+            and link.last_lat is not None
+            and link.last_lon is not None
+            and now - link.last_located_at <= timedelta(hours=24)
+        ]
+        if current is None or not located or seen.geo.flagged_class is not None:
+            return False
+        latest = max(located, key=lambda link: link.last_located_at or now)
+        assert latest.last_lat is not None
+        assert latest.last_lon is not None
+        assert latest.last_located_at is not None
+        min_km, max_kmh = self._travel
+        return travel_is_impossible(
+            (latest.last_lat, latest.last_lon, latest.last_accuracy_km),
+            latest.last_located_at,
+            current,
+            now,
+            min_km=min_km,
+            max_kmh=max_kmh,
+        )
+
+    async def _challenge(self, user: User, client: ClientInfo, seen: Observation, reason: str) -> Challenge:
+        await self._limiter.ensure_not_blocked("code.user_fail", user.id)
+        challenge = await self._challenges.create(
+            "login",
             user,
             reason,
-            {
-                "ip": client.ip,
-                "user_agent": client.user_agent,
-                "device_id": client.device_id,
-                "accept_language": client.accept_language,
-            },
-            agent,
-            device_label=agent.label,
-            location="",
+            asdict(client),
+            seen.agent,
+            device_label=seen.agent.label,
+            location=seen.location,
         )
+        self._metrics.challenges.labels(reason).inc()
         async with self._db.transaction() as tx:
             await self._audit.record(
                 self._audit.event(
@@ -211,13 +267,20 @@ class LoginFlow:
         return challenge
 
     async def _open(
-        self, user: User, client: ClientInfo, agent: ParsedAgent, *, trust: bool, links: list[UserDevice]
+        self, user: User, client: ClientInfo, seen: Observation, *, trust: bool, links: list[UserDevice]
     ) -> IssuedSession:
-        """Step 10: the session, in one transaction with the bookkeeping and the audit row."""
+        """Step 10: the session, in one transaction with the bookkeeping and the audit row. A
+        trusted device learns this network, country and place (6.4)."""
         now = self._clock.now()
         notice = not trust and ever_trusted(links)  # only when the new-device rule is switched off
+
+        def learn(link: UserDevice) -> UserDevice:
+            return learned(link, seen, client.ip, now, self._learning) if trust else link
+
         async with self._db.transaction() as tx:
-            issued, evicted = await self._sessions.open_session(tx, user, client, trust_device=trust)
+            issued, evicted = await self._sessions.open_session(
+                tx, user, client, trust_device=trust, shape_link=learn
+            )
             await tx.users.record_login(user.id, now)
             await self._audit.record(
                 self._audit.event(
@@ -236,8 +299,8 @@ class LoginFlow:
                     user.email,
                     params={
                         "name": user.name,
-                        "device": agent.label,
-                        "location": "",
+                        "device": seen.agent.label,
+                        "location": seen.location,
                         "time_utc": now.strftime("%Y-%m-%d %H:%M"),
                     },
                     user_id=user.id,

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.observation import LearningPolicy, Observer, learned
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing
 from iam_grpc.core.ratelimit import RateLimiter, pair_key
@@ -57,9 +58,13 @@ class SignupFlow:
         hashing: PasswordHashing,
         sessions: SessionManager,
         audit: AuditTrail,
+        observer: Observer,
         *,
         default_roles: Sequence[str],
+        learning: LearningPolicy,
     ) -> None:
+        self._observer = observer
+        self._learning = learning
         self._db = db
         self._clock = clock
         self._limiter = limiter
@@ -115,7 +120,15 @@ class SignupFlow:
                 await tx.users.insert(user)
                 for role in self._default_roles:
                     await tx.users.grant_role(user.id, role, "signup", now)
-                issued, evicted = await self._sessions.open_session(tx, user, client, trust_device=True)
+                seen = self._observer.observe(client)
+                issued, evicted = await self._sessions.open_session(
+                    tx,
+                    user,
+                    client,
+                    trust_device=True,
+                    # first sight of the device: its network, country and place (6.2)
+                    shape_link=lambda link: learned(link, seen, client.ip, now, self._learning),
+                )
                 await self._audit.record(
                     self._audit.event(
                         "user.signup",

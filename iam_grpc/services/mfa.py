@@ -1,39 +1,77 @@
-"""iam.v1.MfaService."""
+"""iam.v1.MfaService: decode, call the MFA flows, encode."""
 
 from __future__ import annotations
 
 from iam_grpc._proto.iam.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
-from iam_grpc.errors import NotImplementedYet
+from iam_grpc.core.mfa import MfaFlows, Outcome
+from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
+from iam_grpc.services.auth import challenge_message
+from iam_grpc.services.convert import client_info, session_message, timestamp
 
 __all__ = ["MfaService"]
 
 
+def _grant(outcome: Outcome) -> common_pb2.StepUpGrant | None:
+    if outcome.grant is None:
+        return None
+    return common_pb2.StepUpGrant(
+        grant_token=outcome.grant.token,
+        action=outcome.grant.action,
+        expires_at=timestamp(outcome.grant.expires_at),
+    )
+
+
 class MfaService(mfa_pb2_grpc.MfaServiceServicer):
+    def __init__(self, flows: MfaFlows) -> None:
+        self._flows = flows
+
     async def VerifyChallenge(
         self, request: mfa_pb2.VerifyChallengeRequest, context: Ctx
     ) -> mfa_pb2.VerifyChallengeResponse:
-        raise NotImplementedYet()
+        violations = Violations()
+        client = client_info(request.client, violations)
+        outcome = await self._flows.verify(client, request.challenge_id, request.code, violations)
+        if outcome.session is not None:
+            return mfa_pb2.VerifyChallengeResponse(session=session_message(outcome.session))
+        return mfa_pb2.VerifyChallengeResponse(grant=_grant(outcome))
 
     async def RedeemMagicLink(
         self, request: mfa_pb2.RedeemMagicLinkRequest, context: Ctx
     ) -> mfa_pb2.RedeemMagicLinkResponse:
-        raise NotImplementedYet()
+        violations = Violations()
+        client = client_info(request.client, violations)
+        outcome, purpose = await self._flows.redeem(client, request.link_token, violations)
+        if outcome.session is not None:
+            return mfa_pb2.RedeemMagicLinkResponse(session=session_message(outcome.session), purpose=purpose)
+        if outcome.grant is not None:
+            return mfa_pb2.RedeemMagicLinkResponse(grant=_grant(outcome), purpose=purpose)
+        return mfa_pb2.RedeemMagicLinkResponse(purpose=purpose)  # approved for the challenge's device
 
     async def InspectMagicLink(
         self, request: mfa_pb2.InspectMagicLinkRequest, context: Ctx
     ) -> mfa_pb2.InspectMagicLinkResponse:
-        raise NotImplementedYet()
+        found = await self._flows.inspect(request.link_token)
+        answer = mfa_pb2.InspectMagicLinkResponse(purpose=found.purpose, usable=found.usable)
+        if found.expires_at is not None:
+            answer.expires_at.CopyFrom(timestamp(found.expires_at))
+        return answer
 
     async def ResendChallenge(
         self, request: mfa_pb2.ResendChallengeRequest, context: Ctx
     ) -> common_pb2.MfaChallenge:
-        raise NotImplementedYet()
+        violations = Violations()
+        client = client_info(request.client, violations)
+        return challenge_message(await self._flows.resend(client, request.challenge_id, violations))
 
     async def StartStepUp(self, request: mfa_pb2.StartStepUpRequest, context: Ctx) -> common_pb2.MfaChallenge:
-        raise NotImplementedYet()
+        violations = Violations()
+        client = client_info(request.client, violations)
+        challenge = await self._flows.start_step_up(client, request.access_token, request.action, violations)
+        return challenge_message(challenge)
 
     async def ConsumeStepUpGrant(
         self, request: mfa_pb2.ConsumeStepUpGrantRequest, context: Ctx
     ) -> mfa_pb2.ConsumeStepUpGrantResponse:
-        raise NotImplementedYet()
+        user_id, session_id = await self._flows.consume_grant(request.grant_token, request.action)
+        return mfa_pb2.ConsumeStepUpGrantResponse(user_id=user_id, session_id=session_id)

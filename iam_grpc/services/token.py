@@ -6,12 +6,14 @@ import json
 
 from iam_grpc._proto.iam.v1 import token_pb2, token_pb2_grpc
 from iam_grpc.core.call import current_call
+from iam_grpc.core.challenges import Challenge
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.sessions import IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations, check_roles
 from iam_grpc.errors import InternalError
 from iam_grpc.interceptors.base import Context as Ctx
+from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
 from iam_grpc.ua import ParsedAgent
 
@@ -32,7 +34,10 @@ class TokenService(token_pb2_grpc.TokenServiceServicer):
         if isinstance(answer, IssuedSession):
             _note_user(answer.user_id)
             return token_pb2.RefreshResponse(session=session_message(answer))
-        raise InternalError()  # challenges arrive with the anomaly checks
+        if isinstance(answer, Challenge):
+            _note_user(answer.user_id)
+            return token_pb2.RefreshResponse(mfa=challenge_message(answer))
+        raise InternalError()
 
     async def VerifyAccessToken(
         self, request: token_pb2.VerifyAccessTokenRequest, context: Ctx

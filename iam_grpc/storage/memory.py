@@ -140,6 +140,9 @@ class MemoryEphemeral:
         entry = self._live(key)
         return entry.value if entry else None
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [entry.value if (entry := self._live(key)) else None for key in keys]
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None:
         self._store(key, value, self._deadline(ttl), evictable=False)
 

@@ -113,6 +113,10 @@ class UserStore(Protocol):
 
     async def record_login(self, user_id: str, now: datetime) -> None: ...
 
+    async def mark_email_verified(self, user_id: str, now: datetime) -> None:
+        """The user proved the mailbox (an MFA code or link): ``email_verified_at`` if still empty."""
+        ...
+
     async def ensure_roles(self, names: Sequence[str], now: datetime) -> None:
         """Create the roles that do not exist yet."""
         ...
@@ -197,6 +201,10 @@ class SessionStore(Protocol):
     async def end(self, session_id: str, reason: str, now: datetime) -> bool:
         """Mark a session ended by time (``idle``/``expired``): like revoke, without being a revocation
         anyone asked for."""
+        ...
+
+    async def rebind(self, session_id: str, device_id: str) -> None:
+        """Move a session to another device (a NEW_DEVICE challenge completed there)."""
         ...
 
     async def set_auth(self, session_id: str, now: datetime, *, mfa: bool = False) -> None:
@@ -453,6 +461,15 @@ class Ephemeral(Protocol):
     """
 
     async def get(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in their order (None for a missing key), in one round trip.
+
+        On Redis this is one MGET, which a Redis Cluster accepts only when every
+        key maps to one slot: callers must give keys that share a hash tag (the
+        ``{...}`` part), as the hourly buckets of one risk subject do.
+        """
+        ...
 
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None: ...
 

@@ -174,12 +174,14 @@ class AuditEvent:
 
 @dataclass(frozen=True, slots=True)
 class TokenContext:
-    """A refresh token with its session, user and the user's role names (one query)."""
+    """A refresh token with its session, user, the user's role names and the session's
+    user-device link (one query)."""
 
     token: RefreshToken
     session: SessionRecord
     user: User
     roles: tuple[str, ...]
+    link: UserDevice | None = None
 
 
 @dataclass(frozen=True, slots=True)

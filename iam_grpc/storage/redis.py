@@ -102,6 +102,13 @@ class RedisEphemeral:
         async with self.guard():
             return _bytes(await self._client.get(self.key(key)))
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []  # MGET with no key is a Redis error, and there is nothing to ask
+        async with self.guard():
+            values = await self._client.mget([self.key(k) for k in keys])
+        return [_bytes(value) for value in values]
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None:
         async with self.guard():
             await self._client.set(self.key(key), value, px=_ms(ttl))

@@ -16,7 +16,7 @@ from iam_grpc.testing import RunningService, error_details, running_service
 from tests.conftest import Backend
 from tests.e2e.test_cli import IAM, clean_env
 from tests.integration.test_tokens import client
-from tests.sessions_helper import new_session, new_user
+from tests.sessions_helper import NO_ANOMALY_CHECKS, new_session, new_user
 
 
 async def cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -40,7 +40,7 @@ async def test_disabling_a_user_ends_every_session_at_once(
     shared_own_database: Backend, tmp_path: Path
 ) -> None:
     """users disable: access tokens answer SESSION_REVOKED and Refresh SESSION_REVOKED (S36)."""
-    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    environ = {**shared_own_database.environ, **NO_ANOMALY_CHECKS, "IAM_DATA_DIR": str(tmp_path)}
     async with running_service(tmp_path, environ) as iam:
         user, session = await new_session(iam.app)
         result = await cli(environ, "users", "disable", user.email.upper())
@@ -63,7 +63,7 @@ async def test_revoking_a_role_now_invalidates_current_tokens(
     shared_own_database: Backend, tmp_path: Path
 ) -> None:
     """roles revoke --now: the current access token is TOKEN_INVALID; the next refresh lacks the role (S36)."""
-    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    environ = {**shared_own_database.environ, **NO_ANOMALY_CHECKS, "IAM_DATA_DIR": str(tmp_path)}
     async with running_service(tmp_path, environ) as iam:
         user = await new_user(iam.app)
         assert (await cli(environ, "roles", "grant", user.id, "admin")).stdout.strip() == "granted"
@@ -90,7 +90,7 @@ async def test_revoking_a_role_now_invalidates_current_tokens(
 
 async def test_keys_can_be_listed_and_rotated(shared_own_database: Backend, tmp_path: Path) -> None:
     """keys rotate publishes a new key; keys list shows both with their states; --revoke withdraws one."""
-    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    environ = {**shared_own_database.environ, **NO_ANOMALY_CHECKS, "IAM_DATA_DIR": str(tmp_path)}
     async with running_service(tmp_path, environ) as iam:
         first = [json.loads(line) for line in (await cli(environ, "keys", "list")).stdout.splitlines()]
         assert [k["state"] for k in first] == ["signing"]
@@ -115,7 +115,7 @@ async def test_keys_can_be_listed_and_rotated(shared_own_database: Backend, tmp_
 
 async def test_cleanup_runs_on_demand(shared_own_database: Backend, tmp_path: Path) -> None:
     """cleanup run answers what it removed, per table."""
-    environ = {**shared_own_database.environ, "IAM_DATA_DIR": str(tmp_path)}
+    environ = {**shared_own_database.environ, **NO_ANOMALY_CHECKS, "IAM_DATA_DIR": str(tmp_path)}
     async with running_service(tmp_path, environ):
         result = await cli(environ, "cleanup", "run")
     assert result.returncode == 0, result.stderr

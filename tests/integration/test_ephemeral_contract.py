@@ -165,6 +165,34 @@ async def test_delete_and_exists(store: Ephemeral) -> None:
     assert await store.delete() == 0
 
 
+async def test_get_many_returns_values_in_order_with_none_for_missing(store: Ephemeral) -> None:
+    """get_many answers every key in the order asked, None where a key does not exist."""
+    await store.set("{many}:a", b"1", LONG)
+    await store.set("{many}:c", b"3", LONG)
+    assert await store.get_many(["{many}:c", "{many}:b", "{many}:a", "{many}:c"]) == [b"3", None, b"1", b"3"]
+
+
+async def test_get_many_of_no_keys_is_empty(store: Ephemeral) -> None:
+    """Asking for nothing answers nothing (and is not an error)."""
+    assert await store.get_many([]) == []
+
+
+async def test_get_many_reads_counters_as_decimal_bytes(store: Ephemeral) -> None:
+    """A counter written by incr reads back as its decimal text, as get would give it."""
+    await store.incr("{count}:1", 7, LONG)
+    await store.incr("{count}:2", -2, LONG)
+    assert await store.get_many(["{count}:1", "{count}:2"]) == [b"7", b"-2"]
+    assert await store.get("{count}:1") == b"7"
+
+
+async def test_get_many_does_not_see_expired_keys(store: Ephemeral) -> None:
+    """An expired key reads as None in get_many too."""
+    await store.set("{exp}:short", b"x", SHORT)
+    await store.set("{exp}:long", b"y", LONG)
+    assert await gone(store, "{exp}:short")
+    assert await store.get_many(["{exp}:short", "{exp}:long"]) == [None, b"y"]
+
+
 async def test_ping_answers(store: Ephemeral) -> None:
     """A healthy store answers ping."""
     await store.ping()
@@ -181,4 +209,16 @@ async def test_redis_down_is_backend_unavailable() -> None:
         await dead.get("x")
     with pytest.raises(BackendUnavailable):
         await dead.set_if_absent("x", b"1", LONG)
+    await dead.close()
+
+
+async def test_get_many_on_a_redis_that_is_down_is_backend_unavailable() -> None:
+    """get_many fails like every other operation when Redis does not answer."""
+    dead = RedisEphemeral(
+        "redis://127.0.0.1:1/0",
+        connect_timeout=timedelta(milliseconds=200),
+        socket_timeout=timedelta(milliseconds=200),
+    )
+    with pytest.raises(BackendUnavailable):
+        await dead.get_many(["{x}:1", "{x}:2"])
     await dead.close()

@@ -24,9 +24,9 @@ from iam_grpc.app import Application
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2, token_pb2, token_pb2_grpc
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.conftest import Backend
-from tests.sessions_helper import FIREFOX, IPHONE, new_session, new_user
+from tests.sessions_helper import FIREFOX, IPHONE, NO_ANOMALY_CHECKS, new_session, new_user
 
-FAST = {"IAM_REFRESH_GRACE_SECONDS": "1", "IAM_TEST_FAILPOINTS": "1"}
+FAST = {"IAM_REFRESH_GRACE_SECONDS": "1", "IAM_TEST_FAILPOINTS": "1", **NO_ANOMALY_CHECKS}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -554,7 +554,12 @@ async def test_a_lost_answer_is_recovered_within_grace(
 
 async def test_idle_and_absolute_lifetimes_end_sessions(backend: Backend, tmp_path: Path) -> None:
     """An unused token past the idle lifetime, and any session past the absolute one, is SESSION_EXPIRED (S34)."""
-    env = {**backend.isolated(), "IAM_REFRESH__IDLE_TTL": "1500ms", "IAM_REFRESH__ABSOLUTE_TTL": "3"}
+    env = {
+        **backend.isolated(),
+        **NO_ANOMALY_CHECKS,
+        "IAM_REFRESH__IDLE_TTL": "1500ms",
+        "IAM_REFRESH__ABSOLUTE_TTL": "3",
+    }
     async with running_service(tmp_path, env) as running, running.channel() as channel:
         stub = token_pb2_grpc.TokenServiceStub(channel)
         _, idle = await new_session(running.app)
@@ -762,7 +767,7 @@ async def test_single_tokens_can_be_revoked_by_jti(
 
 async def test_tokens_survive_a_restart(backend: Backend, tmp_path: Path) -> None:
     """Nothing about an access or refresh token lives in process memory (behaviour.md 1.1)."""
-    environ = backend.isolated()
+    environ = {**backend.isolated(), **NO_ANOMALY_CHECKS}
     async with running_service(tmp_path, environ) as first:
         _, session = await new_session(first.app)
     async with running_service(tmp_path, environ) as second, second.channel() as channel:

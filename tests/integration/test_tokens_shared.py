@@ -14,7 +14,7 @@ from iam_grpc.proto import auth_pb2, auth_pb2_grpc, token_pb2, token_pb2_grpc
 from iam_grpc.testing import error_details, running_service
 from tests.conftest import Backend, start_redis
 from tests.integration.test_tokens import client
-from tests.sessions_helper import new_session
+from tests.sessions_helper import NO_ANOMALY_CHECKS, new_session
 
 
 async def verify(channel: grpc.aio.Channel, token: str) -> str:
@@ -32,7 +32,7 @@ async def test_revocation_on_one_replica_is_seen_by_the_other_at_once(
     shared_backend: Backend, tmp_path: Path
 ) -> None:
     """Logout on replica A; VerifyAccessToken on replica B answers SESSION_REVOKED immediately (S24)."""
-    environ = shared_backend.isolated()
+    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS}
     async with running_service(tmp_path / "a", environ) as a, running_service(tmp_path / "b", environ) as b:
         _, session = await new_session(a.app)
         async with a.channel() as on_a, b.channel() as on_b:
@@ -47,7 +47,7 @@ async def test_concurrent_refreshes_over_two_replicas_converge(
     shared_backend: Backend, tmp_path: Path
 ) -> None:
     """10 parallel refreshes of one token split over two replicas: one successor, session alive (S31)."""
-    environ = {**shared_backend.isolated(), "IAM_REFRESH_GRACE_SECONDS": "5"}
+    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS, "IAM_REFRESH_GRACE_SECONDS": "5"}
     async with running_service(tmp_path / "a", environ) as a, running_service(tmp_path / "b", environ) as b:
         _, session = await new_session(a.app)
         async with a.channel() as on_a, b.channel() as on_b:
@@ -65,7 +65,7 @@ async def test_reuse_detected_on_one_replica_revokes_everywhere(
     shared_backend: Backend, tmp_path: Path
 ) -> None:
     """Rotate on A, replay the old token on B after grace: REFRESH_TOKEN_REUSED, and A refuses the successor."""
-    environ = {**shared_backend.isolated(), "IAM_REFRESH_GRACE_SECONDS": "1"}
+    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS, "IAM_REFRESH_GRACE_SECONDS": "1"}
     async with running_service(tmp_path / "a", environ) as a, running_service(tmp_path / "b", environ) as b:
         _, session = await new_session(a.app)
         async with a.channel() as on_a, b.channel() as on_b:

@@ -10,13 +10,17 @@ Redis (one Lua script per check) or the in-process store. When Redis fails,
 ``ratelimit.on_store_failure = "local"`` applies the same groups in process
 memory (per replica) and says so at WARNING; ``"closed"`` answers
 UNAVAILABLE.
+
+Refusals of ip-keyed groups can be reported to an ``on_refusal`` hook (the
+risk score counts them, behaviour.md 3.3). The hook is advisory: whatever it
+does, the caller still gets RATE_LIMITED.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -32,11 +36,14 @@ from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import LimiterStore
 from iam_grpc.storage.records import HitResult
 
-__all__ = ["Permit", "RateLimiter"]
+__all__ = ["Permit", "RateLimiter", "RefusalHook"]
 
 log = component_logger("iam.ratelimit")
 
 _WARN_EVERY = 10.0  # seconds between repeated "store failed, limiting locally" warnings
+
+RefusalHook = Callable[[Group, str, bool], Awaitable[None]]
+"""``(group, raw key, whether this refusal imposed a new block)``, awaited before RATE_LIMITED is raised."""
 
 
 @dataclass
@@ -73,6 +80,7 @@ class RateLimiter:
         exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
         audit: AuditTrail | None = None,
         enabled: bool = True,
+        on_refusal: RefusalHook | None = None,
     ) -> None:
         self._store = store
         self._fallback = fallback
@@ -83,6 +91,7 @@ class RateLimiter:
         self._exempt = tuple(exempt)
         self._audit = audit
         self._enabled = enabled
+        self._on_refusal = on_refusal
         self._last_warning = 0.0
 
     @property
@@ -130,7 +139,7 @@ class RateLimiter:
         key = self.store_key(group, raw_key)
         result, store = await self._call("hit", group, key, group.spec, self._now_ms(), cost)
         if not result.allowed:
-            await self._refused(group, key, result)
+            await self._refused(group, key, raw_key, result)
         return Permit(self, group, key, result.buckets, store)
 
     async def ensure_not_blocked(self, name: str, raw_key: str) -> None:
@@ -142,6 +151,7 @@ class RateLimiter:
         state, _ = await self._call("peek", group, key, group.spec, self._now_ms())
         if state["blocked_ms"] > 0:
             self._metrics.ratelimit_refusals.labels(group.name).inc()
+            await self._report_refusal(group, raw_key, new_block=False)
             raise RateLimited(timedelta(milliseconds=state["blocked_ms"]), group.key)
 
     async def settle(self, permit: Permit, *, success: bool) -> None:
@@ -168,7 +178,17 @@ class RateLimiter:
         cleared, _ = await self._call("clear", group, self.store_key(group, raw_key))
         return bool(cleared)
 
-    async def _refused(self, group: Group, key: str, result: HitResult) -> None:
+    async def _report_refusal(self, group: Group, raw_key: str, *, new_block: bool) -> None:
+        """Tell the hook about a refusal of an ip key; its failure must not replace RATE_LIMITED."""
+        if self._on_refusal is None or group.key != "ip":
+            return
+        try:
+            await self._on_refusal(group, raw_key, new_block)
+        except Exception as exc:
+            # the type only: the hook's exception text is not ours to vet for secrets
+            log.bind(group=group.name, error=type(exc).__name__).warning("refusal hook failed")
+
+    async def _refused(self, group: Group, key: str, raw_key: str, result: HitResult) -> None:
         self._metrics.ratelimit_refusals.labels(group.name).inc()
         if result.new_block_ms > 0:
             self._metrics.ratelimit_blocks.labels(group.name).inc()
@@ -180,4 +200,5 @@ class RateLimiter:
                 # in the background: the caller may be inside a transaction (SQLite has one writer)
                 details = {"group": group.name, "key_h": key_h, "seconds": result.new_block_ms // 1000}
                 self._audit.record_soon(self._audit.event("ratelimit.blocked", "info", details=details))
+        await self._report_refusal(group, raw_key, new_block=result.new_block_ms > 0)
         raise RateLimited(timedelta(milliseconds=result.retry_ms), group.key)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -29,6 +29,7 @@ from iam_grpc.core.tokens.access import AccessClaims, AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.errors import (
     BackendUnavailable,
+    ChallengeExpired,
     InvalidArgument,
     RefreshTokenReused,
     SessionExpired,
@@ -110,9 +111,29 @@ class RefreshContext:
     link: UserDevice | None
 
 
+@dataclass(frozen=True, slots=True)
+class AfterRotation:
+    """What a passing refresh check wants done in the rotation's transaction: the device the
+    session moves to (before the successor is minted) and bookkeeping once it is."""
+
+    apply: Callable[[Transaction, IssuedSession], Awaitable[None]]
+    device_id: str | None = None
+    location: tuple[str | None, str | None, str | None] = (None, None, None)  # country, region, city
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refresh check's hard answer: committed (audit rows, a session ended in ``tx``), then
+    raised."""
+
+    error: Exception
+    ended_session: str | None = None
+
+
 class RefreshCheck(Protocol):
     """The seam where anomaly evaluation plugs in: return a challenge to answer instead of a
-    Session, raise an IamError to refuse, or return None to rotate."""
+    Session, raise an IamError to refuse, return :class:`AfterRotation` to rotate with extra
+    bookkeeping, or None to rotate."""
 
     async def __call__(self, context: RefreshContext, tx: Transaction) -> object | None: ...
 
@@ -148,6 +169,8 @@ class SessionManager:
         self._failpoints = failpoints
         self._policy = policy
         self.refresh_check: RefreshCheck | None = None
+        # Risk points for invalid tokens and detected reuse (behaviour.md 3.3), wired by the app.
+        self.risk_event: Callable[[str, ClientInfo], Awaitable[None]] | None = None
 
     @property
     def trust_idle(self) -> timedelta:
@@ -193,6 +216,7 @@ class SessionManager:
         now: datetime,
         *,
         trust: bool,
+        shape_link: Callable[[UserDevice], UserDevice] | None = None,
     ) -> UserDevice:
         """The user-device link, seen now; ``trust`` (re)grants trust with the current baseline."""
         link = await tx.devices.get_link(user_id, device.id)
@@ -203,6 +227,8 @@ class SessionManager:
             link = replace(link, baseline=baseline_of(agent))  # first sight (behaviour.md 6.2)
         if trust and not is_trusted(link, agent, now, self._policy.trust_idle):
             link = replace(link, trusted_at=now, baseline=baseline_of(agent))
+        if shape_link is not None:
+            link = shape_link(link)
         await tx.devices.save_link(link)
         return link
 
@@ -216,6 +242,7 @@ class SessionManager:
         *,
         trust_device: bool,
         mfa: bool = False,
+        shape_link: Callable[[UserDevice], UserDevice] | None = None,
     ) -> tuple[IssuedSession, list[str]]:
         """Create a session, its first refresh token and an access token, inside ``tx``.
 
@@ -225,7 +252,9 @@ class SessionManager:
         now = self._clock.now()
         agent = self._agents.parse(client.user_agent)
         device = await self.resolve_device(tx, client, agent, now)
-        await self.link_device(tx, user.id, device, client, agent, now, trust=trust_device)
+        await self.link_device(
+            tx, user.id, device, client, agent, now, trust=trust_device, shape_link=shape_link
+        )
         session = SessionRecord(
             id=new_ulid(now),
             user_id=user.id,
@@ -407,8 +436,15 @@ class SessionManager:
             raise SessionExpired(ended)
         if reused:
             await self.after_revocations([session.id])
+            if self.risk_event is not None:
+                await self.risk_event("token_reuse", replace(client, device_id=session.device_id))
             self._metrics.refreshes.labels("reuse").inc()
             raise RefreshTokenReused()
+        if isinstance(answer, Refusal):
+            if answer.ended_session is not None:
+                await self.after_revocations([answer.ended_session])
+            self._metrics.refreshes.labels("blocked").inc()
+            raise answer.error
         await self._failpoints.hit("refresh.after_commit")
         if isinstance(answer, IssuedSession):
             self._metrics.refreshes.labels("rotated").inc()
@@ -417,6 +453,8 @@ class SessionManager:
     async def _invalid(self, client: ClientInfo) -> None:
         """An unknown token: count it against the IP (refresh.ip_invalid)."""
         self._metrics.refreshes.labels("invalid").inc()
+        if self.risk_event is not None:
+            await self.risk_event("invalid_refresh", client)
         await self._limiter.hit("refresh.ip_invalid", ip_key(client.ip))
 
     async def _grace(self, tx: Transaction, raw: str, token: RefreshToken, result_key: str) -> IssuedSession:
@@ -507,18 +545,42 @@ class SessionManager:
         """Step 8: the compare-and-set, the successor and the bookkeeping, inside the caller's transaction."""
         presented, session, user = found.token, found.session, found.user
         agent = self._agents.parse(client.user_agent)
+        after: AfterRotation | None = None
         if self.refresh_check is not None:
-            link = await tx.devices.get_link(user.id, session.device_id)
             answer = await self.refresh_check(
-                RefreshContext(client, agent, user, session, presented, link), tx
+                RefreshContext(client, agent, user, session, presented, found.link), tx
             )
-            if answer is not None:
+            if isinstance(answer, AfterRotation):
+                after = answer
+            elif answer is not None:
                 return answer
+        issued = await self.rotate_in(tx, client, agent, found, now, after)
+        # Sealed under the presented token before COMMIT: a retry whose answer got lost gets it back.
+        await self._store_result(raw, result_key, issued)
+        await self._failpoints.hit("refresh.before_commit")
+        return issued
+
+    async def rotate_in(
+        self,
+        tx: Transaction,
+        client: ClientInfo,
+        agent: ParsedAgent,
+        found: TokenContext,
+        now: datetime,
+        after: AfterRotation | None = None,
+    ) -> IssuedSession:
+        """The successor, the compare-and-set on the presented token and the session bookkeeping,
+        inside ``tx``. Raises ``_Rotated`` when another request rotated first."""
+        presented, session, user = found.token, found.session, found.user
+        device_id = session.device_id
+        if after is not None and after.device_id and after.device_id != device_id:
+            device_id = after.device_id
+            await tx.sessions.rebind(session.id, device_id)
         issued, successor_id = await self._issue(
             tx,
             user,
             session,
-            session.device_id,
+            device_id,
             generation=presented.generation + 1,
             now=now,
             roles=list(found.roles),
@@ -526,13 +588,46 @@ class SessionManager:
         await self._failpoints.hit("refresh.after_insert")
         if not await tx.sessions.mark_rotated(presented.id or 0, successor_id, now):
             raise _Rotated()  # someone else rotated first: roll back, look again (grace)
+        country, region, city = after.location if after is not None else (None, None, None)
         await tx.sessions.touch(
-            session.id, now, ip=client.ip, browser=agent.browser_family, os=agent.os_family
+            session.id,
+            now,
+            ip=client.ip,
+            browser=agent.browser_family,
+            os=agent.os_family,
+            country=country,
+            region=region,
+            city=city,
         )
-        await tx.devices.touch_link(user.id, session.device_id, now, client.ip)
-        # Sealed under the presented token before COMMIT: a retry whose answer got lost gets it back.
-        await self._store_result(raw, result_key, issued)
-        await self._failpoints.hit("refresh.before_commit")
+        if after is not None:
+            await after.apply(tx, issued)
+        else:
+            await tx.devices.touch_link(user.id, device_id, now, client.ip)
+        return issued
+
+    async def rotate_for_challenge(
+        self, token_hash: str, client: ClientInfo, agent: ParsedAgent, after: AfterRotation
+    ) -> IssuedSession:
+        """Complete a refresh challenge (behaviour.md 3.4): rotate the token it was raised for, by
+        its stored hash. Anything but a live active token is CHALLENGE_EXPIRED; the session is
+        then judged by check 1 at its next Refresh."""
+        now = self._clock.now()
+        try:
+            async with self._db.transaction() as tx:
+                found = await tx.sessions.token_with_context(token_hash)
+                if (
+                    found is None
+                    or found.token.state != "active"
+                    or found.token.expires_at <= now
+                    or found.session.revoked_at is not None
+                    or found.session.absolute_expires_at <= now
+                    or found.user.status != "active"
+                ):
+                    raise ChallengeExpired()
+                issued = await self.rotate_in(tx, client, agent, found, now, after)
+        except _Rotated:
+            raise ChallengeExpired() from None
+        self._metrics.refreshes.labels("rotated").inc()
         return issued
 
     async def _store_result(self, raw: str, result_key: str, issued: IssuedSession) -> None:

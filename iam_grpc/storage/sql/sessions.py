@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from iam_grpc.storage.records import RefreshToken, SessionRecord, TokenContext, User
+from iam_grpc.storage.records import RefreshToken, SessionRecord, TokenContext, User, UserDevice
 from iam_grpc.storage.sql._rows import to_record, to_values
-from iam_grpc.storage.sql.tables import refresh_tokens, roles, sessions, user_roles, users
+from iam_grpc.storage.sql.tables import refresh_tokens, roles, sessions, user_devices, user_roles, users
 
 __all__ = ["SqlSessionStore"]
 
@@ -27,11 +27,17 @@ _TOKEN_WITH_CONTEXT = (
         *(c.label(f"t_{c.name}") for c in refresh_tokens.c),
         *(c.label(f"s_{c.name}") for c in sessions.c),
         *(c.label(f"u_{c.name}") for c in users.c),
+        *(c.label(f"l_{c.name}") for c in user_devices.c),
         _ROLE_NAMES.label("role_names"),
     )
     .select_from(
-        refresh_tokens.join(sessions, sessions.c.id == refresh_tokens.c.session_id).join(
-            users, users.c.id == sessions.c.user_id
+        refresh_tokens.join(sessions, sessions.c.id == refresh_tokens.c.session_id)
+        .join(users, users.c.id == sessions.c.user_id)
+        .outerjoin(
+            user_devices,
+            and_(
+                user_devices.c.user_id == sessions.c.user_id, user_devices.c.device_id == sessions.c.device_id
+            ),
         )
     )
     .where(refresh_tokens.c.token_hash == bindparam("token_hash"))
@@ -139,6 +145,9 @@ class SqlSessionStore:
     async def end(self, session_id: str, reason: str, now: datetime) -> bool:
         return await self.revoke(session_id, reason, now)
 
+    async def rebind(self, session_id: str, device_id: str) -> None:
+        await self._c.execute(update(sessions).where(sessions.c.id == session_id).values(device_id=device_id))
+
     async def set_auth(self, session_id: str, now: datetime, *, mfa: bool = False) -> None:
         values: dict[str, object] = {"auth_at": now}
         if mfa:
@@ -166,11 +175,13 @@ class SqlSessionStore:
             return {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
 
         names = values["role_names"]
+        link = part("l_")
         return TokenContext(
             RefreshToken(**part("t_")),
             SessionRecord(**part("s_")),
             User(**part("u_")),
             tuple(sorted(str(names).split(","))) if names else (),
+            UserDevice(**link) if link.get("user_id") is not None else None,
         )
 
     async def tokens_of(self, session_id: str) -> list[RefreshToken]:

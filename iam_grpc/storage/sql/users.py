@@ -97,6 +97,13 @@ class SqlUserStore:
             update(users).where(users.c.id == user_id).values(mfa_hold_until=until, updated_at=now)
         )
 
+    async def mark_email_verified(self, user_id: str, now: datetime) -> None:
+        await self._c.execute(
+            update(users)
+            .where(users.c.id == user_id, users.c.email_verified_at.is_(None))
+            .values(email_verified_at=now)
+        )
+
     async def record_login(self, user_id: str, now: datetime) -> None:
         await self._c.execute(update(users).where(users.c.id == user_id).values(last_login_at=now))
 

@@ -1,0 +1,362 @@
+"""Completing email challenges (behaviour.md 4, 5.4): codes, attempts, resends, magic links on the
+same and on another device, InspectMagicLink, step-up grants."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from iam_grpc.proto import (
+    auth_pb2,
+    auth_pb2_grpc,
+    common_pb2,
+    mfa_pb2,
+    mfa_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
+)
+from iam_grpc.testing import RunningService, running_service
+from tests.accounts_helper import (
+    PASSWORD,
+    account_env,
+    client,
+    code_of,
+    failure,
+    link_token,
+    new_email,
+    signup,
+    wait_for_mail,
+)
+from tests.conftest import Backend
+from tests.mailbox import Mailbox
+from tests.sessions_helper import IPHONE
+
+LIMITS = {"code.ip": {"windows": ["1000/1s"]}, "login.pair": {"windows": ["1000/1h fc"]}}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def iam(
+    backend: Backend, mailbox: Mailbox, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningService]:
+    env = account_env(backend, mailbox, LIMITS, IAM_MFA__RESEND_INTERVAL="1s")
+    async with running_service(tmp_path_factory.mktemp("mfa"), env) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stubs(
+    iam: RunningService,
+) -> AsyncIterator[tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub]]:
+    async with iam.channel() as channel:
+        yield auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+
+
+PHONE = client(ip="203.0.113.77", ua=IPHONE)
+
+
+async def new_device_login(
+    auth: auth_pb2_grpc.AuthServiceStub,
+    mailbox: Mailbox,
+    email: str,
+    context: common_pb2.ClientContext = PHONE,
+) -> tuple[common_pb2.MfaChallenge, str, str]:
+    """Sign up, then log in from another device: the challenge, its code and its link token."""
+    await signup(auth, email)
+    answer = await auth.Login(auth_pb2.LoginRequest(client=context, email=email, password=PASSWORD))
+    assert answer.WhichOneof("result") == "mfa"
+    messages = await wait_for_mail(mailbox, email, "sign-in code")
+    return answer.mfa, code_of(messages[-1]), link_token(messages[-1])
+
+
+def verify(
+    mfa: mfa_pb2_grpc.MfaServiceStub, challenge_id: str, code: str, context: common_pb2.ClientContext = PHONE
+) -> grpc.aio.UnaryUnaryCall[mfa_pb2.VerifyChallengeRequest, mfa_pb2.VerifyChallengeResponse]:
+    return mfa.VerifyChallenge(
+        mfa_pb2.VerifyChallengeRequest(client=context, challenge_id=challenge_id, code=code)
+    )
+
+
+def wrong(code: str) -> str:
+    return str((int(code) + 1) % 10 ** len(code)).zfill(len(code))
+
+
+async def test_the_right_code_on_the_challenge_device_opens_a_trusted_session(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """VerifyChallenge answers a Session; the device is trusted (the next login has no challenge),
+    the mailbox counts as verified and a new-device notice goes out."""
+    auth, mfa = stubs
+    email = new_email()
+    challenge, code, _ = await new_device_login(auth, mailbox, email)
+    answer = await verify(mfa, challenge.challenge_id, code)
+    assert answer.WhichOneof("result") == "session"
+    again = await auth.Login(
+        auth_pb2.LoginRequest(
+            client=client(ip=PHONE.ip, ua=IPHONE, device_id=answer.session.device_id),
+            email=email,
+            password=PASSWORD,
+        )
+    )
+    assert again.WhichOneof("result") == "session"
+    await wait_for_mail(mailbox, email, "New sign-in")
+    assert iam.app.db is not None
+    async with iam.app.db.transaction() as tx:
+        user = await tx.users.get(answer.session.user_id)
+    assert user is not None
+    assert user.email_verified_at is not None
+    code_again, details = await failure(verify(mfa, challenge.challenge_id, code))
+    assert (code_again, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CHALLENGE_EXPIRED")
+
+
+async def test_wrong_codes_spend_attempts_and_the_last_one_ends_the_challenge(
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub], mailbox: Mailbox
+) -> None:
+    """CODE_INVALID with attempts_left 4..0, then CHALLENGE_EXPIRED even for the right code."""
+    auth, mfa = stubs
+    challenge, code, _ = await new_device_login(auth, mailbox, new_email())
+    for left in (4, 3, 2, 1, 0):
+        status, details = await failure(verify(mfa, challenge.challenge_id, wrong(code)))
+        assert (status, details.reason, details.metadata) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CODE_INVALID",
+            {"attempts_left": str(left)},
+        )
+    assert (await failure(verify(mfa, challenge.challenge_id, code)))[1].reason == "CHALLENGE_EXPIRED"
+
+
+async def test_the_right_code_from_another_device_counts_as_wrong(
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub], mailbox: Mailbox
+) -> None:
+    """Whoever reads the code cannot use it elsewhere: CODE_INVALID, an attempt spent."""
+    auth, mfa = stubs
+    challenge, code, _ = await new_device_login(auth, mailbox, new_email())
+    _status, details = await failure(verify(mfa, challenge.challenge_id, code, client(ip="198.51.100.3")))
+    assert (details.reason, details.metadata) == ("CODE_INVALID", {"attempts_left": "4"})
+    assert (await verify(mfa, challenge.challenge_id, code)).WhichOneof("result") == "session"
+
+
+async def test_a_link_on_another_device_approves_and_the_original_login_collects(
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub], mailbox: Mailbox
+) -> None:
+    """RedeemMagicLink elsewhere: purpose mfa, no result; the phone's repeated Login gets the Session."""
+    auth, mfa = stubs
+    email = new_email()
+    _challenge, _, token = await new_device_login(auth, mailbox, email)
+    approved = await mfa.RedeemMagicLink(
+        mfa_pb2.RedeemMagicLinkRequest(client=client(ip="198.51.100.4"), link_token=token)
+    )
+    assert (approved.purpose, approved.WhichOneof("result")) == ("mfa", None)
+    repeated = await auth.Login(auth_pb2.LoginRequest(client=PHONE, email=email, password=PASSWORD))
+    assert repeated.WhichOneof("result") == "session"
+    _status, details = await failure(
+        mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=PHONE, link_token=token))
+    )
+    assert details.reason in {"LINK_USED", "CHALLENGE_EXPIRED"}
+
+
+async def test_a_link_on_the_challenge_device_completes_it(
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub], mailbox: Mailbox
+) -> None:
+    """Redeemed where the challenge was raised, a link is as good as the code: a Session."""
+    auth, mfa = stubs
+    _, _, token = await new_device_login(auth, mailbox, new_email())
+    answer = await mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=PHONE, link_token=token))
+    assert (answer.purpose, answer.WhichOneof("result")) == ("mfa", "session")
+
+
+async def test_inspecting_a_link_never_uses_it(
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub], mailbox: Mailbox
+) -> None:
+    """20 inspections leave it usable; after redemption it reads as unusable; a forged one is
+    unusable with no purpose; a shapeless one is INVALID_ARGUMENT."""
+    auth, mfa = stubs
+    _, _, token = await new_device_login(auth, mailbox, new_email())
+    for _ in range(20):
+        seen = await mfa.InspectMagicLink(mfa_pb2.InspectMagicLinkRequest(link_token=token))
+        assert (seen.purpose, seen.usable) == ("mfa", True)
+    await mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=PHONE, link_token=token))
+    assert (await mfa.InspectMagicLink(mfa_pb2.InspectMagicLinkRequest(link_token=token))).usable is False
+    head, body, signature = token.split(".")
+    forged = await mfa.InspectMagicLink(
+        mfa_pb2.InspectMagicLinkRequest(link_token=f"{head}.{body}.{signature[::-1]}")
+    )
+    assert (forged.purpose, forged.usable) == ("", False)
+    status, _ = await failure(mfa.InspectMagicLink(mfa_pb2.InspectMagicLinkRequest(link_token="nonsense")))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_resend_replaces_the_code_without_restoring_attempts(
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub], mailbox: Mailbox
+) -> None:
+    """Too soon: RATE_LIMITED; later a new email whose code works while the old one does not, and
+    the attempts already spent stay spent; from another device: CHALLENGE_EXPIRED."""
+    auth, mfa = stubs
+    email = new_email()
+    challenge, old_code, _ = await new_device_login(auth, mailbox, email)
+    resend = mfa_pb2.ResendChallengeRequest(client=PHONE, challenge_id=challenge.challenge_id)
+    assert (await failure(mfa.ResendChallenge(resend)))[1].reason == "RATE_LIMITED"
+    await failure(verify(mfa, challenge.challenge_id, wrong(old_code)))
+    await asyncio.sleep(1.1)
+    elsewhere = mfa_pb2.ResendChallengeRequest(
+        client=client(ip="198.51.100.5"), challenge_id=challenge.challenge_id
+    )
+    assert (await failure(mfa.ResendChallenge(elsewhere)))[1].reason == "CHALLENGE_EXPIRED"
+    renewed = await mfa.ResendChallenge(resend)
+    assert renewed.challenge_id == challenge.challenge_id
+    new_code = code_of((await wait_for_mail(mailbox, email, "sign-in code", count=2))[-1])
+    if new_code != old_code:
+        _status, details = await failure(verify(mfa, challenge.challenge_id, old_code))
+        assert details.metadata == {"attempts_left": "3"}
+    assert (await verify(mfa, challenge.challenge_id, new_code)).WhichOneof("result") == "session"
+
+
+async def test_a_refresh_challenge_completed_by_code_rotates_and_moves_the_session(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """A refresh without the device cookie gets NEW_DEVICE; the code answers a Session on a new
+    device, whose token refreshes normally, while the presented token is used up."""
+    auth, mfa = stubs
+    email = new_email()
+    session = await signup(auth, email, context=client(ip="192.0.2.10"))
+    laptop = client(ip="192.0.2.10")  # the same browser, cookie lost
+    async with iam.channel() as channel:
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        raised = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=laptop, refresh_token=session.refresh_token)
+        )
+        assert (raised.WhichOneof("result"), raised.mfa.reason) == ("mfa", "NEW_DEVICE")
+        again = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=laptop, refresh_token=session.refresh_token)
+        )
+        assert again.mfa.challenge_id == raised.mfa.challenge_id  # pending: the same, no new email
+        code = code_of((await wait_for_mail(mailbox, email, "sign-in code"))[-1])
+        done = await verify(mfa, raised.mfa.challenge_id, code, laptop)
+        assert done.session.session_id == session.session_id
+        assert done.session.device_id != session.device_id
+        moved = client(ip="192.0.2.10", device_id=done.session.device_id)
+        after = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=moved, refresh_token=done.session.refresh_token)
+        )
+        assert after.WhichOneof("result") == "session"
+    assert len([m for m in mailbox.to(email) if "sign-in code" in str(m["Subject"])]) == 1
+
+
+async def test_an_exhausted_refresh_challenge_ends_the_session(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """Five wrong codes on a refresh challenge: the session is revoked and the account alerted (3.4)."""
+    auth, mfa = stubs
+    email = new_email()
+    session = await signup(auth, email)
+    async with iam.channel() as channel:
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        request = token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token)
+        raised = await tokens.Refresh(request)
+        code = code_of((await wait_for_mail(mailbox, email, "sign-in code"))[-1])
+        for _ in range(5):
+            await failure(verify(mfa, raised.mfa.challenge_id, wrong(code), client()))
+        assert (await failure(tokens.Refresh(request)))[1].reason == "SESSION_REVOKED"
+    await wait_for_mail(mailbox, email, "Security alert")
+
+
+async def test_step_up_grants_are_bound_to_their_action_and_used_once(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """StartStepUp → code → StepUpGrant; the same action returns the pending challenge; a wrong
+    action leaves the grant alone; the right one answers user and session, once."""
+    auth, mfa = stubs
+    email = new_email()
+    session = await signup(auth, email)
+    here = client(device_id=session.device_id)
+    start = mfa_pb2.StartStepUpRequest(
+        client=here, access_token=session.access_token, action="delete-account"
+    )
+    challenge = await mfa.StartStepUp(start)
+    assert (challenge.reason, (await mfa.StartStepUp(start)).challenge_id) == (
+        "STEP_UP",
+        challenge.challenge_id,
+    )
+    message = (await wait_for_mail(mailbox, email, "Confirm an action"))[-1]
+    granted = await verify(mfa, challenge.challenge_id, code_of(message), here)
+    grant = granted.grant
+    assert (grant.action, grant.grant_token.startswith("iamg_")) == ("delete-account", True)
+    consume = mfa.ConsumeStepUpGrant
+    wrong_action = mfa_pb2.ConsumeStepUpGrantRequest(grant_token=grant.grant_token, action="export-data")
+    status, details = await failure(consume(wrong_action))
+    assert (status, list(details.field_violations)) == (grpc.StatusCode.INVALID_ARGUMENT, ["action"])
+    right = mfa_pb2.ConsumeStepUpGrantRequest(grant_token=grant.grant_token, action="delete-account")
+    used = await consume(right)
+    assert (used.user_id, used.session_id) == (session.user_id, session.session_id)
+    assert (await failure(consume(right)))[1].reason == "CHALLENGE_EXPIRED"
+    other = mfa_pb2.StartStepUpRequest(
+        client=client(), access_token=session.access_token, action="delete-account"
+    )
+    assert (await failure(mfa.StartStepUp(other)))[1].reason == "TOKEN_INVALID"  # not the token's device
+
+
+async def test_twenty_parallel_redemptions_on_two_replicas_have_one_winner(
+    shared_backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """One link, 20 redemptions at once over two replicas: exactly one succeeds."""
+    env = account_env(shared_backend, mailbox, {**LIMITS, "link_redeem.ip": {"windows": ["1000/1s"]}})
+    async with (
+        running_service(tmp_path / "a", env) as a,
+        running_service(tmp_path / "b", env) as b,
+        a.channel() as ca,
+        b.channel() as cb,
+    ):
+        auth = auth_pb2_grpc.AuthServiceStub(ca)
+        replicas = [mfa_pb2_grpc.MfaServiceStub(ca), mfa_pb2_grpc.MfaServiceStub(cb)]
+        _, _, token = await new_device_login(auth, mailbox, new_email())
+        results = await asyncio.gather(
+            *(
+                replicas[i % 2].RedeemMagicLink(
+                    mfa_pb2.RedeemMagicLinkRequest(client=PHONE, link_token=token)
+                )
+                for i in range(20)
+            ),
+            return_exceptions=True,
+        )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    losers = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(winners) == 1
+    assert winners[0].WhichOneof("result") == "session"
+    assert {e.code() for e in losers} == {grpc.StatusCode.FAILED_PRECONDITION}
+
+
+async def test_attempts_are_shared_by_replicas(
+    shared_backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """Wrong codes alternating between two replicas: five in total, then CHALLENGE_EXPIRED."""
+    env = account_env(shared_backend, mailbox, LIMITS)
+    async with (
+        running_service(tmp_path / "a", env) as a,
+        running_service(tmp_path / "b", env) as b,
+        a.channel() as ca,
+        b.channel() as cb,
+    ):
+        auth = auth_pb2_grpc.AuthServiceStub(ca)
+        replicas = [mfa_pb2_grpc.MfaServiceStub(ca), mfa_pb2_grpc.MfaServiceStub(cb)]
+        challenge, code, _ = await new_device_login(auth, mailbox, new_email())
+        outcomes = await asyncio.gather(
+            *(failure(verify(replicas[i % 2], challenge.challenge_id, wrong(code))) for i in range(8))
+        )
+        reasons = sorted(details.reason or "" for _, details in outcomes)
+        assert reasons.count("CODE_INVALID") == 5
+        assert reasons.count("CHALLENGE_EXPIRED") == 3
+        assert (await failure(verify(replicas[1], challenge.challenge_id, code)))[
+            1
+        ].reason == "CHALLENGE_EXPIRED"
