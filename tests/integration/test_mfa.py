@@ -360,3 +360,166 @@ async def test_attempts_are_shared_by_replicas(
         assert (await failure(verify(replicas[1], challenge.challenge_id, code)))[
             1
         ].reason == "CHALLENGE_EXPIRED"
+
+
+def test_codes_are_uniform_over_the_whole_range(iam: RunningService) -> None:
+    """S42: 200,000 codes; a leading zero 10 % ± 0.5 % of the time, and the first digit passes a
+    chi-square test (9 degrees of freedom, 0.1 % level: 27.88)."""
+    assert iam.app.challenges is not None
+    codes = [iam.app.challenges._new_code() for _ in range(200_000)]
+    assert all(len(code) == 6 and code.isdigit() for code in codes)
+    counts = [0] * 10
+    for code in codes:
+        counts[int(code[0])] += 1
+    assert abs(counts[0] / len(codes) - 0.10) <= 0.005
+    expected = len(codes) / 10
+    assert sum((c - expected) ** 2 / expected for c in counts) < 27.88
+
+
+async def test_a_code_exists_in_clear_only_in_the_email_body(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """S42: not in the store's challenge record, not in the subject or headers, not in any log line."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(
+        lambda message: lines.append(str(message) + str(message.record["extra"])), level="DEBUG"
+    )
+    try:
+        auth, _ = stubs
+        email = new_email()
+        challenge, code, _ = await new_device_login(auth, mailbox, email)
+    finally:
+        logger.remove(sink)
+    assert iam.app.ephemeral is not None
+    record = await iam.app.ephemeral.get(f"mfa:ch:{{{challenge.challenge_id}}}")
+    assert record is not None
+    assert code.encode() not in record
+    (message,) = [m for m in mailbox.to(email) if "sign-in code" in str(m["Subject"])]
+    assert all(code not in str(value) for _, value in message.items())
+    assert all(code not in line for line in lines)
+
+
+async def test_one_session_has_one_pending_challenge(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """S45: five challenge-raising refreshes answer one challenge_id and send one email."""
+    auth, _ = stubs
+    email = new_email()
+    session = await signup(auth, email)
+    async with iam.channel() as channel:
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        request = token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token)
+        ids = {(await tokens.Refresh(request)).mfa.challenge_id for _ in range(5)}
+    assert len(ids) == 1
+    await wait_for_mail(mailbox, email, "sign-in code")
+    await asyncio.sleep(0.3)
+    assert len([m for m in mailbox.to(email) if "sign-in code" in str(m["Subject"])]) == 1
+
+
+async def test_a_refresh_approved_elsewhere_is_collected_by_the_same_refresh(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """S44: the link opened on a phone only approves; the laptop's repeated Refresh gets the Session."""
+    auth, mfa = stubs
+    email = new_email()
+    session = await signup(auth, email)
+    laptop = client()
+    async with iam.channel() as channel:
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        request = token_pb2.RefreshRequest(client=laptop, refresh_token=session.refresh_token)
+        raised = await tokens.Refresh(request)
+        token = link_token((await wait_for_mail(mailbox, email, "sign-in code"))[-1])
+        approved = await mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=PHONE, link_token=token))
+        assert (approved.purpose, approved.WhichOneof("result")) == ("mfa", None)
+        collected = await tokens.Refresh(request)
+    assert raised.WhichOneof("result") == "mfa"
+    assert collected.WhichOneof("result") == "session"
+    assert collected.session.session_id == session.session_id
+
+
+async def test_a_reset_link_is_no_magic_link(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """S40: a password_reset link at RedeemMagicLink is INVALID_ARGUMENT, and it still resets after."""
+    auth, mfa = stubs
+    email = new_email()
+    await signup(auth, email)
+    await auth.RequestPasswordReset(auth_pb2.RequestPasswordResetRequest(client=client(), email=email))
+    token = link_token((await wait_for_mail(mailbox, email, "Reset your"))[-1])
+    status, details = await failure(
+        mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=PHONE, link_token=token))
+    )
+    assert (status, list(details.field_violations)) == (grpc.StatusCode.INVALID_ARGUMENT, ["link_token"])
+    await auth.ResetPassword(
+        auth_pb2.ResetPasswordRequest(
+            client=client(), link_token=token, new_password="a brand new passphrase 7"
+        )
+    )
+
+
+async def test_grants_expire_and_die_with_their_session(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """S46: a grant past step_up.grant_ttl is CHALLENGE_EXPIRED; one whose session was revoked is
+    SESSION_REVOKED."""
+    env = account_env(backend, mailbox, LIMITS, IAM_STEP_UP__GRANT_TTL="1s")
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        grants = []
+        for _ in range(2):
+            email = new_email()
+            session = await signup(auth, email)
+            here = client(device_id=session.device_id)
+            challenge = await mfa.StartStepUp(
+                mfa_pb2.StartStepUpRequest(client=here, access_token=session.access_token, action="export")
+            )
+            code = code_of((await wait_for_mail(mailbox, email, "Confirm an action"))[-1])
+            grants.append(
+                (session, (await verify(mfa, challenge.challenge_id, code, here)).grant.grant_token)
+            )
+        (_, late), (second, orphan) = grants
+        await auth.Logout(auth_pb2.LogoutRequest(client=client(), refresh_token=second.refresh_token))
+        consume = mfa.ConsumeStepUpGrant
+        assert (
+            await failure(consume(mfa_pb2.ConsumeStepUpGrantRequest(grant_token=orphan, action="export")))
+        )[1].reason == "SESSION_REVOKED"
+        await asyncio.sleep(1.2)
+        assert (await failure(consume(mfa_pb2.ConsumeStepUpGrantRequest(grant_token=late, action="export"))))[
+            1
+        ].reason == "CHALLENGE_EXPIRED"
+
+
+async def test_a_reauth_step_up_unlocks_an_email_change(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """S47: an old sign-in gets REAUTH_REQUIRED; after StartStepUp("reauth") and its code the same
+    RequestEmailChange succeeds."""
+    env = account_env(
+        backend, mailbox, LIMITS, IAM_EMAIL_CHANGE__MAX_AUTH_AGE="1s", IAM_RESET__RESPONSE_FLOOR="10ms"
+    )
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        email = new_email()
+        session = await signup(auth, email)
+        here = client(device_id=session.device_id)
+        change = auth_pb2.RequestEmailChangeRequest(
+            client=here, access_token=session.access_token, new_email=new_email()
+        )
+        await asyncio.sleep(1.2)
+        assert (await failure(auth.RequestEmailChange(change)))[1].reason == "REAUTH_REQUIRED"
+        challenge = await mfa.StartStepUp(
+            mfa_pb2.StartStepUpRequest(client=here, access_token=session.access_token, action="reauth")
+        )
+        code = code_of((await wait_for_mail(mailbox, email, "Confirm an action"))[-1])
+        await verify(mfa, challenge.challenge_id, code, here)
+        await auth.RequestEmailChange(change)
