@@ -45,8 +45,9 @@ EMAIL = f"leak.test.{secrets.token_hex(3)}@example.com"
 SECRETS = [PASSWORD, NEW_PASSWORD, REFRESH, ACCESS, LINK, GRANT, API_KEY, TEST_MASTER_KEY, TEST_PEPPER]
 
 
-def drive(address: str) -> None:
-    """Every RPC, carrying every kind of secret, plus refusals (rate limits, bad keys) and a bug."""
+def drive(address: str) -> list[str]:
+    """Every RPC, carrying every kind of secret, plus refusals (rate limits, bad keys) and a bug.
+    Returns the real secrets the service handed out on the way (session tokens, a challenge id)."""
     md = (("x-iam-api-key", API_KEY), ("x-request-id", "leak-test-0001"))
     client = common_pb2.ClientContext(
         ip="198.51.100.23", user_agent="Mozilla/5.0", device_id="dev_" + "a" * 22
@@ -113,9 +114,43 @@ def drive(address: str) -> None:
                 for _ in range(8)
             ],
         ]
+        issued: list[str] = []
         for call in calls:
             with contextlib.suppress(grpc.RpcError):
-                call()
+                answer = call()
+                session = getattr(answer, "session", None)
+                if session is not None and session.refresh_token:
+                    issued += [session.refresh_token, session.access_token]
+                    issued += _flows_with(channel, md, client, session)
+        return issued
+
+
+def _flows_with(
+    channel: grpc.Channel,
+    md: tuple[tuple[str, str], ...],
+    client: common_pb2.ClientContext,
+    session: common_pb2.Session,
+) -> list[str]:
+    """The real tokens through refresh, a password change and a step-up; their secrets returned."""
+    token = token_pb2_grpc.TokenServiceStub(channel)
+    here = common_pb2.ClientContext(ip=client.ip, user_agent=client.user_agent, device_id=session.device_id)
+    rotated = token.Refresh(
+        token_pb2.RefreshRequest(client=here, refresh_token=session.refresh_token), metadata=md
+    )
+    auth_pb2_grpc.AuthServiceStub(channel).ChangePassword(
+        auth_pb2.ChangePasswordRequest(
+            client=here,
+            access_token=session.access_token,
+            current_password=PASSWORD,
+            new_password=NEW_PASSWORD,
+        ),
+        metadata=md,
+    )
+    mfa_pb2_grpc.MfaServiceStub(channel).StartStepUp(
+        mfa_pb2.StartStepUpRequest(client=here, access_token=session.access_token, action="delete-account"),
+        metadata=md,
+    )
+    return [rotated.session.refresh_token, rotated.session.access_token]
 
 
 @pytest.fixture
@@ -147,7 +182,8 @@ def test_no_secret_reaches_any_log_sink(leaky_server: tuple[subprocess.Popen[str
     """Drive every RPC with secrets at DEBUG: stdout, stderr and every log file hold none of them (S49)."""
     process, port, folder = leaky_server
     wait_serving(port, process)
-    drive(f"127.0.0.1:{port}")
+    issued = drive(f"127.0.0.1:{port}")
+    assert len(issued) >= 4  # signup's session and its rotation (the flows really ran)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as bug:
         token_pb2_grpc.TokenServiceStub(channel).RevokeSession(
             token_pb2.RevokeSessionRequest(access_token=ACCESS, session_id="s"),
@@ -163,7 +199,7 @@ def test_no_secret_reaches_any_log_sink(leaky_server: tuple[subprocess.Popen[str
     assert "RuntimeError" in files["error.log"]  # the failpoint's traceback is there...
     assert files["audit.log"]  # ...and the rate-limit block and caller denial were audited
     everything = stdout + stderr + "".join(files.values())
-    for secret in SECRETS:
+    for secret in [*SECRETS, *issued]:
         assert secret not in everything, f"a secret reached the logs: {secret[:8]}…"
     assert CODE not in everything.replace("leak-test-0001", "")
     assert EMAIL not in everything
