@@ -446,6 +446,7 @@ class Application:
                 max_pending_per_user=s.mfa.max_pending_per_user,
             ),
         )
+        self.sessions.sessions_ended = self.challenges.end_for_sessions
         assert self.risk is not None
         self.mfa = MfaFlows(
             self.db,
@@ -509,7 +510,7 @@ class Application:
             )
 
         self.sessions.risk_event = risk_event
-        common_args = (self.db, self.clock)
+        common_args = (self.db, self.clock, self.failpoints)
         self.flows = AuthFlows(
             signup=SignupFlow(
                 *common_args,

@@ -24,7 +24,12 @@ from typing import Any
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenge, Challenges
-from iam_grpc.core.fingerprint import fingerprint_mismatches, network_known, travel_is_impossible
+from iam_grpc.core.fingerprint import (
+    fingerprint_mismatches,
+    network_known,
+    recent_countries,
+    travel_is_impossible,
+)
 from iam_grpc.core.mfa import MfaFlows
 from iam_grpc.core.observation import LearningPolicy, Observation, Observer, learned
 from iam_grpc.core.ratelimit import RateLimiter
@@ -113,24 +118,37 @@ def _worth_writing(before: UserDevice, after: UserDevice, now: datetime) -> bool
     """Whether a passing refresh taught the device something (a network, a country, a raised
     version, a new place) or what it learned is an hour old; otherwise only ``last_seen_at`` and
     ``last_ip`` are touched: one narrow UPDATE instead of rewriting the JSON columns."""
-    seen_before = {str(n.get("prefix")): str(n.get("seen_at", "")) for n in before.known_networks}
-    seen_after = {str(n.get("prefix")): str(n.get("seen_at", "")) for n in after.known_networks}
-    if seen_before.keys() != seen_after.keys():
+    seen_before = _stamps(before.known_networks, "prefix")
+    seen_after = _stamps(after.known_networks, "prefix")
+    countries_before = _stamps(before.known_countries, "code")
+    countries_after = _stamps(after.known_countries, "code")
+    if seen_before.keys() != seen_after.keys() or list(countries_before) != list(countries_after):
         return True
-    if before.known_countries != after.known_countries or before.baseline != after.baseline:
+    if before.baseline != after.baseline:
         return True
     if (before.last_lat, before.last_lon) != (after.last_lat, after.last_lon):
         return True
     if before.last_located_at is not None and now - before.last_located_at >= _REWRITE_AFTER:
         return True
-    for prefix, stamp in seen_after.items():
-        if stamp != seen_before[prefix]:
-            try:
-                if now - datetime.fromisoformat(seen_before[prefix]) >= _REWRITE_AFTER:
+    for after_stamps, before_stamps in ((seen_after, seen_before), (countries_after, countries_before)):
+        for name, stamp in after_stamps.items():
+            if stamp != before_stamps[name]:
+                try:
+                    if now - datetime.fromisoformat(before_stamps[name]) >= _REWRITE_AFTER:
+                        return True
+                except ValueError:
                     return True
-            except ValueError:
-                return True
     return False
+
+
+def _stamps(entries: list[Any], name: str) -> dict[str, str]:
+    """{name: seen_at} of learned entries, in stored order (a bare string is a name never stamped)."""
+    return {
+        (str(entry.get(name)) if isinstance(entry, dict) else str(entry)): (
+            str(entry.get("seen_at", "")) if isinstance(entry, dict) else ""
+        )
+        for entry in entries
+    }
 
 
 class AnomalyChecks:
@@ -359,7 +377,11 @@ class AnomalyChecks:
         if link is None or not link.baseline:
             return None
         mismatches = fingerprint_mismatches(
-            link.baseline, e.seen.agent, e.seen.geo, link.known_countries, skip_country=e.allowed_ip
+            link.baseline,
+            e.seen.agent,
+            e.seen.geo,
+            recent_countries(link.known_countries, e.now, memory=self._learning.network_memory),
+            skip_country=e.allowed_ip,
         )
         if not mismatches:
             return None

@@ -390,6 +390,20 @@ class Challenges:
         """Fail a live challenge (a replaced step-up, a revoked session)."""
         await self.update(challenge.id, lambda c: replace(c, state="failed") if c.state in LIVE else None)
 
+    async def end_for_sessions(self, session_ids: list[str]) -> None:
+        """Revoking a session ends its pending refresh or step-up challenge (behaviour.md 1.6), so
+        no code or link of a dead session is mailed again or accepted. Best effort: with the store
+        down the challenge is unusable anyway (every MFA call answers BACKEND_UNAVAILABLE), and a
+        revoked session fails every later check on its own."""
+        for session_id in session_ids:
+            try:
+                challenge = await self.pending_for_session(session_id)
+                if challenge is not None:
+                    await self.end(challenge)
+                await self._ephemeral.delete(_session_key(session_id))
+            except BackendUnavailable:
+                log.bind(session_id=session_id).warning("could not end the challenge of a revoked session")
+
     async def resend(
         self, challenge: Challenge, user: User, *, device_label: str, location: str
     ) -> Challenge:

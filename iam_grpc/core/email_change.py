@@ -22,6 +22,7 @@ from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
 from iam_grpc.core.crypto import SecretMaterial, constant_time_equal
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import Links
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.ratelimit import RateLimiter
@@ -44,6 +45,7 @@ class EmailChange:
         self,
         db: Database,
         clock: Clock,
+        failpoints: Failpoints,
         material: SecretMaterial,
         limiter: RateLimiter,
         access: AccessTokens,
@@ -59,6 +61,7 @@ class EmailChange:
         response_floor: timedelta,
     ) -> None:
         self._db = db
+        self._failpoints = failpoints
         self._clock = clock
         self._material = material
         self._limiter = limiter
@@ -83,7 +86,9 @@ class EmailChange:
     ) -> None:
         call = current_call()
         started = call.started if call is not None else time.monotonic()
+        address = check_email(violations, "new_email", new_email)  # before storage (2.1)
         violations.raise_any()
+        assert address is not None
         claims = await self._access.verify_from_device(access_token, client.device_id)
         await self._limiter.hit("email_change.user", claims.user_id)
         async with self._db.transaction(read_only=True) as tx:
@@ -93,9 +98,6 @@ class EmailChange:
             raise SessionRevoked()
         if self._clock.now() - session.auth_at > self._max_auth_age:
             raise ReauthRequired()
-        address = check_email(violations, "new_email", new_email)
-        violations.raise_any()
-        assert address is not None
         if address.norm == user.email_norm:
             raise InvalidArgument.one("new_email", "is already the account's address")
         await self._domains.check(address.domain_ascii)
@@ -217,6 +219,7 @@ class EmailChange:
                     ),
                     tx,
                 )
+                await self._failpoints.hit("email_change.before_commit")
         except Conflict as conflict:
             if conflict.constraint == "users.email_norm":
                 raise EmailTaken() from None

@@ -8,6 +8,11 @@ a test arms it with an action:
 - ``raise``: a bug (RuntimeError) there;
 - ``unavailable``: the backend fails there (BackendUnavailable).
 
+The places: ``rpc:<full method>`` (before any handler), ``refresh.after_insert``,
+``refresh.before_commit``, ``refresh.after_commit``, and ``<flow>.before_commit`` (the last step
+inside each multi-row transaction: ``signup``, ``login``, ``reset``, ``password_change``,
+``email_change``; security.md S59).
+
 Arm from the environment (``IAM_TEST_FAILPOINTS="rpc:/iam.v1.AuthService/Login=sleep:2"``,
 entries separated by ``;``) or in-process with :meth:`Failpoints.arm`.
 """

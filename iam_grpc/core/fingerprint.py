@@ -45,6 +45,7 @@ __all__ = [
     "network_key",
     "network_known",
     "raised_baseline",
+    "recent_countries",
     "travel_is_impossible",
 ]
 
@@ -199,20 +200,56 @@ def learn_network(
     return [entry for _, entry in kept[-max_networks:]]
 
 
-def learn_country(
-    known_countries: Sequence[str], country: str | None, *, max_countries: int = 5
+def _country_entries(known_countries: Sequence[Any], now: datetime) -> list[tuple[datetime, str]]:
+    """(seen_at, code) for each stored entry, codes upper-case. Entries are ``{code, seen_at}``
+    objects; a bare code (the format before countries were timed) counts as seen ``now``, so it
+    starts its 90 days from its first use after the upgrade. Anything else is dropped."""
+    entries: list[tuple[datetime, str]] = []
+    for item in known_countries:
+        seen_at: datetime | None
+        if isinstance(item, str):
+            code, seen_at = item, _utc(now)
+        elif isinstance(item, Mapping):
+            code, seen_at = str(item.get("code") or ""), _parse_time(item.get("seen_at"))
+        else:
+            continue
+        if code and seen_at is not None:
+            entries.append((seen_at, code.upper()))
+    return entries
+
+
+def recent_countries(
+    known_countries: Sequence[Any], now: datetime, *, memory: timedelta = timedelta(days=90)
 ) -> list[str]:
-    """The list after ``country`` was seen: moved or added to the end (most recent last), only the
-    last ``max_countries`` kept. Codes are kept upper-case so a database that spells them
-    differently does not learn the same country twice."""
-    countries = [code.upper() for code in known_countries if code]
-    if country:
-        code = country.upper()
-        countries = [item for item in countries if item != code]
-        countries.append(code)
+    """The codes seen within ``memory`` of ``now`` (6.2): a country not seen for 90 days is
+    unknown again, even on a device that has not been written since."""
+    horizon = _utc(now) - memory
+    return [code for seen_at, code in _country_entries(known_countries, now) if seen_at >= horizon]
+
+
+def learn_country(
+    known_countries: Sequence[Any],
+    country: str | None,
+    now: datetime,
+    *,
+    max_countries: int = 5,
+    memory: timedelta = timedelta(days=90),
+) -> list[dict[str, str]]:
+    """The list after ``country`` was seen at ``now``: its entry moved or added to the end (most
+    recent last), entries unseen for longer than ``memory`` dropped, only the last
+    ``max_countries`` kept. Codes are kept upper-case so a database that spells them differently
+    does not learn the same country twice. The input is not modified."""
+    now = _utc(now)
+    horizon = now - memory
+    code = country.upper() if country else None
+    kept = [(seen_at, known) for seen_at, known in _country_entries(known_countries, now) if known != code]
+    kept = [(seen_at, known) for seen_at, known in kept if seen_at >= horizon]
+    if code:
+        kept.append((now, code))
+    kept.sort(key=lambda item: item[0])  # stable: ties keep their stored order
     if max_countries <= 0:
         return []
-    return countries[-max_countries:]
+    return [{"code": known, "seen_at": seen_at.isoformat()} for seen_at, known in kept[-max_countries:]]
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenge, Challenges
 from iam_grpc.core.devices import ever_trusted, is_trusted
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.fingerprint import travel_is_impossible
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.mfa import MfaFlows
@@ -70,6 +71,7 @@ class LoginFlow:
         self,
         db: Database,
         clock: Clock,
+        failpoints: Failpoints,
         limiter: RateLimiter,
         rules: PasswordRules,
         hashing: PasswordHashing,
@@ -96,6 +98,7 @@ class LoginFlow:
         self._travel = (travel_min_km, travel_max_kmh)
         self._learning = learning
         self._db = db
+        self._failpoints = failpoints
         self._clock = clock
         self._limiter = limiter
         self._rules = rules
@@ -308,6 +311,7 @@ class LoginFlow:
                     ip=client.ip,
                     dedupe_scope=issued.device_id,
                 )
+            await self._failpoints.hit("login.before_commit")
         await self._sessions.after_revocations(evicted)
         log.bind(user_id=user.id).info("logged in")
         return issued

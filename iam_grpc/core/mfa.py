@@ -522,6 +522,8 @@ class MfaFlows:
     async def consume_grant(self, grant_token: str, action: str) -> tuple[str, str]:
         """ConsumeStepUpGrant: a wrong action leaves the grant alone; otherwise it is used up
         atomically, once."""
+        if not _ACTION.match(action):
+            raise InvalidArgument.one("action", "must match ^[a-z0-9][a-z0-9._-]{0,63}$")
         call = current_call()
         caller = call.caller.id if call is not None and call.caller is not None else "anonymous"
         if not GRANT_TOKEN.match(grant_token):

@@ -88,7 +88,11 @@ def learned(
         link,
         known_networks=networks,
         known_countries=learn_country(
-            link.known_countries, seen.geo.country, max_countries=policy.max_countries
+            link.known_countries,
+            seen.geo.country,
+            now,
+            max_countries=policy.max_countries,
+            memory=policy.network_memory,
         ),
         baseline=raised_baseline(link.baseline, seen.agent) if link.baseline else baseline_of(seen.agent),
         last_seen_at=now,

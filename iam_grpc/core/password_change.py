@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.password_rules import PasswordRules, queue_password_changed
 from iam_grpc.core.passwords import PasswordHashing, StoredPassword
@@ -32,6 +33,7 @@ class PasswordChange:
         self,
         db: Database,
         clock: Clock,
+        failpoints: Failpoints,
         limiter: RateLimiter,
         access: AccessTokens,
         rules: PasswordRules,
@@ -42,6 +44,7 @@ class PasswordChange:
         audit: AuditTrail,
     ) -> None:
         self._db = db
+        self._failpoints = failpoints
         self._clock = clock
         self._limiter = limiter
         self._access = access
@@ -61,6 +64,7 @@ class PasswordChange:
         violations: Violations,
     ) -> None:
         self._rules.check_presented(violations, "current_password", current_password)
+        self._rules.check_shape(violations, "new_password", new_password)
         violations.raise_any()
         claims = await self._access.verify_from_device(access_token, client.device_id)
         permit = await self._limiter.hit("change_password.user", claims.user_id)
@@ -115,5 +119,6 @@ class PasswordChange:
                 ),
                 tx,
             )
+            await self._failpoints.hit("password_change.before_commit")
         await self._sessions.after_revocations(ended)
         log.bind(user_id=user.id).info("password changed")

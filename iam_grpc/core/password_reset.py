@@ -23,6 +23,7 @@ from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
 from iam_grpc.core.crypto import SecretMaterial
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import Links
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.password_rules import PasswordRules, queue_password_changed
@@ -45,6 +46,7 @@ class PasswordReset:
         self,
         db: Database,
         clock: Clock,
+        failpoints: Failpoints,
         material: SecretMaterial,
         limiter: RateLimiter,
         rules: PasswordRules,
@@ -60,6 +62,7 @@ class PasswordReset:
         untrust_devices: bool,
     ) -> None:
         self._db = db
+        self._failpoints = failpoints
         self._clock = clock
         self._material = material
         self._limiter = limiter
@@ -140,6 +143,7 @@ class PasswordReset:
         self, client: ClientInfo, link_token: str, new_password: str, violations: Violations
     ) -> None:
         """Steps 1-6 (``reset.ip`` ran in the interceptors)."""
+        self._rules.check_shape(violations, "new_password", new_password)
         violations.raise_any()
         claims = self._links.read(link_token)  # bad signature or shape: INVALID_ARGUMENT, nothing counted
         permit = await self._limiter.hit("reset.link", claims.jti)
@@ -188,6 +192,7 @@ class PasswordReset:
                 ),
                 tx,
             )
+            await self._failpoints.hit("reset.before_commit")
         await permit.succeeded()
         await self._sessions.after_revocations(ended)
         await self._links.mark_used(claims)

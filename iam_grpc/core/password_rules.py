@@ -50,6 +50,14 @@ class PasswordRules:
         ):
             violations.add(name, problem)
 
+    def check_shape(self, violations: Violations, name: str, password: str) -> None:
+        """The rules of a new password that need no account (size, valid text): checked before
+        storage is touched (2.1); :meth:`check_new` adds the personal ones once the account is read."""
+        for problem in new_password_problems(
+            password, min_length=self._min, max_length=self._max, email="", names=()
+        ):
+            violations.add(name, problem)
+
     def check_presented(self, violations: Violations, name: str, password: str) -> None:
         for problem in login_password_problems(password):
             violations.add(name, problem)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.observation import LearningPolicy, Observer, learned
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing
@@ -52,6 +53,7 @@ class SignupFlow:
         self,
         db: Database,
         clock: Clock,
+        failpoints: Failpoints,
         limiter: RateLimiter,
         rules: PasswordRules,
         domains: EmailDomains,
@@ -66,6 +68,7 @@ class SignupFlow:
         self._observer = observer
         self._learning = learning
         self._db = db
+        self._failpoints = failpoints
         self._clock = clock
         self._limiter = limiter
         self._rules = rules
@@ -139,6 +142,7 @@ class SignupFlow:
                     ),
                     tx,
                 )
+                await self._failpoints.hit("signup.before_commit")
         except Conflict as conflict:
             if conflict.constraint == "users.email_norm":
                 raise EmailTaken() from None

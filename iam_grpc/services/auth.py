@@ -79,6 +79,9 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def Logout(self, request: auth_pb2.LogoutRequest, context: Ctx) -> auth_pb2.LogoutResponse:
+        violations = Violations()
+        client_info(request.client, violations)  # checked like every RPC's client, before storage
+        violations.raise_any()
         await self._sessions.logout(request.refresh_token)
         return auth_pb2.LogoutResponse()
 

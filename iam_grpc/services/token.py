@@ -11,7 +11,8 @@ from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.sessions import IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations, check_roles
-from iam_grpc.errors import InternalError
+from iam_grpc.errors import InternalError, InvalidArgument
+from iam_grpc.ids import ULID_RE
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
@@ -59,9 +60,12 @@ class TokenService(token_pb2_grpc.TokenServiceServicer):
     async def RevokeSession(
         self, request: token_pb2.RevokeSessionRequest, context: Ctx
     ) -> token_pb2.RevokeSessionResponse:
+        if not ULID_RE.match(request.session_id):
+            # no session has such an id: the field is malformed, which says nothing about anyone
+            raise InvalidArgument.one("session_id", "must be a session id (26 characters, ULID)")
         claims = await self._access.verify(request.access_token)
         _note_user(claims.user_id)
-        await self._sessions.revoke_session(claims, request.session_id[:64])
+        await self._sessions.revoke_session(claims, request.session_id)
         return token_pb2.RevokeSessionResponse()
 
     async def RevokeAllSessions(

@@ -71,7 +71,9 @@ class UserDevice:
     last_seen_at: datetime
     baseline: dict[str, Any] = field(default_factory=dict)
     known_networks: list[dict[str, Any]] = field(default_factory=list)
-    known_countries: list[str] = field(default_factory=list)
+    # {code, seen_at} objects, most recent last (6.2); a bare code from before countries were timed
+    # is still read (see core.fingerprint.learn_country).
+    known_countries: list[Any] = field(default_factory=list)
     trusted_at: datetime | None = None
     trust_revoked_at: datetime | None = None
     last_ip: str | None = None

@@ -523,3 +523,33 @@ async def test_a_reauth_step_up_unlocks_an_email_change(
         code = code_of((await wait_for_mail(mailbox, email, "Confirm an action"))[-1])
         await verify(mfa, challenge.challenge_id, code, here)
         await auth.RequestEmailChange(change)
+
+
+async def test_revoking_a_session_ends_its_pending_challenges(
+    iam: RunningService,
+    stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
+    mailbox: Mailbox,
+) -> None:
+    """behaviour.md 1.6: after Logout, the session's pending step-up challenge can neither be resent
+    (no new email) nor completed with its code or its link: CHALLENGE_EXPIRED."""
+    auth, mfa = stubs
+    email = new_email()
+    session = await signup(auth, email)
+    here = client(device_id=session.device_id)
+    challenge = await mfa.StartStepUp(
+        mfa_pb2.StartStepUpRequest(client=here, access_token=session.access_token, action="export")
+    )
+    message = (await wait_for_mail(mailbox, email, "Confirm an action"))[-1]
+    await auth.Logout(auth_pb2.LogoutRequest(client=here, refresh_token=session.refresh_token))
+    await asyncio.sleep(1.1)  # past the resend interval: only the revocation can refuse it
+    resend = mfa.ResendChallenge(
+        mfa_pb2.ResendChallengeRequest(client=here, challenge_id=challenge.challenge_id)
+    )
+    assert (await failure(resend))[1].reason == "CHALLENGE_EXPIRED"
+    assert (await failure(verify(mfa, challenge.challenge_id, code_of(message), here)))[1].reason == (
+        "CHALLENGE_EXPIRED"
+    )
+    redeem = mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=here, link_token=link_token(message)))
+    assert (await failure(redeem))[1].reason in {"CHALLENGE_EXPIRED", "LINK_USED"}
+    await asyncio.sleep(0.5)
+    assert len([m for m in mailbox.to(email) if "Confirm an action" in str(m["Subject"])]) == 1

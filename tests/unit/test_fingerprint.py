@@ -19,6 +19,7 @@ from iam_grpc.core.fingerprint import (
     network_key,
     network_known,
     raised_baseline,
+    recent_countries,
     travel_is_impossible,
 )
 from iam_grpc.ua import ParsedAgent
@@ -404,22 +405,59 @@ def test_an_unparsable_ip_teaches_no_network() -> None:
     )
 
 
+def codes(entries: list[dict[str, str]]) -> list[str]:
+    return [entry["code"] for entry in entries]
+
+
+def countries(*items: tuple[str, timedelta]) -> list[dict[str, str]]:
+    """Stored entries: (code, how long ago it was seen)."""
+    return [{"code": code, "seen_at": (NOW - ago).isoformat()} for code, ago in items]
+
+
 def test_learning_a_country_keeps_the_most_recent_last() -> None:
-    """A new country is appended; a known one moves to the end; codes are upper-case."""
-    assert learn_country([], "de", max_countries=5) == ["DE"]
-    assert learn_country(["DE", "FR"], "DE", max_countries=5) == ["FR", "DE"]
-    assert learn_country(["DE"], None, max_countries=5) == ["DE"]
+    """A new country is appended; a known one moves to the end with a fresh time; codes are
+    upper-case."""
+    assert learn_country([], "de", NOW, max_countries=5) == [{"code": "DE", "seen_at": NOW.isoformat()}]
+    day = timedelta(days=1)
+    assert codes(learn_country(countries(("DE", day), ("FR", day)), "DE", NOW)) == ["FR", "DE"]
+    assert learn_country(countries(("DE", day)), None, NOW) == countries(("DE", day))
 
 
 def test_learning_a_country_keeps_at_most_the_limit() -> None:
     """The oldest countries are dropped beyond max_countries."""
-    assert learn_country(["AT", "CH", "DE", "FR", "IT"], "NL", max_countries=5) == [
-        "CH",
-        "DE",
-        "FR",
-        "IT",
-        "NL",
-    ]
+    known = countries(
+        *((code, timedelta(days=5 - i)) for i, code in enumerate(["AT", "CH", "DE", "FR", "IT"]))
+    )
+    assert codes(learn_country(known, "NL", NOW, max_countries=5)) == ["CH", "DE", "FR", "IT", "NL"]
+    assert learn_country(known, "NL", NOW, max_countries=0) == []
+
+
+def test_a_country_not_seen_for_90_days_is_forgotten() -> None:
+    """6.2: up to 5 codes seen in the last 90 days: older ones are dropped when the device learns,
+    and never count as known even before that (a device not written for months)."""
+    known = countries(("DE", timedelta(days=91)), ("FR", timedelta(days=89)))
+    assert codes(learn_country(known, "IT", NOW, memory=timedelta(days=90))) == ["FR", "IT"]
+    assert recent_countries(known, NOW, memory=timedelta(days=90)) == ["FR"]
+    assert recent_countries(known, NOW + timedelta(days=2), memory=timedelta(days=90)) == []
+
+
+def test_countries_stored_as_bare_codes_or_garbage_are_read_safely() -> None:
+    """A bare code (the format before countries were timed) starts its 90 days now; entries without
+    a code or with an unreadable time are dropped, not kept forever."""
+    stored: list[Any] = ["de", {"code": "FR", "seen_at": "yesterday"}, {"seen_at": NOW.isoformat()}, 7]
+    assert recent_countries(stored, NOW) == ["DE"]
+    assert learn_country(stored, None, NOW) == [{"code": "DE", "seen_at": NOW.isoformat()}]
+
+
+def test_an_expired_country_is_not_compared() -> None:
+    """Check 9 gets only the recent countries: with the single known country expired, a new
+    country is no mismatch (nothing learned to compare with)."""
+    agent = ParsedAgent(browser_family="Firefox", browser_major="120", os_family="Linux")
+    paris = GeoInfo(country="FR")
+    baseline = baseline_of(agent)
+    old = countries(("DE", timedelta(days=120)))
+    assert fingerprint_mismatches(baseline, agent, paris, ["DE"]) == ["country"]
+    assert fingerprint_mismatches(baseline, agent, paris, recent_countries(old, NOW)) == []
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ SECRET_NAME = re.compile(r"(hash|code|token|key|digest|signature)", re.IGNORECAS
 REVIEWED = {
     "client/_interceptor.py: key == 'authorization'",  # a metadata header name
     "core/fingerprint.py: entry.get('prefix') == key",  # a network prefix
-    "core/fingerprint.py: item != code",  # an ISO country code
+    "core/fingerprint.py: known != code",  # an ISO country code
     "core/ratelimit/limiter.py: group.key != 'ip'",  # a limiter group's key kind
     "core/risk.py: group.key != 'ip'",
     "hibp.py: match.group(1).upper() != digest",  # the public SHA-1 range of a breach corpus line

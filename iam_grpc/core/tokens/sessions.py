@@ -57,6 +57,7 @@ log = component_logger("iam.sessions")
 
 _LOCK_TTL = timedelta(seconds=5)
 _POLL = 0.05
+_PENDING = b"pending"  # the single-flight lock's value; a sealed result never equals it
 _GRACE_PURPOSE = b"refresh-grace"
 
 
@@ -171,6 +172,8 @@ class SessionManager:
         self.refresh_check: RefreshCheck | None = None
         # Risk points for invalid tokens and detected reuse (behaviour.md 3.3), wired by the app.
         self.risk_event: Callable[[str, ClientInfo], Awaitable[None]] | None = None
+        # Ends the pending challenges of revoked sessions (behaviour.md 1.6), wired by the app.
+        self.sessions_ended: Callable[[list[str]], Awaitable[None]] | None = None
 
     @property
     def trust_idle(self) -> timedelta:
@@ -345,9 +348,12 @@ class SessionManager:
         return issued, token_id
 
     async def after_revocations(self, session_ids: list[str]) -> None:
-        """Deny-list markers for sessions revoked in a committed transaction."""
+        """Deny-list markers for sessions revoked in a committed transaction, and the end of their
+        pending challenges."""
         if session_ids:
             await self._denylist.revoke_sessions(session_ids)
+            if self.sessions_ended is not None:
+                await self.sessions_ended(session_ids)
 
     # refreshing -------------------------------------------------------------------------
 
@@ -357,8 +363,11 @@ class SessionManager:
             raise TokenInvalid()  # never looked up: a stored hash is not a token
         digest = self.token_hash(raw)
         await self._limiter.hit("refresh.token", digest)
-        lock_key, result_key = f"rf:lock:{{{digest}}}", f"rf:res:{{{digest}}}"
-        holds_lock = await self._single_flight(lock_key, result_key)
+        # One key per presented token: first the single-flight lock (_PENDING), then, replacing
+        # it, the sealed result of the rotation, kept for the grace window.
+        result_key = f"rf:res:{{{digest}}}"
+        holds_lock = await self._single_flight(result_key)
+        answer: object = None
         try:
             for _attempt in range(3):
                 answer = await self._refresh_once(client, raw, result_key)
@@ -366,21 +375,29 @@ class SessionManager:
                     return answer
             raise BackendUnavailable()
         finally:
-            if holds_lock:
-                await self._quietly(self._ephemeral.delete(lock_key))
+            # A rotation left its sealed result in place of the lock; any other outcome frees it.
+            if holds_lock and not isinstance(answer, IssuedSession):
+                await self._quietly(self._release(result_key))
 
-    async def _single_flight(self, lock_key: str, result_key: str) -> bool:
-        """One rotation at a time per token; others wait for its sealed result (an optimisation only)."""
+    async def _release(self, result_key: str) -> None:
+        """Free the lock, unless a sealed result replaced it: a rotation that committed before an
+        error (its answer lost) stays recoverable in the grace window (S33)."""
+        if await self._ephemeral.get(result_key) == _PENDING:
+            await self._ephemeral.delete(result_key)
+
+    async def _single_flight(self, result_key: str) -> bool:
+        """One rotation at a time per token; others wait until the key holds the sealed result or
+        is gone (an optimisation only: the SQL compare-and-set is the truth)."""
         try:
-            if await self._ephemeral.set_if_absent(lock_key, b"1", _LOCK_TTL):
+            if await self._ephemeral.set_if_absent(result_key, _PENDING, _LOCK_TTL):
                 return True
             deadline = asyncio.get_running_loop().time() + _LOCK_TTL.total_seconds()
             while asyncio.get_running_loop().time() < deadline:
-                if await self._ephemeral.get(result_key) is not None:
+                if await self._ephemeral.get(result_key) != _PENDING:
                     break
                 await asyncio.sleep(_POLL)
         except BackendUnavailable:
-            pass  # the SQL compare-and-set below is the truth
+            pass
         return False
 
     async def _quietly(self, operation: Awaitable[object]) -> None:
@@ -463,7 +480,7 @@ class SessionManager:
             sealed = await self._ephemeral.get(result_key)
         except BackendUnavailable:
             sealed = None
-        if sealed is None or token.successor_id is None:
+        if sealed is None or sealed == _PENDING or token.successor_id is None:
             raise TokenInvalid()  # the store lost it, or the rotation never committed: nothing is revoked
         try:
             result = json.loads(open_with_secret(raw.encode(), _GRACE_PURPOSE, sealed))
