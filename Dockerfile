@@ -17,7 +17,11 @@ RUN groupadd --system --gid 10001 iam \
  && useradd --system --uid 10001 --gid iam --home-dir /data --shell /usr/sbin/nologin iam \
  && mkdir -p /data && chown iam:iam /data && chmod 0750 /data
 COPY --from=build /opt/iam /opt/iam
+# A fixed mmap threshold: each argon2 hash's memory (19 MiB by default) goes back to the system
+# when the hash ends, instead of glibc's adaptive threshold keeping it on the heap (RSS swings of
+# ~20 MiB per hashing thread otherwise; tests/integration/test_malformed_payloads.py measures it).
 ENV PATH=/opt/iam/bin:$PATH \
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 \
     PYTHONUNBUFFERED=1 \
     IAM_DATA_DIR=/data \
     IAM_GRPC_LISTEN=0.0.0.0:50051 \
