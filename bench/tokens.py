@@ -273,7 +273,7 @@ async def main() -> None:
     args = parser.parse_args()
     results = await verify_ratio(args.seconds, args.concurrency)
     results.update(await anomaly_cost(400))
-    for workers, checks in ((1, False), (1, True), (2, True)):
+    for workers, checks in ((1, False), (2, False), (1, True), (2, True)):
         # Loopback runs on two shared cores vary by +-15 %: report the median and the spread.
         rates = sorted(
             [await refresh_rate(args.seconds * 2, args.concurrency, workers, checks=checks) for _ in range(3)]

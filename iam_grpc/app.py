@@ -377,6 +377,11 @@ class Application:
             max_queued=pw.max_queued_hashes,
         )
         await self.hashing.start()
+        hashing = self.hashing
+        self.metrics.hashes.labels("running").set_function(lambda: hashing.stats()["running"])
+        self.metrics.hashes.labels("queued").set_function(lambda: hashing.stats()["queued"])
+        self.metrics.hashes_refused.labels("queue_full").set_function(lambda: hashing.stats()["refused"])
+        self.metrics.hashes_refused.labels("deadline").set_function(lambda: hashing.stats()["abandoned"])
         try:
             common = CommonPasswords.load(pw.common_list)
         except (OSError, ValueError) as exc:
@@ -445,6 +450,7 @@ class Application:
                 max_lifetime=s.mfa.max_lifetime,
                 max_pending_per_user=s.mfa.max_pending_per_user,
             ),
+            audit=self.audit,
         )
         self.sessions.sessions_ended = self.challenges.end_for_sessions
         assert self.risk is not None

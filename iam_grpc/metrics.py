@@ -99,6 +99,19 @@ class Metrics:
             "argon2 verifications run (real and dummy alike).",
             registry=self.registry,
         )
+        self.hashes = Gauge(
+            "iam_password_hashes",
+            "argon2 hashes and verifications running now (running) and waiting for a slot (queued).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.hashes_refused = Gauge(
+            "iam_password_hashes_refused",
+            "argon2 calls refused since start: queue full (queue_full) or too close to the deadline "
+            "(deadline).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.challenges = Counter(
             "iam_mfa_challenges_total",
             "MFA challenges raised, by reason.",

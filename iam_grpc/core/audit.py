@@ -5,6 +5,8 @@ transaction has committed, so a rollback leaves no trace in either."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from iam_grpc.clock import Clock
@@ -12,7 +14,7 @@ from iam_grpc.core.call import current_call
 from iam_grpc.core.crypto import SecretMaterial
 from iam_grpc.logging import AUDIT, component_logger
 from iam_grpc.storage.ports import Database, Transaction
-from iam_grpc.storage.records import AuditEvent
+from iam_grpc.storage.records import AuditEvent, UserDevice
 
 __all__ = ["AuditTrail"]
 
@@ -75,6 +77,35 @@ class AuditTrail:
         """Wait for background records (shutdown)."""
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def untrust_devices(
+        self,
+        tx: Transaction,
+        links: list[UserDevice],
+        now: datetime,
+        reason: str,
+        *,
+        keep: str | None = None,
+    ) -> int:
+        """End the trust of every trusted device in ``links`` but ``keep``, each with a
+        ``device.untrusted`` event in ``tx`` (behaviour.md 1.7, 9.6). Returns how many."""
+        count = 0
+        for link in links:
+            if link.device_id == keep or link.trusted_at is None or link.trust_revoked_at is not None:
+                continue
+            await tx.devices.save_link(replace(link, trust_revoked_at=now))
+            await self.record(
+                self.event(
+                    "device.untrusted",
+                    "info",
+                    user_id=link.user_id,
+                    device_id=link.device_id,
+                    details={"reason": reason},
+                ),
+                tx,
+            )
+            count += 1
+        return count
 
     async def record(self, event: AuditEvent, tx: Transaction | None = None) -> None:
         """Append ``event`` within ``tx`` (or a transaction of its own) and log it after commit."""

@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from iam_grpc.clock import Clock
+from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.crypto import SecretMaterial, constant_time_equal
 from iam_grpc.core.devices import COARSE_FIELDS
 from iam_grpc.core.links import IssuedLink, Links
@@ -144,7 +145,9 @@ class Challenges:
         mailer: Mailer,
         links: Links,
         policy: ChallengePolicy,
+        audit: AuditTrail | None = None,
     ) -> None:
+        self._audit = audit
         self._db = db
         self._ephemeral = ephemeral
         self._material = material
@@ -288,6 +291,24 @@ class Challenges:
                 ip=challenge.client.get("ip"),
                 not_after=challenge.expires_at,
             )
+            if self._audit is not None:
+                await self._audit.record(
+                    self._audit.event(
+                        "mfa.sent",
+                        "ok",
+                        user_id=user.id,
+                        session_id=challenge.session_id,
+                        device_id=challenge.device_id or None,
+                        ip=challenge.client.get("ip"),
+                        details={
+                            "challenge_id": challenge.id,
+                            "kind": challenge.kind,
+                            "reason": challenge.reason,
+                            "resend": challenge.resends_left < self.policy.max_resends,
+                        },
+                    ),
+                    into,
+                )
 
         if tx is not None:
             await queue(tx)

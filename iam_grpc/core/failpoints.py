@@ -9,9 +9,9 @@ a test arms it with an action:
 - ``unavailable``: the backend fails there (BackendUnavailable).
 
 The places: ``rpc:<full method>`` (before any handler), ``refresh.after_insert``,
-``refresh.before_commit``, ``refresh.after_commit``, and ``<flow>.before_commit`` (the last step
-inside each multi-row transaction: ``signup``, ``login``, ``reset``, ``password_change``,
-``email_change``; security.md S59).
+``refresh.before_commit``, ``refresh.after_commit``, ``login.before_rehash``, and
+``<flow>.before_commit`` (the last step inside each multi-row transaction: ``signup``,
+``login``, ``reset``, ``password_change``, ``email_change``; security.md S59).
 
 Arm from the environment (``IAM_TEST_FAILPOINTS="rpc:/iam.v1.AuthService/Login=sleep:2"``,
 entries separated by ``;``) or in-process with :meth:`Failpoints.arm`.

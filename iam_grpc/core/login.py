@@ -35,7 +35,7 @@ from iam_grpc.core.ratelimit import Permit, RateLimiter, ip_key, pair_key
 from iam_grpc.core.risk import POINTS, RiskScores
 from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations, check_email
-from iam_grpc.errors import InvalidCredentials, RateLimited
+from iam_grpc.errors import BackendUnavailable, DeadlineExceeded, InvalidCredentials, RateLimited
 from iam_grpc.ids import DEVICE_ID
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
@@ -162,9 +162,17 @@ class LoginFlow:
         account: Permit | None
         try:
             await self._limiter.ensure_not_blocked("login.account", email_norm)
-            account = await self._limiter.hit("login.account", email_norm)
         except RateLimited:
             account = None  # guarded: never an answer of its own (no lockout, no oracle)
+        else:
+            try:
+                account = await self._limiter.hit("login.account", email_norm)
+            except RateLimited:
+                # The guard begins (15 min, doubling per repeat, at most 1 h). Its window starts
+                # over, so the guard ends with its block: only fresh failures renew it, never the
+                # owner's own attempts on a window still full from the abuse (S10).
+                await self._limiter.start_over("login.account", email_norm)
+                account = None
         return _Reservations(pair, ip_fail, account)
 
     async def _verify(self, user: User | None, password: str) -> bool:
@@ -196,11 +204,27 @@ class LoginFlow:
         assert user.password_hash is not None
         if not self._hashing.needs_rehash(StoredPassword(user.password_hash, user.pepper_id or None)):
             return
-        stored = await self._hashing.hash(password)
-        async with self._db.transaction() as tx:
-            await tx.users.set_password(
-                user.id, stored.phc, stored.pepper_id or 0, self._clock.now(), bump_version=False
-            )
+        await self._failpoints.hit("login.before_rehash")
+        # Best effort: the password was right, so a busy hashing pool, a short deadline or a failed
+        # write must not fail the login; the next login tries again.
+        try:
+            stored = await self._hashing.hash(password)
+            async with self._db.transaction() as tx:
+                # Only over the credentials that were verified: a reset or change committed since
+                # must never be undone by writing the old password back.
+                rewritten = await tx.users.set_password(
+                    user.id,
+                    stored.phc,
+                    stored.pepper_id or 0,
+                    self._clock.now(),
+                    expect_credential_version=user.credential_version,
+                    bump_version=False,
+                )
+        except (RateLimited, DeadlineExceeded, BackendUnavailable):
+            log.bind(user_id=user.id).warning("password rehash skipped; the next login retries")
+            return
+        if not rewritten:
+            log.bind(user_id=user.id).info("password rehash dropped: the credentials changed meanwhile")
 
     async def _mfa_reason(
         self, user: User, client: ClientInfo, seen: Observation, trusted: bool, links: list[UserDevice]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 from datetime import timedelta
 
 from iam_grpc.clock import Clock
@@ -174,9 +173,9 @@ class PasswordReset:
                 raise LinkUsed()  # another reset (or a change) won the race
             ended = await tx.sessions.revoke_all(user.id, "password_reset", now)
             if self._untrust:
-                for link in await tx.devices.links_of(user.id):
-                    if link.trusted_at is not None:
-                        await tx.devices.save_link(replace(link, trust_revoked_at=now))
+                await self._audit.untrust_devices(
+                    tx, await tx.devices.links_of(user.id), now, "password_reset"
+                )
             await queue_password_changed(
                 self._mailer,
                 tx,

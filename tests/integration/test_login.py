@@ -3,6 +3,7 @@ counting, the account guard, device trust and MFA, rehashing."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -215,6 +216,49 @@ async def test_outdated_hashes_are_replaced_at_the_next_login(
     assert user is not None
     assert user.password_hash is not None
     assert ",t=2," in user.password_hash
+
+
+async def test_a_rehash_never_undoes_a_password_change_made_meanwhile(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """A login with an outdated hash verifies the old password; if a reset commits before its
+    rehash is written, the rehash is dropped (only over the verified credential version), and the
+    login itself still succeeds."""
+    env = account_env(backend, mailbox, GROUPS, IAM_TEST_FAILPOINTS="1")
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        email = new_email()
+        owner = await signup(stub, email)
+        assert iam.app.db is not None
+        assert iam.app.secrets is not None
+        older = PasswordHashing(
+            Argon2Params(memory_kib=19456, time_cost=3, parallelism=1, hash_len=32, salt_len=16),
+            iam.app.secrets.peppers,
+            iam.app.secrets.current_pepper,
+            max_concurrent=1,
+            max_queued=1,
+        )
+        await older.start()
+        try:
+            outdated = await older.hash(PASSWORD)
+            reset = await older.hash("a brand new secret phrase 77")
+        finally:
+            await older.close()
+        async with iam.app.db.transaction() as tx:
+            await tx.users.set_password(
+                owner.user_id, outdated.phc, outdated.pepper_id or 0, iam.app.clock.now()
+            )
+        iam.app.failpoints.arm("login.before_rehash", "sleep:1")
+        pending = asyncio.ensure_future(login(stub, email, device_id=owner.device_id))
+        await asyncio.sleep(0.5)  # the login has verified the old password and waits before its rehash
+        async with iam.app.db.transaction() as tx:  # a reset commits meanwhile
+            await tx.users.set_password(owner.user_id, reset.phc, reset.pepper_id or 0, iam.app.clock.now())
+        answer = await pending
+        assert answer.WhichOneof("result") == "session"
+        async with iam.app.db.transaction() as tx:
+            user = await tx.users.get(owner.user_id)
+        assert user is not None
+        assert user.password_hash == reset.phc
 
 
 async def test_a_breached_password_still_logs_in_with_an_advisory_flag(

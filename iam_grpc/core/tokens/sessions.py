@@ -512,7 +512,7 @@ class SessionManager:
         await tx.sessions.revoke(session.id, "reuse", now)
         link = await tx.devices.get_link(user.id, session.device_id)
         if link is not None:
-            await tx.devices.save_link(replace(link, trust_revoked_at=now))
+            await self._audit.untrust_devices(tx, [link], now, "reuse")
         await tx.users.set_mfa_hold(user.id, now + self._policy.reuse_mfa_hold, now)
         details = {
             "generation": token.generation,
@@ -722,9 +722,9 @@ class SessionManager:
             ids = await tx.sessions.revoke_all(
                 claims.user_id, "all", now, keep=claims.session_id if keep_current else None
             )
-            for link in await tx.devices.links_of(claims.user_id):
-                if link.device_id != claims.device_id and link.trusted_at is not None:
-                    await tx.devices.save_link(replace(link, trust_revoked_at=now))
+            await self._audit.untrust_devices(
+                tx, await tx.devices.links_of(claims.user_id), now, "all", keep=claims.device_id
+            )
             await self._audit.record(
                 self._audit.event(
                     "session.revoked",
