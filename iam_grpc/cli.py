@@ -485,6 +485,10 @@ def keys_rotate(
         await tools.audit.record(
             tools.audit.event("keys.created", "ok", details={"kid": new.kid, "immediate": immediate})
         )
+        # keys.activated: written here when the key signs at once; a planned key starts signing
+        # at its activate_at (in keys.created's details and in `keys list`) without a command.
+        if immediate:
+            await tools.audit.record(tools.audit.event("keys.activated", "ok", details={"kid": new.kid}))
         if revoke is not None:
             await tools.audit.record(tools.audit.event("keys.revoked", "ok", details={"kid": revoke}))
         return new

@@ -111,6 +111,7 @@ async def test_keys_can_be_listed_and_rotated(shared_own_database: Backend, tmp_
             events = [e.type for e in await tx.audit.recent(type_prefix="keys.")]
         assert events.count("keys.created") == 2
         assert events.count("keys.revoked") == 1
+        assert events.count("keys.activated") == 1  # the --immediate one only
 
 
 async def test_cleanup_runs_on_demand(shared_own_database: Backend, tmp_path: Path) -> None:
