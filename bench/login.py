@@ -88,7 +88,15 @@ async def create_accounts(stub: auth_pb2_grpc.AuthServiceStub, count: int) -> li
     return accounts
 
 
-async def login_rate(port: int, accounts: list[tuple[str, str]], seconds: float, concurrency: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process (all its threads) has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def login_rate(
+    port: int, accounts: list[tuple[str, str]], seconds: float, concurrency: int
+) -> tuple[float, int]:
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(4)
@@ -118,7 +126,7 @@ async def login_rate(port: int, accounts: list[tuple[str, str]], seconds: float,
     finally:
         for channel in channels:
             await channel.close()
-    return done / (time.monotonic() - started)
+    return done / (time.monotonic() - started), done
 
 
 async def enumeration_timing(port: int, accounts: list[tuple[str, str]], rounds: int) -> dict[str, float]:
@@ -166,13 +174,20 @@ async def main() -> None:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 accounts = await create_accounts(auth_pb2_grpc.AuthServiceStub(channel), 64)
             single, limit = argon2_limit()
-            rate = await login_rate(port, accounts, args.seconds, args.concurrency)
+            cpu_before = cpu_seconds(process.pid)
+            rate, logins = await login_rate(port, accounts, args.seconds, args.concurrency)
+            cpu_per_login = (cpu_seconds(process.pid) - cpu_before) / logins
             single_after, limit_after = argon2_limit()  # the machine may have drifted during the load
+            verify = (single + single_after) / 2
             results.update(
-                argon2_verify_ms=round((single + single_after) / 2 * 1000, 2),
+                argon2_verify_ms=round(verify * 1000, 2),
                 argon2_limit_per_s=round((limit + limit_after) / 2, 1),
                 logins_per_s=round(rate, 1),
                 logins_over_argon2_limit=round(rate / ((limit + limit_after) / 2), 3),
+                # The server's CPU per login (every thread), and what is left after the argon2
+                # verification: the part that a faster service could still cut.
+                server_cpu_ms_per_login=round(cpu_per_login * 1000, 2),
+                server_cpu_ms_per_login_besides_argon2=round((cpu_per_login - verify) * 1000, 2),
             )
             results.update(await enumeration_timing(port, accounts, args.rounds))
         finally:

@@ -78,6 +78,22 @@ class AuditTrail:
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
+    async def sessions_revoked(
+        self, tx: Transaction, user_id: str, session_ids: list[str], reason: str
+    ) -> None:
+        """One ``session.revoked`` event per session ended by a credential change (9.6)."""
+        for session_id in session_ids:
+            await self.record(
+                self.event(
+                    "session.revoked",
+                    "info",
+                    user_id=user_id,
+                    session_id=session_id,
+                    details={"reason": reason},
+                ),
+                tx,
+            )
+
     async def untrust_devices(
         self,
         tx: Transaction,

@@ -204,6 +204,7 @@ class EmailChange:
                 ended = await tx.sessions.revoke_all(
                     user.id, "email_change", now, keep=str(claims.extra["sid"])
                 )
+                await self._audit.sessions_revoked(tx, user.id, ended, "email_change")
                 await self._mailer.queue(
                     tx,
                     "email_changed",

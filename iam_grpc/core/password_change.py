@@ -98,6 +98,7 @@ class PasswordChange:
             if not changed:
                 raise InvalidCredentials()  # the password changed meanwhile (a reset, another change)
             ended = await tx.sessions.revoke_all(user.id, "password_change", now, keep=claims.session_id)
+            await self._audit.sessions_revoked(tx, user.id, ended, "password_change")
             await tx.sessions.set_auth(claims.session_id, now)
             await queue_password_changed(
                 self._mailer,

@@ -172,6 +172,7 @@ class PasswordReset:
             if not changed:
                 raise LinkUsed()  # another reset (or a change) won the race
             ended = await tx.sessions.revoke_all(user.id, "password_reset", now)
+            await self._audit.sessions_revoked(tx, user.id, ended, "password_reset")
             if self._untrust:
                 await self._audit.untrust_devices(
                     tx, await tx.devices.links_of(user.id), now, "password_reset"

@@ -148,14 +148,16 @@ async def test_calls_in_flight_finish_during_shutdown(tmp_path: Path) -> None:
     """A call that is running when stop() begins completes with its real answer within the grace period."""
     import grpc
 
-    from iam_grpc.proto import auth_pb2, auth_pb2_grpc
+    from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2
 
     app = Application(service_settings(tmp_path, {"IAM_TEST_FAILPOINTS": "1"}))
     await app.start()
     app.failpoints.arm("rpc:/iam.v1.AuthService/Logout", "sleep:1")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         call = auth_pb2_grpc.AuthServiceStub(channel).Logout(
-            auth_pb2.LogoutRequest(refresh_token="iamr_" + "x" * 43)
+            auth_pb2.LogoutRequest(
+                client=common_pb2.ClientContext(ip="192.0.2.1"), refresh_token="iamr_" + "x" * 43
+            )
         )
         await asyncio.sleep(0.3)  # the call is now inside the failpoint
         stopping = asyncio.create_task(app.stop(drain_delay=timedelta(0), grace=timedelta(seconds=5)))

@@ -23,6 +23,7 @@ from iam_grpc.storage.records import (
     User,
     UserDevice,
 )
+from iam_grpc.storage.sql.connection import InlineConnection
 from iam_grpc.storage.sql.database import SqlDatabase
 
 NOW = datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC)
@@ -622,12 +623,13 @@ async def test_reads_inside_a_transaction_are_part_of_it(database: SqlDatabase) 
     """A transaction that only read so far is already open (SQLite's driver would otherwise defer BEGIN)."""
     async with database.transaction() as tx:
         await tx.users.get("0" * 26)
-        assert tx.connection.in_transaction()
-        raw = tx.connection.sync_connection
+        connection = tx.connection
+        # SQLite runs on an inline (synchronous) connection, MySQL on SQLAlchemy's async one
+        raw = connection.sync if isinstance(connection, InlineConnection) else connection.sync_connection
         assert raw is not None
-        dbapi = raw.connection.dbapi_connection
+        assert raw.in_transaction()
         if database.dialect == "sqlite":
-            assert dbapi.driver_connection.in_transaction  # type: ignore[union-attr]
+            assert raw.connection.driver_connection.in_transaction  # type: ignore[union-attr]
 
 
 async def test_concurrent_role_creation_does_not_collide(database: SqlDatabase) -> None:

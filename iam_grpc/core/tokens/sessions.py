@@ -230,6 +230,12 @@ class SessionManager:
             link = replace(link, baseline=baseline_of(agent))  # first sight (behaviour.md 6.2)
         if trust and not is_trusted(link, agent, now, self._policy.trust_idle):
             link = replace(link, trusted_at=now, baseline=baseline_of(agent))
+            await self._audit.record(
+                self._audit.event(
+                    "device.trusted", "ok", user_id=user_id, device_id=device.id, details={"by": "password"}
+                ),
+                tx,
+            )
         if shape_link is not None:
             link = shape_link(link)
         await tx.devices.save_link(link)

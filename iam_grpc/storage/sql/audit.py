@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iam_grpc.storage.records import AuditEvent
 from iam_grpc.storage.sql._rows import to_values
+from iam_grpc.storage.sql.connection import SqlConnection
 from iam_grpc.storage.sql.tables import audit_events
 
 __all__ = ["SqlAuditLog"]
 
+_APPEND = insert(audit_events)  # built once (see users.py)
+
 
 class SqlAuditLog:
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: SqlConnection) -> None:
         self._c = connection
 
     async def append(self, event: AuditEvent) -> None:
-        await self._c.execute(insert(audit_events).values(**to_values(event, without=("id",))))
+        await self._c.execute(_APPEND, to_values(event, without=("id",)))
 
     async def recent(
         self, *, user_id: str | None = None, type_prefix: str | None = None, limit: int = 100

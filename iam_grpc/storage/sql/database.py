@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import UniqueConstraint, event, text
+from sqlalchemy import Engine, UniqueConstraint, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -22,6 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.sql.audit import SqlAuditLog
+from iam_grpc.storage.sql.connection import (
+    InlineConnection,
+    SqlConnection,
+    begin_inline,
+    inline_sqlite_engine,
+)
 from iam_grpc.storage.sql.devices import SqlDeviceStore
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
@@ -143,10 +149,29 @@ def create_engine(
     )
 
 
+@asynccontextmanager
+async def _mapped_errors() -> AsyncIterator[None]:
+    """Driver errors as the port's: a unique violation -> Conflict, a lost or unreachable
+    database -> BackendUnavailable."""
+    try:
+        yield
+    except IntegrityError as exc:
+        conflict = _conflict(exc)
+        if conflict is not None:
+            raise conflict from exc
+        raise
+    except (OperationalError, InterfaceError, OSError, TimeoutError, PoolTimeout) as exc:
+        raise BackendUnavailable() from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise BackendUnavailable() from exc
+        raise
+
+
 class SqlTransaction:
     """One connection inside one transaction, with a store per table family."""
 
-    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
+    def __init__(self, connection: SqlConnection, dialect: str) -> None:
         self.connection = connection
         self.users = SqlUserStore(connection, dialect)
         self.devices = SqlDeviceStore(connection, dialect)
@@ -164,9 +189,21 @@ class SqlTransaction:
 class SqlDatabase:
     """The :class:`~iam_grpc.storage.ports.Database` port over SQLAlchemy Core."""
 
-    def __init__(self, engine: AsyncEngine, *, on_statement: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        on_statement: Callable[[], None] | None = None,
+        lock_wait: timedelta = timedelta(seconds=10),
+    ) -> None:
         self.engine = engine
         self._dialect = "sqlite" if engine.dialect.name == "sqlite" else "mysql"
+        # SQLite: transactions run on a synchronous connection on the loop (see connection.py);
+        # the async engine stays for migrations and schema checks.
+        self._inline: Engine | None = None
+        if self._dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            self._inline = inline_sqlite_engine(engine.url, on_statement=on_statement)
+        self._lock_wait = lock_wait
         # MySQL locks are server-wide: qualify names with the database so two schemas never share one.
         self._lock_scope = engine.url.database or ""
         self._local_locks: dict[str, asyncio.Lock] = {}
@@ -188,31 +225,38 @@ class SqlDatabase:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.engine.connect() as connection:
-                yield connection
-        except IntegrityError as exc:
-            conflict = _conflict(exc)
-            if conflict is not None:
-                raise conflict from exc
-            raise
-        except (OperationalError, InterfaceError, OSError, TimeoutError, PoolTimeout) as exc:
-            raise BackendUnavailable() from exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise BackendUnavailable() from exc
-            raise
+        async with _mapped_errors(), self.engine.connect() as connection:
+            yield connection
 
     @asynccontextmanager
     async def _transaction(self, read_only: bool) -> AsyncIterator[SqlTransaction]:
-        async with self._connection() as connection:
-            if read_only:
-                await connection.execution_options(iam_read_only=True)
-            tx = SqlTransaction(connection, self._dialect)
-            async with connection.begin():
+        if self._inline is not None:
+            async with self._inline_transaction(read_only) as tx:
                 yield tx
+        else:
+            async with self._connection() as connection:
+                if read_only:
+                    await connection.execution_options(iam_read_only=True)
+                tx = SqlTransaction(connection, self._dialect)
+                async with connection.begin():
+                    yield tx
         for callback in tx.committed:
             callback()
+
+    @asynccontextmanager
+    async def _inline_transaction(self, read_only: bool) -> AsyncIterator[SqlTransaction]:
+        assert self._inline is not None
+        async with _mapped_errors():
+            with self._inline.connect() as connection:
+                transaction = connection.begin()  # SQLAlchemy's bookkeeping; SQLite's BEGIN is ours
+                try:
+                    await begin_inline(connection, read_only=read_only, wait=self._lock_wait)
+                    tx = SqlTransaction(InlineConnection(connection), self._dialect)
+                    yield tx
+                except BaseException:
+                    transaction.rollback()
+                    raise
+                transaction.commit()
 
     @asynccontextmanager
     async def _serialised(self, read_only: bool) -> AsyncIterator[SqlTransaction]:
@@ -265,8 +309,10 @@ class SqlDatabase:
         return self._named_lock(name, timeout)
 
     async def ping(self) -> None:
-        async with self._connection() as connection:
-            await connection.execute(text("SELECT 1"))
+        async with self.transaction(read_only=True) as tx:
+            await tx.connection.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._inline is not None:
+            self._inline.dispose()
         await self.engine.dispose()

@@ -5,17 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iam_grpc.storage.records import SigningKey
 from iam_grpc.storage.sql._rows import to_values
+from iam_grpc.storage.sql.connection import SqlConnection
 from iam_grpc.storage.sql.tables import signing_keys
 
 __all__ = ["SqlKeyStore"]
 
 
 class SqlKeyStore:
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: SqlConnection) -> None:
         self._c = connection
 
     async def insert(self, key: SigningKey) -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import Select, and_, delete, exists, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from iam_grpc.storage.sql.connection import SqlConnection
 from iam_grpc.storage.sql.tables import (
     audit_events,
     devices,
@@ -22,7 +22,7 @@ __all__ = ["SqlMaintenance"]
 
 
 class SqlMaintenance:
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: SqlConnection) -> None:
         self._c = connection
 
     async def _delete_ids(self, table: object, column: object, query: Select[tuple[object]]) -> int:
@@ -108,7 +108,7 @@ class SqlMaintenance:
             .limit(batch)
         )
         removed = 0
-        for user_id, device_id in (await self._c.execute(stale_links)).all():
+        for user_id, device_id in [tuple(row) for row in (await self._c.execute(stale_links)).all()]:
             result = await self._c.execute(
                 delete(user_devices).where(
                     user_devices.c.user_id == user_id, user_devices.c.device_id == device_id

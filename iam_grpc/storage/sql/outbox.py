@@ -6,11 +6,11 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from iam_grpc.storage.records import OutboxMessage
 from iam_grpc.storage.sql._rows import to_record, to_values
+from iam_grpc.storage.sql.connection import SqlConnection
 from iam_grpc.storage.sql.tables import email_outbox
 
 __all__ = ["SqlOutbox"]
@@ -28,7 +28,7 @@ RETRYABLE_KINDS = (
 
 
 class SqlOutbox:
-    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
+    def __init__(self, connection: SqlConnection, dialect: str) -> None:
         self._c = connection
         self._dialect = dialect
 

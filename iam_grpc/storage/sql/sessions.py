@@ -6,10 +6,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, exists, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iam_grpc.storage.records import RefreshToken, SessionRecord, TokenContext, User, UserDevice
 from iam_grpc.storage.sql._rows import to_record, to_values
+from iam_grpc.storage.sql.connection import SqlConnection
 from iam_grpc.storage.sql.tables import refresh_tokens, roles, sessions, user_devices, user_roles, users
 
 __all__ = ["SqlSessionStore"]
@@ -43,6 +43,29 @@ _TOKEN_WITH_CONTEXT = (
     .where(refresh_tokens.c.token_hash == bindparam("token_hash"))
 )
 _INSERT_TOKEN = insert(refresh_tokens)
+_INSERT_SESSION = insert(sessions)
+_SESSION = select(sessions).where(sessions.c.id == bindparam("b_id"))
+_LIVE = (
+    select(sessions)
+    .where(
+        sessions.c.user_id == bindparam("b_user"),
+        sessions.c.revoked_at.is_(None),
+        sessions.c.absolute_expires_at > bindparam("b_now"),
+        exists().where(
+            refresh_tokens.c.session_id == sessions.c.id,
+            refresh_tokens.c.state == "active",
+            refresh_tokens.c.expires_at > bindparam("b_now"),
+        ),
+    )
+    .order_by(sessions.c.last_refreshed_at.desc(), sessions.c.id.desc())
+)
+_RECENT_ROTATIONS = (
+    select(func.count())
+    .select_from(refresh_tokens)
+    .where(
+        refresh_tokens.c.session_id == bindparam("b_id"), refresh_tokens.c.created_at >= bindparam("b_since")
+    )
+)
 _MARK_ROTATED = (
     update(refresh_tokens)
     .where(refresh_tokens.c.id == bindparam("token_id"), refresh_tokens.c.state == "active")
@@ -64,33 +87,19 @@ _TOUCH = (
 
 
 class SqlSessionStore:
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: SqlConnection) -> None:
         self._c = connection
 
     async def insert(self, session: SessionRecord) -> None:
-        await self._c.execute(insert(sessions).values(**to_values(session)))
+        await self._c.execute(_INSERT_SESSION, to_values(session))
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        row = (await self._c.execute(select(sessions).where(sessions.c.id == session_id))).first()
+        row = (await self._c.execute(_SESSION, {"b_id": session_id})).first()
         return to_record(SessionRecord, row)
 
     async def list_live(self, user_id: str, now: datetime) -> list[SessionRecord]:
-        active_token = exists().where(
-            refresh_tokens.c.session_id == sessions.c.id,
-            refresh_tokens.c.state == "active",
-            refresh_tokens.c.expires_at > now,
-        )
-        query = (
-            select(sessions)
-            .where(
-                sessions.c.user_id == user_id,
-                sessions.c.revoked_at.is_(None),
-                sessions.c.absolute_expires_at > now,
-                active_token,
-            )
-            .order_by(sessions.c.last_refreshed_at.desc(), sessions.c.id.desc())
-        )
-        return [SessionRecord(**dict(row._mapping)) for row in await self._c.execute(query)]
+        rows = await self._c.execute(_LIVE, {"b_user": user_id, "b_now": now})
+        return [SessionRecord(**dict(row._mapping)) for row in rows]
 
     async def revoke(self, session_id: str, reason: str, now: datetime) -> bool:
         result = await self._c.execute(
@@ -197,12 +206,9 @@ class SqlSessionStore:
         return to_record(RefreshToken, row)
 
     async def recent_rotations(self, session_id: str, since: datetime) -> int:
-        query = (
-            select(func.count())
-            .select_from(refresh_tokens)
-            .where(refresh_tokens.c.session_id == session_id, refresh_tokens.c.created_at >= since)
+        return int(
+            (await self._c.execute(_RECENT_ROTATIONS, {"b_id": session_id, "b_since": since})).scalar() or 0
         )
-        return int((await self._c.execute(query)).scalar() or 0)
 
     async def access_jtis_since(self, user_id: str, since: datetime) -> list[str]:
         query = (

@@ -5,33 +5,46 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, insert, literal, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iam_grpc.storage.records import User
 from iam_grpc.storage.sql._rows import to_record, to_values
+from iam_grpc.storage.sql.connection import SqlConnection
 from iam_grpc.storage.sql.tables import roles, user_roles, users
 from iam_grpc.storage.sql.types import UtcDateTime
 
 __all__ = ["SqlUserStore"]
 
+# Statements on the login and signup paths are built once: building one costs several times
+# what running it does (bench/README.md).
+_INSERT = insert(users)
+_BY_ID = select(users).where(users.c.id == bindparam("b_id"))
+_BY_EMAIL = select(users).where(users.c.email_norm == bindparam("b_email"))
+_RECORD_LOGIN = update(users).where(users.c.id == bindparam("b_id")).values(last_login_at=bindparam("b_now"))
+_ROLES_OF = (
+    select(roles.c.name)
+    .join(user_roles, user_roles.c.role_id == roles.c.id)
+    .where(user_roles.c.user_id == bindparam("b_id"))
+    .order_by(roles.c.name)
+)
+
 
 class SqlUserStore:
-    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
+    def __init__(self, connection: SqlConnection, dialect: str) -> None:
         self._c = connection
         self._dialect = dialect
 
     async def insert(self, user: User) -> None:
-        await self._c.execute(insert(users).values(**to_values(user)))
+        await self._c.execute(_INSERT, to_values(user))
 
     async def get(self, user_id: str) -> User | None:
-        row = (await self._c.execute(select(users).where(users.c.id == user_id))).first()
+        row = (await self._c.execute(_BY_ID, {"b_id": user_id})).first()
         return to_record(User, row)
 
     async def get_by_email(self, email_norm: str) -> User | None:
-        row = (await self._c.execute(select(users).where(users.c.email_norm == email_norm))).first()
+        row = (await self._c.execute(_BY_EMAIL, {"b_email": email_norm})).first()
         return to_record(User, row)
 
     async def set_password(
@@ -105,7 +118,7 @@ class SqlUserStore:
         )
 
     async def record_login(self, user_id: str, now: datetime) -> None:
-        await self._c.execute(update(users).where(users.c.id == user_id).values(last_login_at=now))
+        await self._c.execute(_RECORD_LOGIN, {"b_id": user_id, "b_now": now})
 
     async def ensure_roles(self, names: Sequence[str], now: datetime) -> None:
         wanted = sorted(set(names))
@@ -152,7 +165,8 @@ class SqlUserStore:
             .group_by(roles.c.id, roles.c.name, roles.c.description)
             .order_by(roles.c.name)
         )
-        return [(str(n), d, int(c)) for n, d, c in (await self._c.execute(query)).all()]
+        rows = [tuple(row) for row in (await self._c.execute(query)).all()]
+        return [(str(n), d, int(c)) for n, d, c in rows]
 
     async def delete_role(self, name: str) -> bool:
         role_id = (await self._c.execute(select(roles.c.id).where(roles.c.name == name))).scalar()
@@ -163,10 +177,4 @@ class SqlUserStore:
         return True
 
     async def roles_of(self, user_id: str) -> list[str]:
-        query = (
-            select(roles.c.name)
-            .join(user_roles, user_roles.c.role_id == roles.c.id)
-            .where(user_roles.c.user_id == user_id)
-            .order_by(roles.c.name)
-        )
-        return list((await self._c.execute(query)).scalars())
+        return list((await self._c.execute(_ROLES_OF, {"b_id": user_id})).scalars())
