@@ -43,7 +43,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
 import secrets
+import sys
 import time
 import unicodedata
 from collections import deque
@@ -199,6 +201,24 @@ def _readable_phc(phc: str) -> bytes | None:
 # --- the service -----------------------------------------------------------------------------------
 
 
+# How much lower than the event loop a hashing thread runs (Linux nice increment, per thread).
+_HASH_NICENESS = 10
+
+
+def _yield_to_the_loop() -> None:
+    """Run this hashing thread at a lower priority than the event loop (security.md S68): with as
+    many hashing threads as cores, the loop would otherwise wait for the scheduler behind them and
+    token checks would stall during a login storm. Hashes still use every idle cycle. On Linux a
+    thread has its own nice value (``setpriority(PRIO_PROCESS, 0)`` changes the calling thread
+    only); elsewhere it would change the whole process, so nothing is done."""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + _HASH_NICENESS)
+    except OSError:
+        _log.warning("could not lower the priority of a hashing thread")
+
+
 class PasswordHashing:
     """Hashes and verifies passwords in a bounded pool; see the module docstring for the design.
 
@@ -251,7 +271,9 @@ class PasswordHashing:
         """Create the pool and compute the dummy hash in it (a random password, current parameters)."""
         if self._executor is not None:
             return
-        executor = ThreadPoolExecutor(max_workers=self._max_concurrent, thread_name_prefix="iam-argon2")
+        executor = ThreadPoolExecutor(
+            max_workers=self._max_concurrent, thread_name_prefix="iam-argon2", initializer=_yield_to_the_loop
+        )
         work = partial(_hash_blocking, self._params, secrets.token_urlsafe(32), self._current_key())
         try:
             phc, seconds = await asyncio.get_running_loop().run_in_executor(executor, work)

@@ -14,7 +14,15 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from iam_grpc.core.call import current_call
-from iam_grpc.errors import DOMAIN, IamError, InternalError, InvalidArgument, RateLimited, ServerError
+from iam_grpc.errors import (
+    DOMAIN,
+    DeadlineExceeded,
+    IamError,
+    InternalError,
+    InvalidArgument,
+    RateLimited,
+    ServerError,
+)
 from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor
 from iam_grpc.logging import component_logger
 
@@ -55,7 +63,10 @@ class ErrorMappingInterceptor(UnaryInterceptor):
             try:
                 return await behaviour(request, context)
             except IamError as error:
-                if isinstance(error, ServerError):
+                if isinstance(error, DeadlineExceeded):
+                    # the caller's deadline left too little time: worth counting, not an alarm
+                    log.bind(reason=error.reason).info("deadline too close to do the work")
+                elif isinstance(error, ServerError):
                     log.bind(reason=error.reason, **error.cause()).warning("request failed on our side")
                 await _abort(context, error)
             except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -540,3 +540,16 @@ def test_login_password_is_measured_after_nfkc() -> None:
     """What NFKC makes of the password is what counts, as for the password when it was chosen."""
     assert login_password_problems("e\u0301" * 100) == []  # 200 code points typed, 100 hashed
     assert login_password_problems("\ufdfa" * 8) == ["must be at most 128 characters"]  # 8 -> 144
+
+
+async def test_hashing_threads_run_below_the_event_loop() -> None:
+    """S68: each hashing thread lowers its own priority (Linux nice, per thread), so a login storm
+    cannot keep the event loop waiting for a core; the loop's own priority is untouched."""
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    async with started(CHEAP, max_concurrent=2, max_queued=8) as hashing:
+        assert hashing._executor is not None
+        in_pool = await asyncio.get_running_loop().run_in_executor(
+            hashing._executor, os.getpriority, os.PRIO_PROCESS, 0
+        )
+    assert in_pool == min(loop_niceness + 10, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_niceness
