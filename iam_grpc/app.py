@@ -54,7 +54,7 @@ from iam_grpc.mail.transports import FileTransport, SmtpTransport
 from iam_grpc.metrics import Metrics
 from iam_grpc.ops_http import OpsHttpServer, Response
 from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
-from iam_grpc.server import SERVICE_NAMES, ListenError, build_server
+from iam_grpc.server import ListenError, build_server, served_services
 from iam_grpc.services.auth import AuthFlows
 from iam_grpc.storage.memory import MemoryEphemeral, MemoryLimiterStore
 from iam_grpc.storage.ports import Ephemeral, LimiterStore, MailError, MailTransport
@@ -640,7 +640,7 @@ class Application:
 
     async def _start_serving(self) -> None:
         s = self.settings
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *served_services(self.settings)):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             self.server, self.grpc_port = build_server(self, s)
@@ -709,7 +709,7 @@ class Application:
             if self.serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *served_services(self.settings)):
             await self.health.set(name, status)
         self.metrics.serving.set(1 if self.serving else 0)
 

@@ -595,13 +595,36 @@ class RateLimitSettings(_Group):
 
 
 class ExtAuthzRule(_Group):
-    path_prefix: str = Field(min_length=1)
-    roles: list[str] = []
+    """One path rule of the Envoy ``Check``: requests under ``prefix`` need every role in ``roles``."""
+
+    prefix: str = Field(min_length=1, max_length=1024)
+    roles: list[str] = Field(default=[], max_length=32)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in "?#%\\") or not value.isprintable():
+            raise ValueError("a prefix is a decoded URL path starting with '/' (no query, no %-escapes)")
+        if "//" in value or any(part in (".", "..") for part in value.split("/")):
+            raise ValueError("a prefix has no empty, '.' or '..' segments (paths are matched normalised)")
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, value: list[str]) -> list[str]:
+        from iam_grpc.core.validation import ROLE_NAME
+
+        if not all(ROLE_NAME.match(role) for role in value):
+            raise ValueError("role names match ^[a-z][a-z0-9:_-]{0,63}$")
+        return value
 
 
 class ExtAuthzSettings(_Group):
+    """The Envoy ``envoy.service.auth.v3.Authorization/Check`` service; the first rule whose prefix
+    starts the request path decides the required roles (none: a valid token is enough)."""
+
     enabled: bool = True
-    rules: list[ExtAuthzRule] = []
+    rules: list[ExtAuthzRule] = Field(default=[], max_length=256)
 
 
 class RolesSettings(_Group):

@@ -32,13 +32,28 @@ from iam_grpc.storage.ports import Ephemeral
 if TYPE_CHECKING:
     from iam_grpc.app import Application
 
-__all__ = ["SERVICE_NAMES", "ListenError", "build_server", "interceptor_chain", "server_options"]
+__all__ = [
+    "EXT_AUTHZ_SERVICE",
+    "SERVICE_NAMES",
+    "ListenError",
+    "build_server",
+    "interceptor_chain",
+    "served_services",
+    "server_options",
+]
 
 SERVICE_NAMES = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
     mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name,
 )
+# Envoy's external authorization API (``ext_authz.enabled``); its messages are imported only then.
+EXT_AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+def served_services(settings: Settings) -> tuple[str, ...]:
+    """The services this configuration serves (besides health and reflection)."""
+    return (*SERVICE_NAMES, EXT_AUTHZ_SERVICE) if settings.ext_authz.enabled else SERVICE_NAMES
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -79,6 +94,12 @@ def interceptor_chain(
     ephemeral: Ephemeral | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors, outermost first; each has one job (see ``iam_grpc.interceptors``)."""
+    check_answers: list[grpc.aio.ServerInterceptor] = []
+    if settings.ext_authz.enabled:
+        from iam_grpc.services.ext_authz import CheckAnswerInterceptor
+
+        # Inside caller authentication: below it, a failing Check is answered in a CheckResponse.
+        check_answers.append(CheckAnswerInterceptor())
     return [
         RequestContextInterceptor(settings.server.default_deadline),
         AccessLogInterceptor(
@@ -96,6 +117,7 @@ def interceptor_chain(
             audit=audit,
             ephemeral=ephemeral,
         ),
+        *check_answers,
         DecodeGuardInterceptor(),
         ClientIpInterceptor(),
         *request_hooks,  # rate limiting and validation see the decoded request here
@@ -126,10 +148,14 @@ def build_server(app: Application, settings: Settings) -> tuple[grpc.aio.Server,
     )
     assert app.mfa is not None
     mfa_pb2_grpc.add_MfaServiceServicer_to_server(MfaService(app.mfa), server)
+    if settings.ext_authz.enabled:
+        from iam_grpc.services import ext_authz
+
+        ext_authz.add_to_server(app.access, settings.ext_authz.rules, server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+            (*served_services(settings), "grpc.health.v1.Health", reflection.SERVICE_NAME), server
         )
     address = settings.grpc_address
     credentials = _credentials(settings)

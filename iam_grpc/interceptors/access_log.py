@@ -52,7 +52,11 @@ class AccessLogInterceptor(UnaryInterceptor):
             metrics.rpc_in_flight.inc()
             code = "OK"
             try:
-                return await behaviour(request, context)
+                answer = await behaviour(request, context)
+                call = current_call()
+                if call is not None and call.code != "OK":
+                    code = call.code  # a refusal answered in the message itself (ext_authz Check)
+                return answer
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise

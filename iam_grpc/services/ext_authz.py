@@ -1,0 +1,234 @@
+"""envoy.service.auth.v3.Authorization/Check: Envoy's ``ext_authz`` filter asks, for each HTTP
+request, whether it may reach the upstream (behaviour.md 1.2 and 2.8; security.md S64).
+
+The bearer token of the ``authorization`` header is verified like VerifyAccessToken (steps 1-8,
+deny-lists included, so a revocation applies at once) with the roles of the first
+``ext_authz.rules`` prefix that starts the request path. The answer is always a
+``CheckResponse``, never a gRPC error, except when the calling Envoy itself is not an allowed
+caller:
+
+- allowed: ``authorization`` and every other ``x-iam-*`` header from the client are removed, and
+  ``x-iam-user-id``, ``x-iam-session-id`` and ``x-iam-roles`` are set (overwriting), so the
+  upstream can trust them;
+- bad, missing, expired or revoked token: status UNAUTHENTICATED, HTTP 401 with
+  ``www-authenticate: Bearer error="invalid_token"``;
+- a rule's role missing: PERMISSION_DENIED, HTTP 403;
+- anything that is not a decision (a store down, a bug): that status with an ``error_response``,
+  which Envoy treats as a failed check: ``failure_mode_allow`` and ``status_on_error`` decide.
+
+This module imports the Envoy messages (xds-protos); the server imports it only when
+``ext_authz.enabled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import unquote
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from iam_grpc.config import ExtAuthzRule
+from iam_grpc.core.call import current_call
+from iam_grpc.core.tokens.access import AccessClaims, AccessTokens
+from iam_grpc.errors import IamError, InternalError, ServerError, TokenInvalid
+from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor
+from iam_grpc.logging import component_logger
+
+__all__ = [
+    "CHECK_METHOD",
+    "SERVICE_NAME",
+    "CheckAnswerInterceptor",
+    "ExtAuthzService",
+    "PathRules",
+    "add_to_server",
+    "normalise_path",
+]
+
+SERVICE_NAME: str = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+CHECK_METHOD = f"/{SERVICE_NAME}/Check"
+
+IDENTITY_PREFIX = "x-iam-"
+USER_HEADER = "x-iam-user-id"
+SESSION_HEADER = "x-iam-session-id"
+ROLES_HEADER = "x-iam-roles"
+CHALLENGE = 'Bearer error="invalid_token"'
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+log = component_logger("iam.ext_authz")
+
+
+def normalise_path(target: str) -> str:
+    """The path rules are matched against: no query or fragment, %-escapes decoded, backslashes as
+    slashes, empty and ``.`` segments dropped, ``..`` applied. An upstream that normalises paths
+    itself then cannot be reached under a prefix that a rule protects by spelling it differently
+    (``/public/../admin``, ``//admin``, ``/%61dmin``)."""
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    path = unquote(path).replace("\\", "/")
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    trailing = "/" if segments and path.endswith("/") else ""
+    return "/" + "/".join(segments) + trailing
+
+
+class PathRules:
+    """``ext_authz.rules``: the first rule whose prefix starts the normalised path gives the roles."""
+
+    def __init__(self, rules: Sequence[ExtAuthzRule]) -> None:
+        self._rules = tuple((rule.prefix, tuple(rule.roles)) for rule in rules)
+
+    def roles_for(self, target: str) -> tuple[str, ...]:
+        if not self._rules:
+            return ()
+        path = normalise_path(target)
+        for prefix, roles in self._rules:
+            if path.startswith(prefix):
+                return roles
+        return ()
+
+
+def _headers(http: Any) -> dict[str, str]:
+    """The request headers Envoy sent: the ``headers`` map, or ``header_map`` when Envoy is set to
+    ``encode_raw_headers``. Names are lower case (HTTP/2 spelling)."""
+    if http.headers:
+        return {key.lower(): value for key, value in http.headers.items()}
+    out: dict[str, str] = {}
+    for item in http.header_map.headers:
+        value = item.raw_value.decode("latin-1") if item.raw_value else item.value
+        name = item.key.lower()
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of ``Bearer <token>`` (scheme in any case); empty when there is none."""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return ""
+    return token.strip()
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
+
+
+def allowed(claims: AccessClaims, headers: Mapping[str, str]) -> external_auth_pb2.CheckResponse:
+    """OK: the identity headers set from the token, the credential and client copies removed.
+
+    Envoy applies removals after additions, so the headers set here are never also listed for
+    removal (they overwrite the client's values instead)."""
+    identity = [(USER_HEADER, claims.user_id), (SESSION_HEADER, claims.session_id)]
+    if claims.roles:  # an empty value would be dropped by Envoy; the client's copy is removed instead
+        identity.append((ROLES_HEADER, ",".join(claims.roles)))
+    set_names = {name for name, _ in identity}
+    remove = {"authorization", *(n for n in headers if n.startswith(IDENTITY_PREFIX))} - set_names
+    if not claims.roles:
+        remove.add(ROLES_HEADER)
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[_header(name, value) for name, value in identity],
+            headers_to_remove=sorted(remove),
+        ),
+    )
+
+
+def refused(error: IamError) -> external_auth_pb2.CheckResponse:
+    """The answer for an error: a denial (401 or 403) when it is a decision about the request,
+    otherwise a failed check that Envoy handles by its ``failure_mode_allow`` / ``status_on_error``."""
+    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
+    if error.code is grpc.StatusCode.UNAUTHENTICATED:
+        return external_auth_pb2.CheckResponse(
+            status=status,
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=http_status_pb2.Unauthorized),
+                headers=[_header("www-authenticate", CHALLENGE)],
+                body=error.message,
+            ),
+        )
+    if error.code is grpc.StatusCode.PERMISSION_DENIED:
+        return external_auth_pb2.CheckResponse(
+            status=status,
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden), body=error.message
+            ),
+        )
+    # error_response (not denied_response) marks "no decision": Envoy's status_on_error applies
+    return external_auth_pb2.CheckResponse(
+        status=status, error_response=external_auth_pb2.DeniedHttpResponse()
+    )
+
+
+def _answer_error(error: IamError) -> external_auth_pb2.CheckResponse:
+    """Record the outcome for the access log and metrics, and answer it in the message."""
+    call = current_call()
+    if call is not None:
+        call.code = error.code.name
+        call.reason = error.reason
+    if isinstance(error, ServerError):
+        log.bind(reason=error.reason, **error.cause()).warning("check failed on our side")
+    return refused(error)
+
+
+class ExtAuthzService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]  # no stubs
+    def __init__(self, access: AccessTokens, rules: Sequence[ExtAuthzRule]) -> None:
+        self._access = access
+        self._rules = PathRules(rules)
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: Context
+    ) -> external_auth_pb2.CheckResponse:
+        http = request.attributes.request.http
+        headers = _headers(http)
+        try:
+            token = bearer_token(headers.get("authorization", ""))
+            if not token:
+                raise TokenInvalid()
+            claims = await self._access.verify(token, self._rules.roles_for(http.path))
+        except IamError as error:
+            return _answer_error(error)
+        call = current_call()
+        if call is not None:
+            call.user_id = claims.user_id
+        return allowed(claims, headers)
+
+
+class CheckAnswerInterceptor(UnaryInterceptor):
+    """Inside caller authentication: whatever fails below it on a ``Check`` call (a malformed
+    request, a request hook, a bug) is answered as a failed check in a ``CheckResponse``, the form
+    Envoy understands, instead of a gRPC error. Caller authentication failures stay gRPC errors."""
+
+    def applies_to(self, method: str) -> bool:
+        return method == CHECK_METHOD
+
+    def wrap(self, behaviour: Behaviour, method: str) -> Behaviour:
+        async def run(request: Any, context: Context) -> Any:
+            try:
+                return await behaviour(request, context)
+            except IamError as error:
+                return _answer_error(error)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                log.exception("unexpected error")
+                return _answer_error(InternalError())
+
+        return run
+
+
+def add_to_server(access: AccessTokens, rules: Sequence[ExtAuthzRule], server: grpc.aio.Server) -> None:
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(ExtAuthzService(access, rules), server)
