@@ -380,6 +380,8 @@ class Application:
         hashing = self.hashing
         self.metrics.hashes.labels("running").set_function(lambda: hashing.stats()["running"])
         self.metrics.hashes.labels("queued").set_function(lambda: hashing.stats()["queued"])
+        self.metrics.hashes_peak.labels("running").set_function(lambda: hashing.stats()["peak_running"])
+        self.metrics.hashes_peak.labels("queued").set_function(lambda: hashing.stats()["peak_queued"])
         self.metrics.hashes_refused.labels("queue_full").set_function(lambda: hashing.stats()["refused"])
         self.metrics.hashes_refused.labels("deadline").set_function(lambda: hashing.stats()["abandoned"])
         try:

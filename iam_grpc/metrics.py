@@ -105,6 +105,12 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.hashes_peak = Gauge(
+            "iam_password_hashes_peak",
+            "The most argon2 hashes running at once (running) and waiting (queued) since start.",
+            ["state"],
+            registry=self.registry,
+        )
         self.hashes_refused = Gauge(
             "iam_password_hashes_refused",
             "argon2 calls refused since start: queue full (queue_full) or too close to the deadline "

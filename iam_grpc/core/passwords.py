@@ -264,6 +264,8 @@ class PasswordHashing:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._refused = 0
         self._abandoned = 0
+        self._peak_running = 0
+        self._peak_queued = 0
 
     # lifecycle ----------------------------------------------------------------
 
@@ -337,11 +339,14 @@ class PasswordHashing:
         return self._single_hash_seconds
 
     def stats(self) -> dict[str, int]:
-        """For metrics: hashes running now, calls waiting for a slot, and totals of calls refused
-        because the queue was full and abandoned because the deadline was too close."""
+        """For metrics: hashes running now, calls waiting for a slot, the most of each seen since
+        start, and totals of calls refused because the queue was full and abandoned because the
+        deadline was too close."""
         return {
             "running": self._max_concurrent - self._free,
             "queued": len(self._waiters),
+            "peak_running": self._peak_running,
+            "peak_queued": self._peak_queued,
             "refused": self._refused,
             "abandoned": self._abandoned,
         }
@@ -365,6 +370,7 @@ class PasswordHashing:
             raise
         # The slot belongs to the thread until it finishes, even if our caller is cancelled.
         future.add_done_callback(self._work_done)
+        self._peak_running = max(self._peak_running, self._max_concurrent - self._free)
         return await asyncio.shield(future)
 
     def _check_deadline(self) -> None:
@@ -382,6 +388,7 @@ class PasswordHashing:
             raise RateLimited(timedelta(seconds=1), "hashing")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._peak_queued = max(self._peak_queued, len(self._waiters))
         try:
             await waiter
         except asyncio.CancelledError:
