@@ -21,6 +21,7 @@ SECRET_NAME = re.compile(r"(hash|code|token|key|digest|signature)", re.IGNORECAS
 # Reviewed: none of these compares a secret or a hash of one.
 REVIEWED = {
     "client/_interceptor.py: key == 'authorization'",  # a metadata header name
+    "core/common_passwords.py: self._digests[at] == digest",  # a digest of a public common password
     "core/fingerprint.py: entry.get('prefix') == key",  # a network prefix
     "core/fingerprint.py: known != code",  # an ISO country code
     "core/ratelimit/limiter.py: group.key != 'ip'",  # a limiter group's key kind
