@@ -84,12 +84,10 @@ class Addresses:
 
 
 def give_back_startup_memory() -> None:
-    """Once serving: drop what only startup needed (Alembic and its templates, after a migration)
-    and hand freed heap pages back to the system, so an idle replica's RSS is what serving needs
-    (bench/README.md). Best effort, glibc only."""
-    for name in [name for name in sys.modules if name.split(".", 1)[0] in ("alembic", "mako")]:
-        del sys.modules[name]
-    sys.modules.pop("iam_grpc.storage.sql.migrate", None)
+    """Once serving: collect what only startup needed (a migration's Alembic work, the parsed
+    common-password list) and hand freed heap pages back to the system, so an idle replica's RSS
+    is what serving needs (bench/README.md). Best effort, glibc only. (Alembic's modules stay
+    imported: unloading them breaks a later migration in the same process.)"""
     gc.collect()
     if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):

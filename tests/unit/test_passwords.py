@@ -289,7 +289,14 @@ async def test_a_call_beyond_the_queue_bound_is_refused_at_once() -> None:
         first = asyncio.create_task(hashing.verify(stored, PASSWORD))
         second = asyncio.create_task(hashing.verify(stored, PASSWORD))
         await asyncio.sleep(0)
-        assert hashing.stats() == {"running": 1, "queued": 1, "refused": 0, "abandoned": 0}
+        assert hashing.stats() == {
+            "running": 1,
+            "queued": 1,
+            "peak_running": 1,
+            "peak_queued": 1,
+            "refused": 0,
+            "abandoned": 0,
+        }
         with pytest.raises(RateLimited) as refusal:
             await hashing.verify(stored, PASSWORD)
         assert not first.done()
@@ -298,7 +305,14 @@ async def test_a_call_beyond_the_queue_bound_is_refused_at_once() -> None:
         assert refusal.value.metadata == {"scope": "hashing"}
         assert await first
         assert await second
-        assert hashing.stats() == {"running": 0, "queued": 0, "refused": 1, "abandoned": 0}
+        assert hashing.stats() == {
+            "running": 0,
+            "queued": 0,
+            "peak_running": 1,
+            "peak_queued": 1,
+            "refused": 1,
+            "abandoned": 0,
+        }
 
 
 async def test_no_hash_starts_with_too_little_deadline_left(
@@ -312,7 +326,14 @@ async def test_no_hash_starts_with_too_little_deadline_left(
         with pytest.raises(DeadlineExceeded):
             await hashing.hash(PASSWORD)
     assert argon2_calls.hashes == []
-    assert hashing.stats() == {"running": 0, "queued": 0, "refused": 0, "abandoned": 2}
+    assert hashing.stats() == {
+        "running": 0,
+        "queued": 0,
+        "peak_running": 0,
+        "peak_queued": 0,
+        "refused": 0,
+        "abandoned": 2,
+    }
 
 
 async def test_a_hash_starts_when_enough_deadline_is_left(hashing: PasswordHashing) -> None:
@@ -339,7 +360,14 @@ async def test_the_deadline_is_checked_again_after_waiting_for_a_slot(
             await late
         assert await first
         assert len(slow.hashes) == 1
-        assert hashing.stats() == {"running": 0, "queued": 0, "refused": 0, "abandoned": 1}
+        assert hashing.stats() == {
+            "running": 0,
+            "queued": 0,
+            "peak_running": 1,
+            "peak_queued": 1,
+            "refused": 0,
+            "abandoned": 1,
+        }
 
 
 async def test_cancelling_a_queued_call_starts_nothing_and_frees_its_place(
@@ -360,7 +388,14 @@ async def test_cancelling_a_queued_call_starts_nothing_and_frees_its_place(
         assert hashing.stats()["queued"] == 0
         assert await running
         assert len(slow.hashes) == 1
-        assert hashing.stats() == {"running": 0, "queued": 0, "refused": 0, "abandoned": 0}
+        assert hashing.stats() == {
+            "running": 0,
+            "queued": 0,
+            "peak_running": 1,
+            "peak_queued": 1,
+            "refused": 0,
+            "abandoned": 0,
+        }
         assert await hashing.verify(stored, PASSWORD)  # the slot was not lost
 
 
