@@ -129,23 +129,37 @@ async def refresh_rate(seconds: float, concurrency: int, workers: int, *, checks
             ]
             try:
                 rotations = 0
-                stop = time.monotonic() + seconds
+                warmed = 0
+                go = asyncio.Event()
+                started = stop = 0.0
                 stubs = [token_pb2_grpc.TokenServiceStub(channel) for channel in channels]
 
                 async def worker(stub: token_pb2_grpc.TokenServiceStub, session: Any, ip: str) -> None:
-                    nonlocal rotations
+                    nonlocal rotations, warmed, started, stop
                     token = session.refresh_token
                     context = common_pb2.ClientContext(ip=ip, user_agent=UA, device_id=session.device_id)
-                    while time.monotonic() < stop:
+
+                    async def rotate() -> None:
+                        nonlocal token
                         answer = await stub.Refresh(
                             token_pb2.RefreshRequest(client=context, refresh_token=token)
                         )
                         if answer.WhichOneof("result") != "session":
                             raise RuntimeError(f"challenged: {answer.mfa.reason}")
                         token = answer.session.refresh_token
+
+                    for _ in range(3):  # warm-up, not timed: connections, pools, the UA parser
+                        await rotate()
+                    warmed += 1
+                    if warmed == len(sessions):
+                        started = time.monotonic()
+                        stop = started + seconds
+                        go.set()
+                    await go.wait()
+                    while time.monotonic() < stop:
+                        await rotate()
                         rotations += 1
 
-                started = time.monotonic()
                 await asyncio.gather(
                     *(worker(stubs[i % len(stubs)], s, ips[i]) for i, s in enumerate(sessions))
                 )

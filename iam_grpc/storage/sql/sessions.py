@@ -42,6 +42,11 @@ _TOKEN_WITH_CONTEXT = (
     )
     .where(refresh_tokens.c.token_hash == bindparam("token_hash"))
 )
+# label in _TOKEN_WITH_CONTEXT -> field of its record, per record
+_CONTEXT_PARTS = {
+    prefix: tuple((f"{prefix}{c.name}", c.name) for c in table.c)
+    for prefix, table in (("t_", refresh_tokens), ("s_", sessions), ("u_", users), ("l_", user_devices))
+}
 _INSERT_TOKEN = insert(refresh_tokens)
 _INSERT_SESSION = insert(sessions)
 _SESSION = select(sessions).where(sessions.c.id == bindparam("b_id"))
@@ -178,10 +183,10 @@ class SqlSessionStore:
         row = (await self._c.execute(_TOKEN_WITH_CONTEXT, {"token_hash": token_hash})).first()
         if row is None:
             return None
-        values = dict(row._mapping)
+        values = row._mapping
 
         def part(prefix: str) -> dict[str, Any]:
-            return {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+            return {name: values[label] for label, name in _CONTEXT_PARTS[prefix]}
 
         names = values["role_names"]
         link = part("l_")
