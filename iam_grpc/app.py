@@ -46,7 +46,6 @@ from iam_grpc.core.signup import SignupFlow
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager, SessionPolicy
-from iam_grpc.dns import MailDomainLookup
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.geo import GeoLookup, geo_lookup
 from iam_grpc.hibp import BreachedPasswords as BreachedPasswordsAdapter
@@ -413,15 +412,15 @@ class Application:
             min_length=pw.min_length, max_length=pw.max_length, common=common, breached=self.breached
         )
         checks = s.email_checks
-        lookup = (
-            MailDomainLookup(
+        lookup = None
+        if checks.check_mx:
+            from iam_grpc.dns import MailDomainLookup  # dnspython (~3 MB) only when MX checks are on
+
+            lookup = MailDomainLookup(
                 timeout=checks.mx_timeout,
                 nameservers=checks.nameservers,
                 on_unknown=lambda kind: self.metrics.mx_unknown.labels(kind).inc(),
             )
-            if checks.check_mx
-            else None
-        )
         domains = EmailDomainPolicy(
             disposable=checks.disposable,
             allow_domains=checks.allow_domains,
