@@ -645,3 +645,25 @@ async def test_concurrent_role_creation_does_not_collide(database: SqlDatabase) 
     async with database.transaction() as tx:
         await tx.users.insert(user)
         assert await tx.users.grant_role(user.id, name, "cli", NOW)
+
+
+async def test_many_open_transactions_never_wait_for_a_connection(database: SqlDatabase) -> None:
+    """18 read transactions open at once: more than SQLite's pool would otherwise hold (5 + 10
+    overflow) and within MySQL's (10 + 10). None waits: on SQLite a wait would block the event loop
+    that alone can give a connection back."""
+
+    async def reader(ready: asyncio.Event, hold: asyncio.Event) -> None:
+        async with database.transaction(read_only=True) as tx:
+            await tx.users.get("0" * 26)
+            ready.set()
+            await hold.wait()
+
+    hold = asyncio.Event()
+    readies = [asyncio.Event() for _ in range(18)]
+    tasks = [asyncio.create_task(reader(ready, hold)) for ready in readies]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ready.wait() for ready in readies)), 10)
+    finally:
+        hold.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(task.exception() is None for task in tasks)

@@ -66,6 +66,9 @@ def inline_sqlite_engine(url: URL, *, on_statement: Any = None) -> Engine:
     engine = create_sync_engine(
         url.set(drivername="sqlite"),
         connect_args={"timeout": _BUSY_MS / 1000, "check_same_thread": False},
+        # Never wait for a pooled connection: only this loop gives them back, so a checkout that
+        # blocked the loop could never be satisfied. Extra connections are cheap file handles.
+        max_overflow=-1,
     )
 
     @event.listens_for(engine, "connect")
