@@ -7,9 +7,11 @@ import asyncio
 import secrets
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import StatementError
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, StatementError
 
 from iam_grpc import ids
 from iam_grpc.storage.ports import Conflict
@@ -23,6 +25,7 @@ from iam_grpc.storage.records import (
     User,
     UserDevice,
 )
+from iam_grpc.storage.sql import migrate
 from iam_grpc.storage.sql.connection import InlineConnection
 from iam_grpc.storage.sql.database import SqlDatabase
 
@@ -667,3 +670,31 @@ async def test_many_open_transactions_never_wait_for_a_connection(database: SqlD
         hold.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert all(task.exception() is None for task in tasks)
+
+
+async def test_a_failed_commit_leaves_no_transaction_behind(tmp_path: Path) -> None:
+    """The inline SQLite connection (embedded mode): when COMMIT itself fails, the caller gets an
+    error, nothing is written, and the pooled connection comes back clean (not still inside the
+    transaction holding the write lock, which would stop every later writer)."""
+    db = SqlDatabase.from_url(f"sqlite+aiosqlite:///{tmp_path / 'commit.db'}")
+    await migrate.upgrade(db.engine)
+    try:
+        with pytest.raises(IntegrityError):
+            async with db.transaction() as tx:
+                # A foreign key checked only at COMMIT: the role of a user that does not exist.
+                await tx.connection.execute(text("PRAGMA defer_foreign_keys=ON"))
+                await tx.connection.execute(
+                    text(
+                        "INSERT INTO user_roles (user_id, role_id, granted_at, granted_by) VALUES (:u, 1, :t, 't')"
+                    ),
+                    {"u": "0" * 26, "t": NOW},
+                )
+        user = new_user()
+        async with db.transaction() as tx:  # the next writer gets the lock at once
+            await tx.users.insert(user)
+        async with db.transaction(read_only=True) as tx:
+            assert await tx.users.get(user.id) == user
+            rows = await tx.connection.execute(text("SELECT count(*) FROM user_roles"))
+            assert rows.scalar() == 0
+    finally:
+        await db.close()

@@ -247,16 +247,12 @@ class SqlDatabase:
     async def _inline_transaction(self, read_only: bool) -> AsyncIterator[SqlTransaction]:
         assert self._inline is not None
         async with _mapped_errors():
-            with self._inline.connect() as connection:
-                transaction = connection.begin()  # SQLAlchemy's bookkeeping; SQLite's BEGIN is ours
-                try:
-                    await begin_inline(connection, read_only=read_only, wait=self._lock_wait)
-                    tx = SqlTransaction(InlineConnection(connection), self._dialect)
-                    yield tx
-                except BaseException:
-                    transaction.rollback()
-                    raise
-                transaction.commit()
+            # SQLAlchemy's transaction does the bookkeeping (COMMIT at the end, ROLLBACK on any
+            # exception, and also when the COMMIT itself fails, so a connection never goes back
+            # to the pool inside a transaction holding the write lock); SQLite's BEGIN is ours.
+            with self._inline.connect() as connection, connection.begin():
+                await begin_inline(connection, read_only=read_only, wait=self._lock_wait)
+                yield SqlTransaction(InlineConnection(connection), self._dialect)
 
     @asynccontextmanager
     async def _serialised(self, read_only: bool) -> AsyncIterator[SqlTransaction]:
