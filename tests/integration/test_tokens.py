@@ -9,6 +9,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -550,6 +551,36 @@ async def test_a_lost_answer_is_recovered_within_grace(
         await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=retried.refresh_token))
     ).session
     assert next_one.session_id == session.session_id
+
+
+async def test_a_rolled_back_rotation_s_sealed_answer_is_never_served(
+    iam: RunningService, stub: token_pb2_grpc.TokenServiceStub
+) -> None:
+    """A rotation sealed its answer and rolled back; the next one committed but its answer was
+    lost: a grace-window retry must not get the rolled-back pair (its tokens never existed)."""
+    _, session = await new_session(iam.app)
+    assert iam.app.sessions is not None
+    assert iam.app.ephemeral is not None
+    key = f"rf:res:{{{iam.app.sessions.token_hash(session.refresh_token)}}}"
+    iam.app.failpoints.arm("refresh.before_commit", "raise")
+    try:
+        assert (await refresh_error(stub, session.refresh_token))[0] == grpc.StatusCode.INTERNAL
+    finally:
+        iam.app.failpoints.disarm("refresh.before_commit")
+    rolled_back = await iam.app.ephemeral.get(key)
+    assert rolled_back is not None
+    committed = (
+        await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token))
+    ).session
+    await iam.app.ephemeral.set(key, rolled_back, timedelta(seconds=30))  # the committed answer is lost
+    assert (await refresh_error(stub, session.refresh_token))[:2] == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_INVALID",
+    )
+    after = (
+        await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=committed.refresh_token))
+    ).session
+    assert after.session_id == session.session_id  # nothing was revoked
 
 
 async def test_idle_and_absolute_lifetimes_end_sessions(backend: Backend, tmp_path: Path) -> None:

@@ -20,7 +20,13 @@ from typing import Protocol
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
-from iam_grpc.core.crypto import SealError, SecretMaterial, open_with_secret, seal_with_secret
+from iam_grpc.core.crypto import (
+    SealError,
+    SecretMaterial,
+    constant_time_equal,
+    open_with_secret,
+    seal_with_secret,
+)
 from iam_grpc.core.devices import baseline_of, is_trusted
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.mail.mailer import Mailer
@@ -494,6 +500,12 @@ class SessionManager:
             raise TokenInvalid() from None
         successor = await tx.sessions.token(token.successor_id)
         if successor is None or successor.state == "revoked":
+            raise TokenInvalid()
+        sealed_successor = self._material.keyed_hash(
+            "refresh", str(result["refresh_token"]), successor.key_version
+        )
+        if not constant_time_equal(sealed_successor, successor.token_hash):
+            # the sealed pair is from a rotation that rolled back; the committed one's was lost
             raise TokenInvalid()
         return IssuedSession(
             access_token=result["access_token"],
