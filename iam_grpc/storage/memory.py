@@ -170,6 +170,13 @@ class MemoryEphemeral:
         self._store(key, value, expires, entry.evictable)
         return True
 
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        entry = self._live(key)
+        if entry is None or entry.value != expected:
+            return False
+        self._drop(key)
+        return True
+
     async def incr(self, key: str, amount: int, ttl: timedelta) -> int:
         entry = self._live(key)
         if entry is None:

@@ -487,6 +487,10 @@ class Ephemeral(Protocol):
         """Replace the value only while it equals ``expected``; keep the TTL when ``ttl`` is None."""
         ...
 
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        """Delete the key only while its value equals ``expected`` (atomically); True if deleted."""
+        ...
+
     async def incr(self, key: str, amount: int, ttl: timedelta) -> int:
         """Add to a counter (created at 0 with ``ttl``; the TTL is not extended) and return it."""
         ...

@@ -30,6 +30,12 @@ end
 return 1
 """
 
+# KEYS[1]; ARGV: expected
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS[1]; ARGV: amount, ttl ms applied when the counter is new
 _INCR_WITH_TTL = """
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -69,6 +75,7 @@ class RedisEphemeral:
             retry_on_timeout=False,
         )
         self._cas = self._client.register_script(_COMPARE_AND_SET)
+        self._delete_if = self._client.register_script(_DELETE_IF)
         self._incr = self._client.register_script(_INCR_WITH_TTL)
 
     @property
@@ -127,6 +134,10 @@ class RedisEphemeral:
         args: list[Any] = [expected, value, 0 if ttl is None else _ms(ttl)]
         async with self.guard():
             return bool(await self._cas(keys=[self.key(key)], args=args))
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        async with self.guard():
+            return bool(await self._delete_if(keys=[self.key(key)], args=[expected]))
 
     async def incr(self, key: str, amount: int, ttl: timedelta) -> int:
         async with self.guard():

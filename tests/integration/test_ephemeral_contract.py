@@ -109,6 +109,18 @@ async def test_compare_and_set_replaces_only_the_expected_value(store: Ephemeral
     assert await store.get("state") == b"done"
 
 
+async def test_delete_if_removes_only_the_expected_value(store: Ephemeral) -> None:
+    """delete_if leaves a missing key or another value alone and deletes a match, once."""
+    assert await store.delete_if("lock", b"mine") is False
+    await store.set("lock", b"theirs", LONG)
+    assert await store.delete_if("lock", b"mine") is False
+    assert await store.get("lock") == b"theirs"
+    await store.set("lock", b"mine", LONG)
+    assert await store.delete_if("lock", b"mine") is True
+    assert await store.get("lock") is None
+    assert await store.delete_if("lock", b"mine") is False
+
+
 async def test_compare_and_set_keeps_the_ttl_unless_given(store: Ephemeral) -> None:
     """Without a ttl the old lifetime is kept; with one it is replaced."""
     await store.set("cas", b"a", timedelta(seconds=5))

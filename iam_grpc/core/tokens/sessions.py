@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -63,7 +64,8 @@ log = component_logger("iam.sessions")
 
 _LOCK_TTL = timedelta(seconds=5)
 _POLL = 0.05
-_PENDING = b"pending"  # the single-flight lock's value; a sealed result never equals it
+_PENDING = b"pending:"  # the single-flight lock's value starts so (and the holder's own nonce
+# follows); a sealed result (2-byte key version, then nonce) never does
 _GRACE_PURPOSE = b"refresh-grace"
 
 
@@ -378,7 +380,8 @@ class SessionManager:
         # One key per presented token: first the single-flight lock (_PENDING), then, replacing
         # it, the sealed result of the rotation, kept for the grace window.
         result_key = f"rf:res:{{{digest}}}"
-        holds_lock = await self._single_flight(result_key)
+        lock = _PENDING + secrets.token_bytes(12)
+        holds_lock = await self._single_flight(result_key, lock)
         answer: object = None
         try:
             for _attempt in range(3):
@@ -389,23 +392,21 @@ class SessionManager:
         finally:
             # A rotation left its sealed result in place of the lock; any other outcome frees it.
             if holds_lock and not isinstance(answer, IssuedSession):
-                await self._quietly(self._release(result_key))
+                # Only our own lock, atomically: not a sealed result that replaced it (a rotation
+                # that committed before an error stays recoverable in the grace window, S33), nor
+                # another request's lock taken after ours expired.
+                await self._quietly(self._ephemeral.delete_if(result_key, lock))
 
-    async def _release(self, result_key: str) -> None:
-        """Free the lock, unless a sealed result replaced it: a rotation that committed before an
-        error (its answer lost) stays recoverable in the grace window (S33)."""
-        if await self._ephemeral.get(result_key) == _PENDING:
-            await self._ephemeral.delete(result_key)
-
-    async def _single_flight(self, result_key: str) -> bool:
+    async def _single_flight(self, result_key: str, lock: bytes) -> bool:
         """One rotation at a time per token; others wait until the key holds the sealed result or
         is gone (an optimisation only: the SQL compare-and-set is the truth)."""
         try:
-            if await self._ephemeral.set_if_absent(result_key, _PENDING, _LOCK_TTL):
+            if await self._ephemeral.set_if_absent(result_key, lock, _LOCK_TTL):
                 return True
             deadline = asyncio.get_running_loop().time() + _LOCK_TTL.total_seconds()
             while asyncio.get_running_loop().time() < deadline:
-                if await self._ephemeral.get(result_key) != _PENDING:
+                value = await self._ephemeral.get(result_key)
+                if value is None or not value.startswith(_PENDING):
                     break
                 await asyncio.sleep(_POLL)
         except BackendUnavailable:
@@ -492,7 +493,7 @@ class SessionManager:
             sealed = await self._ephemeral.get(result_key)
         except BackendUnavailable:
             sealed = None
-        if sealed is None or sealed == _PENDING or token.successor_id is None:
+        if sealed is None or sealed.startswith(_PENDING) or token.successor_id is None:
             raise TokenInvalid()  # the store lost it, or the rotation never committed: nothing is revoked
         try:
             result = json.loads(open_with_secret(raw.encode(), _GRACE_PURPOSE, sealed))
