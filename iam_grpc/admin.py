@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from iam_grpc.clock import SystemClock
 from iam_grpc.config import Settings
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.challenges import end_session_challenges
 from iam_grpc.core.cleanup import Cleanup, CleanupPolicy
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.ratelimit import email_key
@@ -41,6 +42,7 @@ class Admin:
     cleanup: Cleanup
     clock: SystemClock
     shared_state: bool  # False: the deny-list writes below reach no running server
+    ephemeral: Ephemeral
 
     async def find_user(self, tx: Transaction, who: str) -> User | None:
         if ULID_RE.match(who):
@@ -58,6 +60,8 @@ class Admin:
                 tx,
             )
         await self.denylist.revoke_sessions(ids)
+        if self.shared_state:  # embedded mode: the running service's challenges are not reachable
+            await end_session_challenges(self.ephemeral, ids)
         return ids
 
 
@@ -113,6 +117,7 @@ async def admin_tools(settings: Settings) -> AsyncIterator[Admin]:
             ),
             clock=clock,
             shared_state=redis_store is not None,
+            ephemeral=ephemeral,
         )
     finally:
         if redis_store is not None:

@@ -412,18 +412,7 @@ class Challenges:
         await self.update(challenge.id, lambda c: replace(c, state="failed") if c.state in LIVE else None)
 
     async def end_for_sessions(self, session_ids: list[str]) -> None:
-        """Revoking a session ends its pending refresh or step-up challenge (behaviour.md 1.6), so
-        no code or link of a dead session is mailed again or accepted. Best effort: with the store
-        down the challenge is unusable anyway (every MFA call answers BACKEND_UNAVAILABLE), and a
-        revoked session fails every later check on its own."""
-        for session_id in session_ids:
-            try:
-                challenge = await self.pending_for_session(session_id)
-                if challenge is not None:
-                    await self.end(challenge)
-                await self._ephemeral.delete(_session_key(session_id))
-            except BackendUnavailable:
-                log.bind(session_id=session_id).warning("could not end the challenge of a revoked session")
+        await end_session_challenges(self._ephemeral, session_ids)
 
     async def resend(
         self, challenge: Challenge, user: User, *, device_label: str, location: str
@@ -480,3 +469,29 @@ class Challenges:
             )
             raise
         return renewed
+
+
+async def end_session_challenges(ephemeral: Ephemeral, session_ids: list[str]) -> None:
+    """Revoking a session ends its pending refresh or step-up challenge (behaviour.md 1.6), so no
+    code or link of a dead session is mailed again or accepted (the service and the CLI both call
+    this). Best effort: with the store down the challenge is unusable anyway (every MFA call
+    answers BACKEND_UNAVAILABLE), and a revoked session fails every later check on its own."""
+    for session_id in session_ids:
+        try:
+            pointer = await ephemeral.get(_session_key(session_id))
+            if pointer is not None:
+                key = _challenge_key(pointer.decode())
+                for _ in range(_CAS_TRIES):
+                    raw = await ephemeral.get(key)
+                    if raw is None:
+                        break
+                    challenge = Challenge.from_json(raw)
+                    if challenge.state not in LIVE:
+                        break
+                    if await ephemeral.compare_and_set(
+                        key, raw, replace(challenge, state="failed").to_json()
+                    ):
+                        break
+            await ephemeral.delete(_session_key(session_id))
+        except BackendUnavailable:
+            log.bind(session_id=session_id).warning("could not end the challenge of a revoked session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from iam_grpc.proto import token_pb2, token_pb2_grpc
+from iam_grpc.proto import mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.conftest import Backend
 from tests.e2e.test_cli import IAM, clean_env
@@ -39,10 +39,23 @@ async def reason(iam: RunningService, token: str) -> str:
 async def test_disabling_a_user_ends_every_session_at_once(
     shared_own_database: Backend, tmp_path: Path
 ) -> None:
-    """users disable: access tokens answer SESSION_REVOKED and Refresh SESSION_REVOKED (S36)."""
+    """users disable: access tokens answer SESSION_REVOKED and Refresh SESSION_REVOKED (S36); the
+    sessions' pending challenges end too (behaviour.md 1.6)."""
     environ = {**shared_own_database.environ, **NO_ANOMALY_CHECKS, "IAM_DATA_DIR": str(tmp_path)}
     async with running_service(tmp_path, environ) as iam:
         user, session = await new_session(iam.app)
+        async with iam.channel() as channel:
+            step_up = await mfa_pb2_grpc.MfaServiceStub(channel).StartStepUp(
+                mfa_pb2.StartStepUpRequest(
+                    client=client(device_id=session.device_id),
+                    access_token=session.access_token,
+                    action="export",
+                )
+            )
+        assert iam.app.challenges is not None
+        pending = await iam.app.challenges.get(step_up.challenge_id)
+        assert pending is not None
+        assert pending.state == "pending"
         result = await cli(environ, "users", "disable", user.email.upper())
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "disabled; 1 sessions ended"
@@ -53,6 +66,10 @@ async def test_disabling_a_user_ends_every_session_at_once(
                     token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token)
                 )
         assert error_details(refused.value).reason == "SESSION_REVOKED"
+        ended = await iam.app.challenges.get(step_up.challenge_id)
+        assert ended is not None
+        assert ended.state == "failed"
+        assert await iam.app.challenges.pending_for_session(session.session_id) is None
         shown = json.loads((await cli(environ, "users", "show", user.id)).stdout)
         assert shown["status"] == "disabled"
         assert user.email not in json.dumps(shown)
