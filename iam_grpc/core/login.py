@@ -168,10 +168,12 @@ class LoginFlow:
             try:
                 account = await self._limiter.hit("login.account", email_norm)
             except RateLimited:
-                # The guard begins (15 min, doubling per repeat, at most 1 h). Its window starts
-                # over, so the guard ends with its block: only fresh failures renew it, never the
-                # owner's own attempts on a window still full from the abuse (S10).
-                await self._limiter.start_over("login.account", email_norm)
+                # The guard begins (15 min, doubling per repeat, at most 1 h). Its window is left
+                # one point short of full, so the guard ends with its block: the next attempt
+                # passes (the owner's, refunded on success), and one more failure renews the
+                # guard, doubled. Neither the owner's attempts on a window still full from the
+                # abuse (S10) nor a fresh allowance of guesses for the attacker.
+                await self._limiter.leave_one("login.account", email_norm)
                 account = None
         return _Reservations(pair, ip_fail, account)
 

@@ -252,6 +252,16 @@ class MemoryLimiterStore:
 
         self._memory.mutate(key, change)
 
+    async def leave_one(self, key: str, spec: LimitSpec, now_ms: int, windows: tuple[int, ...]) -> None:
+        def change(old: Any | None) -> tuple[Any, float, None]:
+            if old is None:
+                return None, 0.0, None
+            state = dict(old)
+            sliding_window.leave_one(state, spec, now_ms, windows)
+            return state, sliding_window.state_ttl_ms(state, spec, now_ms) / 1000, None
+
+        self._memory.mutate(key, change)
+
     async def peek(self, key: str, spec: LimitSpec, now_ms: int) -> dict[str, Any]:
         return sliding_window.peek(dict(self._memory.read(key) or {}), spec, now_ms)
 

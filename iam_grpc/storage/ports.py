@@ -442,6 +442,10 @@ class LimiterStore(Protocol):
         """Forget the listed windows' counts (a success resets consecutive failures)."""
         ...
 
+    async def leave_one(self, key: str, spec: LimitSpec, now_ms: int, windows: tuple[int, ...]) -> None:
+        """Set the listed windows one point short of full, keeping strikes and blocks."""
+        ...
+
     async def peek(self, key: str, spec: LimitSpec, now_ms: int) -> dict[str, Any]:
         """Estimates, strikes and block of a key, unchanged (for operators)."""
         ...

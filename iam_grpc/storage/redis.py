@@ -291,6 +291,18 @@ return 1
 """
 
 
+# Leave one point: ARGV (window index, bucket, count) triples. Never creates a key; the TTL is
+# kept (the key outlives its block and its windows already).
+_LIMIT_LEAVE_ONE = """
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 0 then return 0 end
+for j = 1, #ARGV, 3 do
+  redis.call('HSET', key, 'b' .. ARGV[j], ARGV[j + 1], 'c' .. ARGV[j], ARGV[j + 2], 'p' .. ARGV[j], 0)
+end
+return 1
+"""
+
+
 class RedisLimiterStore:
     """The :class:`~iam_grpc.storage.ports.LimiterStore` port on Redis: one script per check."""
 
@@ -300,6 +312,7 @@ class RedisLimiterStore:
         self._hit = client.register_script(_LIMIT_HIT)
         self._refund = client.register_script(_LIMIT_REFUND)
         self._reset = client.register_script(_LIMIT_RESET)
+        self._leave_one = client.register_script(_LIMIT_LEAVE_ONE)
 
     async def hit(self, key: str, spec: LimitSpec, now_ms: int, cost: int = 1) -> HitResult:
         args: list[Any] = [
@@ -340,6 +353,16 @@ class RedisLimiterStore:
             return
         async with self._redis.guard():
             await self._reset(keys=[self._redis.key(key)], args=list(windows))
+
+    async def leave_one(self, key: str, spec: LimitSpec, now_ms: int, windows: tuple[int, ...]) -> None:
+        args: list[Any] = []
+        for i in windows:
+            window = spec.windows[i]
+            args += [i, now_ms // window.length_ms, max(0, window.points - 1)]
+        if not args:
+            return
+        async with self._redis.guard():
+            await self._leave_one(keys=[self._redis.key(key)], args=args)
 
     async def peek(self, key: str, spec: LimitSpec, now_ms: int) -> dict[str, Any]:
         async with self._redis.guard():

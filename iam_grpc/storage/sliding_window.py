@@ -24,7 +24,7 @@ from typing import Any
 
 from iam_grpc.storage.records import HitResult, LimitSpec, LimitWindow
 
-__all__ = ["BLOCK_MEMORY_MS", "hit", "peek", "refund", "reset", "state_ttl_ms"]
+__all__ = ["BLOCK_MEMORY_MS", "hit", "leave_one", "peek", "refund", "reset", "state_ttl_ms"]
 
 BLOCK_MEMORY_MS = 24 * 3600 * 1000
 
@@ -130,6 +130,14 @@ def reset(state: State, windows: tuple[int, ...]) -> None:
     for i in windows:
         state[f"c{i}"] = 0
         state[f"p{i}"] = 0
+
+
+def leave_one(state: State, spec: LimitSpec, now: int, windows: tuple[int, ...]) -> None:
+    """Set the listed windows to one point short of full, now: after a block, one more request
+    passes and the next one is refused again (the login guard, behaviour.md 2.4)."""
+    for i in windows:
+        window = spec.windows[i]
+        state[f"b{i}"], state[f"c{i}"], state[f"p{i}"] = now // window.length_ms, max(0, window.points - 1), 0
 
 
 def peek(state: State, spec: LimitSpec, now: int) -> dict[str, Any]:

@@ -178,23 +178,29 @@ async def test_reset_forgets_consecutive_failures(store: LimiterStore) -> None:
     assert (await store.hit("c", s, T0 + 7)).allowed
 
 
-async def test_a_reset_on_block_ends_the_guard_with_its_block_and_keeps_escalating(
+async def test_leaving_one_point_ends_the_guard_with_its_block_and_keeps_escalating(
     store: LimiterStore,
 ) -> None:
-    """The login guard's pattern (RateLimiter.start_over): counts forgotten when a block starts,
-    the block and its strike kept; after the block the key passes, and the next block doubles."""
+    """The login guard's pattern (RateLimiter.leave_one): when a block starts the window is left one
+    point short of full, the block and its strike kept; after the block exactly one request passes
+    (no fresh allowance), and the next refusal blocks again, doubled."""
     s = spec("3/1h", strikes=1, block=10 * SECOND, block_max=HOUR)
     for _ in range(3):
         assert (await store.hit("g", s, T0)).allowed
     first = await store.hit("g", s, T0)
     assert first.new_block_ms == 10 * SECOND
-    await store.reset("g", s, T0, (0,))
+    await store.leave_one("g", s, T0, (0,))
     assert (await store.hit("g", s, T0 + 1)).blocked  # the block stays
     after = T0 + 10 * SECOND
-    for _ in range(3):
-        assert (await store.hit("g", s, after)).allowed  # a full window no longer renews the guard
+    assert (await store.hit("g", s, after)).allowed  # one request after the block
     again = await store.hit("g", s, after)
     assert again.new_block_ms == 20 * SECOND  # the strike was kept: the next block doubles
+
+
+async def test_leave_one_on_an_unknown_key_creates_nothing(store: LimiterStore) -> None:
+    s = spec("3/1h", strikes=1, block=10 * SECOND, block_max=HOUR)
+    await store.leave_one("nobody", s, T0, (0,))
+    assert (await store.peek("nobody", s, T0))["estimates"] == [0.0]
 
 
 async def test_refund_and_reset_of_unknown_keys_create_nothing(store: LimiterStore) -> None:

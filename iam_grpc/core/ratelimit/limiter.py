@@ -162,14 +162,16 @@ class RateLimiter:
         await permit.store.refund(permit.key, group.spec, now, group.failure_windows, permit.buckets)
         await permit.store.reset(permit.key, group.spec, now, group.consecutive_windows)
 
-    async def start_over(self, name: str, raw_key: str) -> None:
-        """Forget the key's counts in every window of the group, keeping its strikes and any block:
-        for a guard that must end with its block rather than outlive it on a full window."""
+    async def leave_one(self, name: str, raw_key: str) -> None:
+        """Set every window of the group one point short of full for the key, keeping its strikes
+        and any block: a guard then ends with its block (one request passes afterwards) instead of
+        outliving it on a full window, and the next refusal blocks again, doubled."""
         group = self.group(name)
         if not self._enabled or self._exempt_ip(group, raw_key):
             return
         windows = tuple(range(len(group.windows)))
-        await self._call("reset", group, self.store_key(group, raw_key), group.spec, self._now_ms(), windows)
+        key = self.store_key(group, raw_key)
+        await self._call("leave_one", group, key, group.spec, self._now_ms(), windows)
 
     async def peek(self, name: str, raw_key: str) -> dict[str, Any]:
         group = self.group(name)
