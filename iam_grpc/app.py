@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -23,7 +24,7 @@ from iam_grpc.clock import Clock, SystemClock
 from iam_grpc.config import Settings, join_host_port
 from iam_grpc.core.anomalies import CHECKS, AnomalyChecks, AnomalyPolicy
 from iam_grpc.core.audit import AuditTrail
-from iam_grpc.core.challenges import ChallengePolicy, Challenges
+from iam_grpc.core.challenges import ChallengePolicy, Challenges, end_session_challenges
 from iam_grpc.core.cleanup import Cleanup, CleanupPolicy
 from iam_grpc.core.common_passwords import CommonPasswords
 from iam_grpc.core.email_change import EmailChange
@@ -468,7 +469,7 @@ class Application:
             ),
             audit=self.audit,
         )
-        self.sessions.sessions_ended = self.challenges.end_for_sessions
+        self.sessions.sessions_ended = partial(end_session_challenges, self.ephemeral)
         assert self.risk is not None
         self.mfa = MfaFlows(
             self.db,

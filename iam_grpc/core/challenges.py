@@ -411,9 +411,6 @@ class Challenges:
         """Fail a live challenge (a replaced step-up, a revoked session)."""
         await self.update(challenge.id, lambda c: replace(c, state="failed") if c.state in LIVE else None)
 
-    async def end_for_sessions(self, session_ids: list[str]) -> None:
-        await end_session_challenges(self._ephemeral, session_ids)
-
     async def resend(
         self, challenge: Challenge, user: User, *, device_label: str, location: str
     ) -> Challenge:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from iam_grpc.core.passwords import Argon2Params, PasswordHashing
+from iam_grpc.core.passwords import Argon2Params, PasswordHashing, StoredPassword
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc
 from iam_grpc.testing import RunningService, running_service
 from tests.accounts_helper import (
@@ -188,13 +188,8 @@ async def test_a_user_who_never_had_a_trusted_device_gets_one_without_mfa(
     assert new_link.trusted_at is not None
 
 
-async def test_outdated_hashes_are_replaced_at_the_next_login(
-    iam: RunningService, stub: auth_pb2_grpc.AuthServiceStub
-) -> None:
-    """A hash made with other argon2 parameters verifies and is rehashed with the current ones."""
-    email = new_email()
-    owner = await signup(stub, email)
-    assert iam.app.db is not None
+async def outdated_hashes(iam: RunningService, *passwords: str) -> list[StoredPassword]:
+    """Hashes of ``passwords`` with other argon2 parameters (t=3) than the service's (t=2)."""
     assert iam.app.secrets is not None
     older = PasswordHashing(
         Argon2Params(memory_kib=19456, time_cost=3, parallelism=1, hash_len=32, salt_len=16),
@@ -205,9 +200,19 @@ async def test_outdated_hashes_are_replaced_at_the_next_login(
     )
     await older.start()
     try:
-        stored = await older.hash(PASSWORD)
+        return [await older.hash(password) for password in passwords]
     finally:
         await older.close()
+
+
+async def test_outdated_hashes_are_replaced_at_the_next_login(
+    iam: RunningService, stub: auth_pb2_grpc.AuthServiceStub
+) -> None:
+    """A hash made with other argon2 parameters verifies and is rehashed with the current ones."""
+    email = new_email()
+    owner = await signup(stub, email)
+    assert iam.app.db is not None
+    (stored,) = await outdated_hashes(iam, PASSWORD)
     async with iam.app.db.transaction() as tx:
         await tx.users.set_password(owner.user_id, stored.phc, stored.pepper_id or 0, iam.app.clock.now())
     await login(stub, email, device_id=owner.device_id)
@@ -230,20 +235,7 @@ async def test_a_rehash_never_undoes_a_password_change_made_meanwhile(
         email = new_email()
         owner = await signup(stub, email)
         assert iam.app.db is not None
-        assert iam.app.secrets is not None
-        older = PasswordHashing(
-            Argon2Params(memory_kib=19456, time_cost=3, parallelism=1, hash_len=32, salt_len=16),
-            iam.app.secrets.peppers,
-            iam.app.secrets.current_pepper,
-            max_concurrent=1,
-            max_queued=1,
-        )
-        await older.start()
-        try:
-            outdated = await older.hash(PASSWORD)
-            reset = await older.hash("a brand new secret phrase 77")
-        finally:
-            await older.close()
+        outdated, reset = await outdated_hashes(iam, PASSWORD, "a brand new secret phrase 77")
         async with iam.app.db.transaction() as tx:
             await tx.users.set_password(
                 owner.user_id, outdated.phc, outdated.pepper_id or 0, iam.app.clock.now()

@@ -65,7 +65,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -89,6 +88,7 @@ from iam_grpc.proto import auth_pb2, auth_pb2_grpc, mfa_pb2, token_pb2, token_pb
 from iam_grpc.server import SERVICE_NAMES
 from iam_grpc.testing import error_details
 from tests.accounts_helper import PASSWORD, client, new_email
+from tests.served import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -508,12 +508,6 @@ async def sign_up(channel: grpc.aio.Channel, email: str) -> Account:
 
 
 # --- the server --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

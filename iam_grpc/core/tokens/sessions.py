@@ -304,16 +304,7 @@ class SessionManager:
         for session in sorted(live, key=lambda s: (s.last_refreshed_at, s.id))[: max(0, overflow)]:
             if await tx.sessions.revoke(session.id, "evicted", now):
                 evicted.append(session.id)
-                await self._audit.record(
-                    self._audit.event(
-                        "session.revoked",
-                        "info",
-                        user_id=user_id,
-                        session_id=session.id,
-                        details={"reason": "evicted"},
-                    ),
-                    tx,
-                )
+        await self._audit.sessions_revoked(tx, user_id, evicted, "evicted")
         return evicted
 
     async def _issue(
