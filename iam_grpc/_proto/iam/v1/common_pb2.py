@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13iam/v1/common.proto\x12\x06iam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\rClientContext\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65pt_language\x18\x04 \x01(\t\"\xdd\x01\n\x07Session\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x35\n\x11\x61\x63\x63\x65ss_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x36\n\x12refresh_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x11\n\tdevice_id\x18\x07 \x01(\t\"u\n\x0cMfaChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\"b\n\x0bStepUpGrant\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampBH\n\x12\x64\x65v.iamgrpc.iam.v1P\x01Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13iam/v1/common.proto\x12\x06iam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/rpc/error_details.proto\"[\n\rClientContext\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65pt_language\x18\x04 \x01(\t\"\xdd\x01\n\x07Session\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x35\n\x11\x61\x63\x63\x65ss_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x36\n\x12refresh_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x11\n\tdevice_id\x18\x07 \x01(\t\"u\n\x0cMfaChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\"b\n\x0bStepUpGrant\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\x0c\x45rrorDetails\x12)\n\nerror_info\x18\x01 \x01(\x0b\x32\x15.google.rpc.ErrorInfo\x12+\n\x0b\x62\x61\x64_request\x18\x02 \x01(\x0b\x32\x16.google.rpc.BadRequest\x12)\n\nretry_info\x18\x03 \x01(\x0b\x32\x15.google.rpc.RetryInfoBH\n\x12\x64\x65v.iamgrpc.iam.v1P\x01Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +34,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'iam.v1.common_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.iamgrpc.iam.v1P\001Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1'
-  _globals['_CLIENTCONTEXT']._serialized_start=64
-  _globals['_CLIENTCONTEXT']._serialized_end=155
-  _globals['_SESSION']._serialized_start=158
-  _globals['_SESSION']._serialized_end=379
-  _globals['_MFACHALLENGE']._serialized_start=381
-  _globals['_MFACHALLENGE']._serialized_end=498
-  _globals['_STEPUPGRANT']._serialized_start=500
-  _globals['_STEPUPGRANT']._serialized_end=598
+  _globals['_CLIENTCONTEXT']._serialized_start=96
+  _globals['_CLIENTCONTEXT']._serialized_end=187
+  _globals['_SESSION']._serialized_start=190
+  _globals['_SESSION']._serialized_end=411
+  _globals['_MFACHALLENGE']._serialized_start=413
+  _globals['_MFACHALLENGE']._serialized_end=530
+  _globals['_STEPUPGRANT']._serialized_start=532
+  _globals['_STEPUPGRANT']._serialized_end=630
+  _globals['_ERRORDETAILS']._serialized_start=633
+  _globals['_ERRORDETAILS']._serialized_end=778
 # @@protoc_insertion_point(module_scope)

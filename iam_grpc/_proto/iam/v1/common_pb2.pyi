@@ -18,6 +18,7 @@ the reason, never on the human-readable message.
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import error_details_pb2 as _error_details_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -211,3 +212,47 @@ class StepUpGrant(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StepUpGrant: _TypeAlias = StepUpGrant  # noqa: Y015
+
+@_typing.final
+class ErrorDetails(_message.Message):
+    """The detail messages a failed call carries: the google.rpc.Status in the
+    `grpc-status-details-bin` trailer holds them, each packed in an Any, in
+    its `details`. No RPC sends this message itself; it names the detail
+    types so that every tool given these files (`grpcurl -import-path protos
+    -proto iam/v1/auth.proto`, code generators) also knows and decodes them
+    (google/rpc/error_details.proto ships next to iam/).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_INFO_FIELD_NUMBER: _builtins.int
+    BAD_REQUEST_FIELD_NUMBER: _builtins.int
+    RETRY_INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def error_info(self) -> _error_details_pb2.ErrorInfo:
+        """Always present: `domain` "iam.v1", the stable `reason`, and sometimes
+        `metadata` (e.g. attempts_left, scope, missing).
+        """
+
+    @_builtins.property
+    def bad_request(self) -> _error_details_pb2.BadRequest:
+        """INVALID_ARGUMENT: every invalid field at once."""
+
+    @_builtins.property
+    def retry_info(self) -> _error_details_pb2.RetryInfo:
+        """RATE_LIMITED: how long to wait before trying again."""
+
+    def __init__(
+        self,
+        *,
+        error_info: _error_details_pb2.ErrorInfo | None = ...,
+        bad_request: _error_details_pb2.BadRequest | None = ...,
+        retry_info: _error_details_pb2.RetryInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bad_request", b"bad_request", "error_info", b"error_info", "retry_info", b"retry_info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bad_request", b"bad_request", "error_info", b"error_info", "retry_info", b"retry_info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErrorDetails: _TypeAlias = ErrorDetails  # noqa: Y015
