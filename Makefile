@@ -3,16 +3,28 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The Node.js client: `npm ci` from its lock file, then its build (dist/).
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install run test test-unit check lint typecheck proto proto-check buf bench services clean
+.PHONY: install node run test test-unit check lint typecheck proto proto-check buf bench services clean
 
-install: $(STAMP)
+install: $(STAMP) $(NODE_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	cd $(NODE_DIR) && npm run --silent build
+	touch $(NODE_STAMP)
+
+# Rebuild the Node.js client's dist/ after editing its sources.
+node: $(NODE_STAMP)
+	cd $(NODE_DIR) && npm run --silent build
 
 run: install
 	$(BIN)/iam-grpc serve
@@ -35,10 +47,11 @@ typecheck:
 buf:
 	cd protos && ../$(BIN)/buf lint
 
+# Python (iam_grpc/_proto) and TypeScript (clients/node/src/gen) from protos/.
 proto: install
 	$(BIN)/python scripts/gen_proto.py
 
-proto-check:
+proto-check: install
 	$(BIN)/python scripts/gen_proto.py --check
 
 bench: install
@@ -52,3 +65,4 @@ services:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(NODE_DIR)/node_modules $(NODE_DIR)/dist $(NODE_DIR)/build
