@@ -47,8 +47,11 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(folder: Path, environ: Mapping[str, str]) -> Iterator[Served]:
-    """Start `iam-grpc serve` with ``environ`` on free ports; stop it with SIGTERM afterwards."""
+def serve(
+    folder: Path, environ: Mapping[str, str], credentials: grpc.ChannelCredentials | None = None
+) -> Iterator[Served]:
+    """Start `iam-grpc serve` with ``environ`` on free ports; stop it with SIGTERM afterwards.
+    ``credentials``: how the readiness probe connects to a TLS listener."""
     grpc_port, ops_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAM_")}
     env.update(
@@ -68,7 +71,10 @@ def serve(folder: Path, environ: Mapping[str, str]) -> Iterator[Served]:
         while True:
             if process.poll() is not None:
                 pytest.fail(f"iam-grpc serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as channel:
+            channel = (
+                grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+            )
+            with contextlib.suppress(grpc.RpcError), channel:
                 answer = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=0.5
                 )
