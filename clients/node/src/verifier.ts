@@ -128,7 +128,7 @@ class GrpcKeySource {
       try {
         const answer = await this.client.token.getJwks({});
         this.keys = createLocalJWKSet(parseJwks(answer.jwksJson));
-        this.fetchedAt = Date.now();
+        this.fetchedAt = performance.now();
       } finally {
         this.pending = undefined;
       }
@@ -137,12 +137,12 @@ class GrpcKeySource {
   }
 
   readonly getKey: JWTVerifyGetKey = async (header, token) => {
-    if (this.keys === undefined || Date.now() - this.fetchedAt > this.maxAgeMs) await this.load();
+    if (this.keys === undefined || performance.now() - this.fetchedAt > this.maxAgeMs) await this.load();
     try {
       return await this.keys!(header, token);
     } catch (error) {
       // A key published after our last fetch: look again, but not for every forged kid.
-      if (!(error instanceof joseErrors.JWKSNoMatchingKey) || Date.now() - this.fetchedAt < this.refetchMs) {
+      if (!(error instanceof joseErrors.JWKSNoMatchingKey) || performance.now() - this.fetchedAt < this.refetchMs) {
         throw error;
       }
       await this.load();
