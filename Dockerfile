@@ -30,7 +30,11 @@ USER iam
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 50051 8081
-HEALTHCHECK --interval=10s --timeout=3s --start-period=20s CMD ["iam-grpc", "health", "--address", "127.0.0.1:50051"]
+# `iam-grpc health` reads the same settings as `serve`: the listen address (a wildcard is dialled on
+# loopback) and server.tls (it then speaks TLS and trusts the configured certificate). Under mTLS
+# (server.tls.client_ca_file) give it a client certificate: HEALTHCHECK CMD iam-grpc health
+# --cert-file ... --key-file ..., or rely on the orchestrator's probes.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s CMD ["iam-grpc", "health", "--timeout", "3"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["iam-grpc"]
 CMD ["serve"]
