@@ -4,6 +4,9 @@
 
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# The compilers only build wheels in this stage and never reach the runtime image; their versions
+# follow the base image's Debian release, so they are not pinned one by one.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
@@ -26,7 +29,8 @@ ENV PATH=/opt/iam/bin:$PATH \
     IAM_DATA_DIR=/data \
     IAM_GRPC_LISTEN=0.0.0.0:50051 \
     IAM_HTTP_LISTEN=0.0.0.0:8081
-USER iam
+# Numeric, so that Kubernetes can check runAsNonRoot against the image (the manifests run as 10001 too).
+USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 50051 8081

@@ -3,16 +3,25 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# checkov pins packaging<24 and brings ~90 packages: a virtualenv of its own (constraints-checkov.txt)
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install run test test-unit check lint typecheck proto proto-check buf bench services clean
+.PHONY: install run test test-unit test-deploy check lint typecheck proto proto-check buf bench services clean
 
-install: $(STAMP)
+install: $(STAMP) $(CHECKOV_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(CHECKOV_STAMP): constraints-checkov.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet -c constraints-checkov.txt checkov
+	touch $(CHECKOV_STAMP)
 
 run: install
 	$(BIN)/iam-grpc serve
@@ -22,6 +31,11 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
+
+# Kubernetes manifests (rendered, schema-validated, scanned by checkov, started for real),
+# the Dockerfile (hadolint) and the Grafana dashboard; part of `make test` too.
+test-deploy: install
+	$(BIN)/python -m pytest tests/deploy
 
 check: install lint typecheck buf proto-check
 
@@ -51,4 +65,4 @@ services:
 	scripts/services.sh
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .mypy_cache .pytest_cache .ruff_cache
