@@ -139,11 +139,12 @@ def test_the_schema_check_catches_a_misspelt_field(rendered: dict[str, list[dict
 # checkov ---------------------------------------------------------------------------------
 
 
-def checkov(folder: Path) -> dict[str, Any]:
+def checkov(target: Path, framework: str = "kubernetes") -> dict[str, Any]:
     if not CHECKOV.exists():
         pytest.fail(f"checkov is not installed at {CHECKOV}: run `make install`", pytrace=False)
+    where = ["-d", str(target)] if target.is_dir() else ["-f", str(target)]
     result = subprocess.run(
-        [str(CHECKOV), "-d", str(folder), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        [str(CHECKOV), *where, "--framework", framework, "--skip-download", "-o", "json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -199,6 +200,13 @@ def test_the_dockerfile_lints_clean() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["iam-grpc", "health"' in text  # the health check follows the settings
     assert "--address" not in text.split("HEALTHCHECK", 2)[-1]
+
+
+def test_checkov_passes_the_dockerfile() -> None:
+    results = checkov(ROOT / "Dockerfile", "dockerfile")
+    assert [c["check_id"] for c in results["failed_checks"]] == []
+    assert results["skipped_checks"] == []
+    assert len(results["passed_checks"]) >= 20
 
 
 # tied to the service -------------------------------------------------------------------------
