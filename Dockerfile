@@ -4,6 +4,9 @@
 
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# The compilers only build wheels in this stage and never reach the runtime image; their versions
+# follow the base image's Debian release, so they are not pinned one by one.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
@@ -26,11 +29,16 @@ ENV PATH=/opt/iam/bin:$PATH \
     IAM_DATA_DIR=/data \
     IAM_GRPC_LISTEN=0.0.0.0:50051 \
     IAM_HTTP_LISTEN=0.0.0.0:8081
-USER iam
+# Numeric, so that Kubernetes can check runAsNonRoot against the image (the manifests run as 10001 too).
+USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 50051 8081
-HEALTHCHECK --interval=10s --timeout=3s --start-period=20s CMD ["iam-grpc", "health", "--address", "127.0.0.1:50051"]
+# `iam-grpc health` reads the same settings as `serve`: the listen address (a wildcard is dialled on
+# loopback) and server.tls (it then speaks TLS and trusts the configured certificate). Under mTLS
+# (server.tls.client_ca_file) give it a client certificate: HEALTHCHECK CMD iam-grpc health
+# --cert-file ... --key-file ..., or rely on the orchestrator's probes.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s CMD ["iam-grpc", "health", "--timeout", "3"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["iam-grpc"]
 CMD ["serve"]

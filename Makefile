@@ -7,9 +7,13 @@ STAMP := $(VENV)/.installed
 NODE_DIR := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install node run test test-unit check lint typecheck proto proto-check buf bench services clean
+# checkov pins packaging<24 and brings ~90 packages: a virtualenv of its own (constraints-checkov.txt)
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-install: $(STAMP) $(NODE_STAMP)
+.PHONY: install node run test test-unit test-deploy check lint typecheck proto proto-check buf bench services clean
+
+install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +30,13 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 node: $(NODE_STAMP)
 	cd $(NODE_DIR) && npm run --silent build
 
-run: install
+$(CHECKOV_STAMP): constraints-checkov.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet -c constraints-checkov.txt checkov
+	touch $(CHECKOV_STAMP)
+
+run: $(STAMP)
 	$(BIN)/iam-grpc serve
 
 test: install
@@ -34,6 +44,11 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
+
+# Kubernetes manifests (rendered, schema-validated, scanned by checkov, started for real),
+# the Dockerfile (hadolint) and the Grafana dashboard; part of `make test` too.
+test-deploy: install
+	$(BIN)/python -m pytest tests/deploy
 
 check: install lint typecheck buf proto-check
 
@@ -64,5 +79,5 @@ services:
 	scripts/services.sh
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .mypy_cache .pytest_cache .ruff_cache
 	rm -rf $(NODE_DIR)/node_modules $(NODE_DIR)/dist $(NODE_DIR)/build

@@ -94,31 +94,56 @@ def serve(
 
 @app.command()
 def health(
+    config: ConfigOption = None,
     address: Annotated[
-        str, typer.Option("--address", "-a", help="host:port of the gRPC server.")
-    ] = "127.0.0.1:50051",
+        str | None,
+        typer.Option(
+            "--address", "-a", help="host:port of the gRPC server (default: the configured listen address)."
+        ),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 3.0,
     ca_file: Annotated[
-        Path | None, typer.Option(help="TLS: CA bundle that signed the server certificate.")
+        Path | None,
+        typer.Option(help="TLS: CA bundle to verify the server with (default: the configured certificate)."),
     ] = None,
     cert_file: Annotated[Path | None, typer.Option(help="mTLS: client certificate chain.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="mTLS: client private key.")] = None,
-    server_name: Annotated[str | None, typer.Option(help="TLS: name to verify instead of the host.")] = None,
+    server_name: Annotated[
+        str | None, typer.Option(help="TLS: name to verify (default: the configured certificate's name).")
+    ] = None,
 ) -> None:
-    """Exit 0 when the server reports SERVING (for container health checks)."""
+    """Exit 0 when the server reports SERVING (container health checks and exec probes).
+
+    Reads the same settings as ``serve``: it calls the configured listen address (a wildcard host
+    is reached on loopback) and speaks TLS when ``server.tls`` is set, trusting the configured
+    certificate itself unless ``--ca-file`` names a CA.
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    settings = _settings(config)
+    tls = settings.server.tls
+    target = address or _probe_address(settings)
+    if tls.mutual and (cert_file is None or key_file is None):
+        typer.echo(
+            "iam-grpc health: server.tls.client_ca_file is set (mTLS): pass --cert-file and --key-file",
+            err=True,
+        )
+        raise typer.Exit(EXIT_REFUSED)
+
     def channel() -> grpc.Channel:
-        if ca_file is None:
-            return grpc.insecure_channel(address)
+        if ca_file is None and not tls.enabled:
+            return grpc.insecure_channel(target)
+        # Without a CA, trust exactly the certificate the server presents (it reads the same file).
+        roots = ca_file.read_bytes() if ca_file else tls.cert_file.read_bytes() if tls.cert_file else None
         credentials = grpc.ssl_channel_credentials(
-            ca_file.read_bytes(),
+            roots,
             key_file.read_bytes() if key_file else None,
             cert_file.read_bytes() if cert_file else None,
         )
-        options = (("grpc.ssl_target_name_override", server_name),) if server_name else ()
-        return grpc.secure_channel(address, credentials, options=options)
+        name = server_name or (_certificate_name(tls.cert_file) if tls.cert_file else None)
+        options = (("grpc.ssl_target_name_override", name),) if name else ()
+        return grpc.secure_channel(target, credentials, options=options)
 
     try:
         with channel() as opened:
@@ -128,9 +153,54 @@ def health(
     except grpc.RpcError as exc:
         typer.echo(f"not serving: {exc.code().name}", err=True)
         raise typer.Exit(1) from None
+    except OSError as exc:  # a certificate file that cannot be read
+        typer.echo(f"not serving: {exc.strerror or 'a file cannot be read'}", err=True)
+        raise typer.Exit(1) from None
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
     typer.echo(name)
     raise typer.Exit(0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+def _probe_address(settings: Settings) -> str:
+    """The configured gRPC address as a local client reaches it: wildcards become loopback."""
+    from iam_grpc.config import join_host_port
+
+    host = settings.server.host.strip("[]")
+    if host in ("", "0.0.0.0"):  # noqa: S104 - the wildcard is what is compared, not bound
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if settings.server.port == 0:
+        typer.echo(
+            "iam-grpc health: server.port (IAM_GRPC_LISTEN) is 0 (a free port): pass --address", err=True
+        )
+        raise typer.Exit(EXIT_REFUSED)
+    return join_host_port(host, settings.server.port)
+
+
+def _certificate_name(path: Path) -> str | None:
+    """The first DNS name (else IP address, else common name) of the first certificate in ``path``:
+    the name the served certificate answers to, whatever address the probe dials."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = None
+    if names is not None:
+        dns = names.get_values_for_type(x509.DNSName)
+        if dns:
+            return str(dns[0])
+        ips = names.get_values_for_type(x509.IPAddress)
+        if ips:
+            return str(ips[0])
+    common = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(common[0].value) if common else None
 
 
 # config -------------------------------------------------------------------------
