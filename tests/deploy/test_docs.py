@@ -39,7 +39,9 @@ def exists(doc: Path, path: str) -> bool:
     for base in (doc.parent, ROOT):
         if "*" in path and any(base.glob(path)):
             return True
-        if (base / path).exists():
+        target = (base / path).resolve()
+        inside = target.is_relative_to(ROOT) or target.is_relative_to(doc.parent.resolve())
+        if inside and target.exists():  # a file next to the clone (../shared/...) is not in it
             return True
     return False
 
