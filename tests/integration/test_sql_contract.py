@@ -261,6 +261,31 @@ async def test_a_token_comes_with_its_session_user_and_roles_in_one_lookup(datab
     assert (without_roles.user.id, without_roles.roles) == (other_user.id, ())
 
 
+async def test_a_token_comes_with_all_of_32_roles_of_64_characters(database: SqlDatabase) -> None:
+    """The most roles a user may hold (1.4), each as long as a name may be, all come back, even
+    where the server cuts aggregated strings at 1024 bytes (MySQL 8's group_concat_max_len)."""
+    user, session = await user_with_session(database)
+    token = new_token(session.id)
+    names = [f"r{i:02d}" + secrets.token_hex(32)[:61] for i in range(32)]
+    assert {len(name) for name in names} == {64}
+    async with database.transaction() as tx:
+        await tx.users.ensure_roles(names, NOW)
+        for name in names:
+            await tx.users.grant_role(user.id, name, "test", NOW)
+        await tx.sessions.insert_token(token)
+    async with database.transaction() as tx:
+        if database.dialect == "mysql":
+            await tx.connection.execute(text("SET SESSION group_concat_max_len = 1024"))
+        try:
+            found = await tx.sessions.token_with_context(token.token_hash)
+        finally:
+            if database.dialect == "mysql":
+                await tx.connection.execute(text("SET SESSION group_concat_max_len = DEFAULT"))
+    assert found is not None
+    assert found.roles == tuple(sorted(names))
+    assert found.user.id == user.id
+
+
 async def test_touching_a_device_link_updates_only_that_link(database: SqlDatabase) -> None:
     """touch_link sets last_seen_at and last_ip of one (user, device) link and leaves trust alone."""
     user, session = await user_with_session(database)
