@@ -491,6 +491,7 @@ class Application:
                 step_up_actions=tuple(s.step_up.actions),
             ),
             learning=learning,
+            failpoints=self.failpoints,
         )
         anomaly_checks = AnomalyChecks(
             self.clock,

@@ -28,6 +28,7 @@ from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge, Challenges
 from iam_grpc.core.crypto import SecretMaterial
 from iam_grpc.core.devices import is_trusted
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import LinkClaims, Links
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.observation import LearningPolicy, Observation, Observer, proven
@@ -102,7 +103,9 @@ class MfaFlows:
         *,
         policy: MfaPolicy,
         learning: LearningPolicy,
+        failpoints: Failpoints | None = None,
     ) -> None:
+        self._failpoints = failpoints or Failpoints()
         self._db = db
         self._ephemeral = ephemeral
         self._material = material
@@ -376,8 +379,9 @@ class MfaFlows:
         if not challenge.live(now):
             raise ChallengeExpired() if challenge.expires_at <= now else LinkUsed()
         seen = self._observer.observe(client)
+        await self._failpoints.hit("redeem.before_finish")
         if challenge.kind != "step_up" and not challenge.comes_from(client.device_id, seen.agent):
-            await self._challenges.finish(challenge.id, approve_only=True)
+            await self._finish_by_link(challenge.id, approve_only=True)
             await self._links.mark_used(claims)
             async with self._db.transaction() as tx:
                 await self._audit.record(
@@ -391,9 +395,21 @@ class MfaFlows:
                     tx,
                 )
             return Outcome(), purpose
-        challenge = await self._challenges.finish(challenge.id)
+        challenge = await self._finish_by_link(challenge.id)
         await self._links.mark_used(claims)
         return await self._complete(challenge, client, seen), purpose
+
+    async def _finish_by_link(self, challenge_id: str, *, approve_only: bool = False) -> Challenge:
+        """Move the challenge on for a link. Losing the compare-and-set to another redemption of
+        the link (or to its code) means the link has done its work: LINK_USED (S38), unless the
+        challenge expired in between."""
+        try:
+            return await self._challenges.finish(challenge_id, approve_only=approve_only)
+        except ChallengeExpired:
+            current = await self._challenges.get(challenge_id)
+            if current is None or current.expires_at <= self._clock.now():
+                raise
+            raise LinkUsed() from None
 
     async def inspect(self, link_token: str) -> InspectedLink:
         """InspectMagicLink: never changes anything. A token failing its signature is ``usable =

@@ -20,7 +20,7 @@ from iam_grpc.proto import (
     token_pb2,
     token_pb2_grpc,
 )
-from iam_grpc.testing import RunningService, running_service
+from iam_grpc.testing import RunningService, error_details, running_service
 from tests.accounts_helper import (
     PASSWORD,
     account_env,
@@ -334,7 +334,40 @@ async def test_twenty_parallel_redemptions_on_two_replicas_have_one_winner(
     losers = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(winners) == 1
     assert winners[0].WhichOneof("result") == "session"
-    assert {e.code() for e in losers} == {grpc.StatusCode.FAILED_PRECONDITION}
+    assert len(losers) == 19
+    assert {(e.code(), error_details(e).reason) for e in losers} == {
+        (grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")
+    }
+
+
+@pytest.mark.parametrize(
+    ("redeemer", "result"), [(PHONE, "session"), (client(ip="198.51.100.4"), None)], ids=["same", "other"]
+)
+async def test_two_redemptions_racing_on_one_device_give_one_answer_and_link_used(
+    backend: Backend,
+    mailbox: Mailbox,
+    tmp_path: Path,
+    redeemer: common_pb2.ClientContext,
+    result: str | None,
+) -> None:
+    """S38: both redemptions pass every check before either moves the challenge on (a failpoint
+    holds them there); the winner gets its answer (a Session on the challenge's device, an approval
+    elsewhere) and the loser LINK_USED, not CHALLENGE_EXPIRED."""
+    env = account_env(
+        backend, mailbox, {**LIMITS, "link_redeem.ip": {"windows": ["1000/1s"]}}, IAM_TEST_FAILPOINTS="1"
+    )
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        _, _, token = await new_device_login(auth, mailbox, new_email())
+        iam.app.failpoints.arm("redeem.before_finish", "sleep:0.3")
+        request = mfa_pb2.RedeemMagicLinkRequest(client=redeemer, link_token=token)
+        outcomes = await asyncio.gather(
+            mfa.RedeemMagicLink(request), mfa.RedeemMagicLink(request), return_exceptions=True
+        )
+    answers = [o for o in outcomes if isinstance(o, mfa_pb2.RedeemMagicLinkResponse)]
+    refused = [error_details(o) for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert [(a.purpose, a.WhichOneof("result")) for a in answers] == [("mfa", result)]
+    assert [(d.code, d.reason) for d in refused] == [(grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")]
 
 
 async def test_attempts_are_shared_by_replicas(
