@@ -273,3 +273,67 @@ async def test_the_owners_own_retries_do_not_stretch_the_guard_past_its_cap(
         )
         assert waited <= cap * 1.1 + 0.5, f"guarded for {waited:.1f} s after the abuse; guards {guards}"
         assert (answer.WhichOneof("result"), answer.mfa.reason) == ("mfa", "NEW_DEVICE")
+
+
+# --- S1/S2 for the guard (2.4) --------------------------------------------------------------------
+
+# Nothing but the calls under test may run SQL while it is counted: the background jobs that touch
+# the database are pushed an hour away (as in tests/integration/test_field_limits.py).
+QUIET = {
+    "IAM_MAIL__POLL_INTERVAL": "1h",
+    "IAM_CLEANUP__INTERVAL": "1h",
+    "IAM_KEYS__RELOAD_INTERVAL": "1h",
+    "IAM_TOKENS__DENYLIST_REPLAY": "1h",
+}
+LONG_GUARD = {"login.account": {"windows": ["10/1h fc"], "block": "1h", "block_max": "1h"}}
+
+
+async def test_a_right_password_on_a_guarded_account_does_the_work_of_a_wrong_one(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """2.4: a guarded account's right password from an untrusted device, a wrong password, an
+    unknown address and a disabled account each run the same number of SQL statements and one
+    argon2 verification, and answer byte-identical statuses (S1). Equal work, counted, instead of
+    wall time: the extra device-link read a right password used to do is what a clock would see."""
+    env = {**account_env(backend, mailbox, {**HIGH, **LONG_GUARD}), **QUIET}
+    async with (
+        running_service(tmp_path, env, probe_interval=3600.0) as iam,
+        iam.channel() as channel,
+    ):
+        assert iam.app.audit is not None
+        assert iam.app.db is not None
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        guarded, disabled = new_email(), new_email()
+        owner = await signup(stub, guarded)
+        gone = await signup(stub, disabled)
+        async with iam.app.db.transaction() as tx:
+            await tx.users.set_status(gone.user_id, "disabled", iam.app.clock.now())
+        for _ in range(11):
+            await failure(login(stub, client(ip=fresh_ip()), guarded, WRONG))
+        assert iam.app.limiter is not None
+        assert (await iam.app.limiter.peek("login.account", guarded))["blocked_ms"] > 0
+
+        async def work(email: str, password: str) -> tuple[float, float, grpc.StatusCode, bytes]:
+            await iam.app.audit.drain()  # type: ignore[union-attr]
+            statements = iam.app.metrics.sql_statements._value.get()
+            verified = verifications(iam)
+            code, details = await failure(login(stub, client(ip=fresh_ip(), ua=IPHONE), email, password))
+            await iam.app.audit.drain()  # type: ignore[union-attr]
+            return (
+                iam.app.metrics.sql_statements._value.get() - statements,
+                verifications(iam) - verified,
+                code,
+                details.raw_status,
+            )
+
+        cases = {
+            "guarded, right password": await work(guarded, PASSWORD),
+            "guarded, wrong password": await work(guarded, WRONG),
+            "unknown address": await work(new_email(), PASSWORD),
+            "disabled account": await work(disabled, PASSWORD),
+        }
+        trusted = await login(stub, client(ip=fresh_ip(), device_id=owner.device_id), guarded, PASSWORD)
+    assert trusted.WhichOneof("result") == "session"  # the guard was on, and spares trusted devices
+    assert len(set(cases.values())) == 1, cases
+    statements, verified, code, _ = cases["guarded, right password"]
+    assert (statements > 0, verified, code) == (True, 1, grpc.StatusCode.UNAUTHENTICATED)
