@@ -234,7 +234,8 @@ class SessionStore(Protocol):
     async def token(self, token_id: int) -> RefreshToken | None: ...
 
     async def recent_rotations(self, session_id: str, since: datetime) -> int:
-        """How many tokens of the session were created at or after ``since`` (rotation burst)."""
+        """How many rotations of the session (tokens of generation 1 and up) were created at or
+        after ``since`` (rotation burst)."""
         ...
 
     async def access_jtis_since(self, user_id: str, since: datetime) -> list[str]:

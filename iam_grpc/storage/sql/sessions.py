@@ -63,11 +63,14 @@ _LIVE = (
     )
     .order_by(sessions.c.last_refreshed_at.desc(), sessions.c.id.desc())
 )
+# Rotations are the tokens that succeeded another: generation 0 was issued at sign-in.
 _RECENT_ROTATIONS = (
     select(func.count())
     .select_from(refresh_tokens)
     .where(
-        refresh_tokens.c.session_id == bindparam("b_id"), refresh_tokens.c.created_at >= bindparam("b_since")
+        refresh_tokens.c.session_id == bindparam("b_id"),
+        refresh_tokens.c.created_at >= bindparam("b_since"),
+        refresh_tokens.c.generation > 0,
     )
 )
 _MARK_ROTATED = (
