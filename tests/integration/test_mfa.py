@@ -250,6 +250,51 @@ async def test_a_refresh_challenge_completed_by_code_rotates_and_moves_the_sessi
     assert len([m for m in mailbox.to(email) if "sign-in code" in str(m["Subject"])]) == 1
 
 
+async def test_a_lost_answer_to_a_refresh_challenge_can_be_retried_within_the_grace_window(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """VerifyChallenge of a refresh challenge rotates the presented token, so a lost answer must be
+    recoverable like Refresh's (1.5): the same call again within refresh.grace answers the same
+    Session (same refresh and access token); another device or another code gets
+    CHALLENGE_EXPIRED; past the window CHALLENGE_EXPIRED, and nothing is revoked either way."""
+    env = account_env(backend, mailbox, LIMITS, IAM_REFRESH_GRACE_SECONDS="2")
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        email = new_email()
+        session = await signup(auth, email, context=client(ip="192.0.2.10"))
+        laptop = client(ip="192.0.2.10")  # the same browser, cookie lost: NEW_DEVICE
+        raised = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=laptop, refresh_token=session.refresh_token)
+        )
+        code = code_of((await wait_for_mail(mailbox, email, "sign-in code"))[-1])
+        first = await verify(mfa, raised.mfa.challenge_id, code, laptop)
+        again = await verify(mfa, raised.mfa.challenge_id, code, laptop)
+        assert again.WhichOneof("result") == "session"
+        assert (again.session.refresh_token, again.session.access_token) == (
+            first.session.refresh_token,
+            first.session.access_token,
+        )
+        for other_code, context in ((wrong(code), laptop), (code, client(ip="192.0.2.10", ua=IPHONE))):
+            _status, details = await failure(verify(mfa, raised.mfa.challenge_id, other_code, context))
+            assert details.reason == "CHALLENGE_EXPIRED"
+        await asyncio.sleep(2.2)
+        _status, late = await failure(verify(mfa, raised.mfa.challenge_id, code, laptop))
+        assert late.reason == "CHALLENGE_EXPIRED"
+        moved = client(ip="192.0.2.10", device_id=first.session.device_id)
+        after = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=moved, refresh_token=first.session.refresh_token)
+        )
+        assert after.WhichOneof("result") == "session"
+        assert iam.app.db is not None
+        async with iam.app.db.transaction(read_only=True) as tx:
+            user = await tx.users.get(session.user_id)
+            live = await tx.sessions.get(session.session_id)
+        assert user is not None
+        assert live is not None
+        assert (user.mfa_hold_until, live.revoked_at) == (None, None)
+
+
 async def test_an_exhausted_refresh_challenge_ends_the_session(
     iam: RunningService,
     stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
