@@ -101,8 +101,9 @@ class UserStore(Protocol):
         expect_credential_version: int,
     ) -> bool:
         """Move the account to a new address (verified now) while its address and credential
-        version are still the expected ones; :class:`Conflict` ("users.email_norm") when the new
-        address is taken. Returns whether a row changed."""
+        version are still the expected ones, and bump the credential version (links mailed to the
+        old address stop working); :class:`Conflict` ("users.email_norm") when the new address is
+        taken. Returns whether a row changed."""
         ...
 
     async def set_status(self, user_id: str, status: str, now: datetime) -> bool: ...
