@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from iam_grpc.config import PasswordsSettings
+from iam_grpc.core.ratelimit import ip_key, pair_key
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2
 from iam_grpc.testing import ErrorDetails, RunningService, error_details, running_service
 from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
@@ -337,3 +338,69 @@ async def test_a_right_password_on_a_guarded_account_does_the_work_of_a_wrong_on
     assert len(set(cases.values())) == 1, cases
     statements, verified, code, _ = cases["guarded, right password"]
     assert (statements > 0, verified, code) == (True, 1, grpc.StatusCode.UNAUTHENTICATED)
+
+
+# --- reservations that no attempt used (2.4 step 3, 8.1) -------------------------------------------
+
+
+async def failure_points(iam: RunningService, group: str, key: str) -> float:
+    """The sliding count of the group's failure window (the last one) for ``key``."""
+    assert iam.app.limiter is not None
+    return float((await iam.app.limiter.peek(group, key))["estimates"][-1])
+
+
+async def test_a_refusal_by_login_ip_fail_gives_the_pair_point_back(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """login.pair reserves before login.ip_fail is asked; when login.ip_fail refuses, no attempt
+    was made, so the pair's failure point goes back: a blocked ip cannot fill a pair's window."""
+    groups = {
+        **HIGH,
+        "login.ip_fail": {"windows": ["1/1h f"], "max_strikes": 0},
+        "login.pair": {"windows": ["1000/1s", "5/1h fc"]},
+    }
+    async with (
+        running_service(tmp_path, account_env(backend, mailbox, groups)) as iam,
+        iam.channel() as channel,
+    ):
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        ip, first, second = fresh_ip(), new_email(), new_email()
+        await signup(stub, second)
+        assert (await failure(login(stub, client(ip=ip), first, WRONG)))[1].reason == "INVALID_CREDENTIALS"
+        for _ in range(6):
+            _, refused = await failure(login(stub, client(ip=ip), second, WRONG))
+            assert (refused.reason, refused.metadata) == ("RATE_LIMITED", {"scope": "ip"})
+        assert await failure_points(iam, "login.pair", pair_key(ip, first)) == 1
+        assert await failure_points(iam, "login.pair", pair_key(ip, second)) == 0
+
+
+async def test_our_own_hashing_load_never_counts_against_a_user(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """With one hash at a time and no queue, parallel logins beyond the first are refused by the
+    pool (RATE_LIMITED, scope hashing) and a call whose deadline is too close to start a hash gets
+    DEADLINE_EXCEEDED: neither judged a password, so their failure reservations (login.pair,
+    login.ip_fail, login.account) are all given back; only verified failures count."""
+    env = account_env(
+        backend,
+        mailbox,
+        HIGH,
+        IAM_PASSWORDS__MAX_CONCURRENT_HASHES="1",
+        IAM_PASSWORDS__MAX_QUEUED_HASHES="0",
+    )
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        email, ip = new_email(), fresh_ip()
+        await signup(stub, email)
+        answers = await asyncio.gather(*(outcome(login(stub, client(ip=ip), email, WRONG)) for _ in range(8)))
+        judged = answers.count("INVALID_CREDENTIALS")
+        assert judged >= 1
+        assert answers.count("RATE_LIMITED") == 8 - judged
+        with_no_time = stub.Login(
+            auth_pb2.LoginRequest(client=client(ip=ip), email=email, password=WRONG), timeout=0.15
+        )
+        assert (await failure(with_no_time))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.3)  # the abandoned call finishes on the server
+        assert await failure_points(iam, "login.pair", pair_key(ip, email)) == judged
+        assert await failure_points(iam, "login.ip_fail", ip_key(ip)) == judged
+        assert await failure_points(iam, "login.account", email) == judged

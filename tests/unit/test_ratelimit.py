@@ -214,3 +214,19 @@ def test_window_syntax() -> None:
     assert str(window) == "5/1h fc"
     with pytest.raises(ValueError, match="windows look like"):
         parse_window("five per hour")
+
+
+async def test_a_refund_gives_back_one_reservation_and_keeps_the_failures_before_it() -> None:
+    """Permit.refund (an attempt that never happened) returns its point; unlike a success it does
+    not reset the consecutive-failure count of login.pair."""
+    clock = ManualClock()
+    rl, _ = limiter(clock)
+    key = pair_key("192.0.2.1", "jane@example.com")
+    for _ in range(3):
+        await (await rl.hit("login.pair", key)).failed()
+        clock.advance(2)
+    await (await rl.hit("login.pair", key)).refund()
+    assert (await rl.peek("login.pair", key))["estimates"][1] == pytest.approx(3, abs=0.01)
+    clock.advance(2)
+    await (await rl.hit("login.pair", key)).succeeded()
+    assert (await rl.peek("login.pair", key))["estimates"][1] == 0
