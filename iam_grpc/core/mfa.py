@@ -534,7 +534,8 @@ class MfaFlows:
     # resends ---------------------------------------------------------------------------------------
 
     async def resend(self, client: ClientInfo, challenge_id: str, violations: Violations) -> Challenge:
-        """ResendChallenge (4.3): from the challenge's device only, spaced and counted."""
+        """ResendChallenge (4.3): from the challenge's device only, spaced and counted (the record's
+        own interval and budget, and the ``resend.challenge`` limiter group, 8.3)."""
         if not CHALLENGE_ID.match(challenge_id):
             violations.add("challenge_id", "must be a challenge id (ch_ and 22 characters)")
         violations.raise_any()
@@ -546,6 +547,8 @@ class MfaFlows:
             or not challenge.comes_from(client.device_id, seen.agent)
         ):
             raise ChallengeExpired()
+        # Counted only for the challenge's own device: another one could otherwise spend the slot.
+        await self._limiter.hit("resend.challenge", challenge.id)
         async with self._db.transaction(read_only=True) as tx:
             user = await tx.users.get(challenge.user_id)
         if user is None:

@@ -36,7 +36,12 @@ from tests.conftest import Backend
 from tests.mailbox import Mailbox
 from tests.sessions_helper import IPHONE
 
-LIMITS = {"code.ip": {"windows": ["1000/1s"]}, "login.pair": {"windows": ["1000/1h fc"]}}
+# resend.challenge follows the module's resend interval (1 s instead of 60 s)
+LIMITS = {
+    "code.ip": {"windows": ["1000/1s"]},
+    "login.pair": {"windows": ["1000/1h fc"]},
+    "resend.challenge": {"windows": ["1000/1s"]},
+}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -215,6 +220,36 @@ async def test_a_resend_replaces_the_code_without_restoring_attempts(
         _status, details = await failure(verify(mfa, challenge.challenge_id, old_code))
         assert details.metadata == {"attempts_left": "3"}
     assert (await verify(mfa, challenge.challenge_id, new_code)).WhichOneof("result") == "session"
+
+
+async def test_resends_are_limited_by_the_resend_challenge_group(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """8.3: ResendChallenge counts in resend.challenge (per challenge): with that group at one an
+    hour, a second resend is RATE_LIMITED (scope challenge, RetryInfo of the group's window) while
+    the challenge's own 1 s interval would allow it; other devices spend nothing of it."""
+    groups = {**LIMITS, "resend.challenge": {"windows": ["1/1h"]}}
+    env = account_env(backend, mailbox, groups, IAM_MFA__RESEND_INTERVAL="1s")
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        challenge, _, _ = await new_device_login(auth, mailbox, new_email())
+        await asyncio.sleep(1.1)
+        elsewhere = mfa_pb2.ResendChallengeRequest(
+            client=client(ip="198.51.100.5"), challenge_id=challenge.challenge_id
+        )
+        for _ in range(3):
+            assert (await failure(mfa.ResendChallenge(elsewhere)))[1].reason == "CHALLENGE_EXPIRED"
+        resend = mfa_pb2.ResendChallengeRequest(client=PHONE, challenge_id=challenge.challenge_id)
+        assert (await mfa.ResendChallenge(resend)).challenge_id == challenge.challenge_id
+        await asyncio.sleep(1.1)
+        status, details = await failure(mfa.ResendChallenge(resend))
+    assert (status, details.reason, details.metadata) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+        {"scope": "challenge"},
+    )
+    assert details.retry_delay is not None
+    assert details.retry_delay.total_seconds() > 60
 
 
 async def test_a_refresh_challenge_completed_by_code_rotates_and_moves_the_session(
