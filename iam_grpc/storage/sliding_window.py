@@ -24,9 +24,23 @@ from typing import Any
 
 from iam_grpc.storage.records import HitResult, LimitSpec, LimitWindow
 
-__all__ = ["BLOCK_MEMORY_MS", "hit", "leave_one", "peek", "refund", "reset", "state_ttl_ms"]
+__all__ = [
+    "BLOCK_MEMORY_MS",
+    "STRIKE_WINDOW_MS",
+    "hit",
+    "leave_one",
+    "peek",
+    "refund",
+    "reset",
+    "state_ttl_ms",
+]
 
 BLOCK_MEMORY_MS = 24 * 3600 * 1000
+# Only a refusal by a window of at least a minute adds a strike. A per-second burst window refuses
+# a double click or a client honouring RetryInfo just as it would an attacker; striking on it
+# blocked a user for 30 minutes for three quick retries. Sustained abuse fills the longer windows,
+# whose refusals still strike. (The Redis script in storage/redis.py holds the same constant.)
+STRIKE_WINDOW_MS = 60_000
 
 
 State = dict[str, Any]
@@ -79,16 +93,18 @@ def _wait_ms(spec: LimitWindow, bucket: int, current: int, previous: int, now: i
 
 
 def hit(state: State, spec: LimitSpec, now: int, cost: int = 1) -> HitResult:
-    """Consume ``cost`` from every window, or refuse (adding a strike, maybe blocking).
+    """Consume ``cost`` from every window, or refuse (adding a strike when a window of a minute or
+    more refused, maybe blocking).
 
     Mutates ``state``.
     """
     rolled = [_window(state, i, w, now) for i, w in enumerate(spec.windows)]
-    waits = [
-        _wait_ms(w, b, c, p, now, cost)
+    refusing = [
+        (w, b, c, p)
         for w, (b, c, p) in zip(spec.windows, rolled, strict=True)
         if not _fits(w, b, c, p, now, cost)
     ]
+    waits = [_wait_ms(w, b, c, p, now, cost) for w, b, c, p in refusing]
     blocked_until = int(state.get("bu", 0))
     if blocked_until > now:
         # Refused without consuming or striking; the retry covers the block and the windows.
@@ -98,7 +114,7 @@ def hit(state: State, spec: LimitSpec, now: int, cost: int = 1) -> HitResult:
             state[f"b{i}"], state[f"c{i}"], state[f"p{i}"] = bucket, current + cost, previous
         return HitResult(True, 0, False, 0, tuple(b for b, _, _ in rolled))
     retry = max(1, max(waits))
-    if spec.max_strikes <= 0:
+    if spec.max_strikes <= 0 or all(w.length_ms < STRIKE_WINDOW_MS for w, _, _, _ in refusing):
         return HitResult(False, retry, False, 0, ())
     strikes = int(state.get("s", 0)) if int(state.get("se", 0)) > now else 0
     strikes += 1

@@ -404,3 +404,29 @@ async def test_our_own_hashing_load_never_counts_against_a_user(
         assert await failure_points(iam, "login.pair", pair_key(ip, email)) == judged
         assert await failure_points(iam, "login.ip_fail", ip_key(ip)) == judged
         assert await failure_points(iam, "login.account", email) == judged
+
+
+async def test_a_double_clicking_user_is_never_blocked_by_a_burst_window(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """login.pair at its defaults (1/1s + 5/1h fc, 3 strikes, 30 min block): four clicks at once
+    get one answer and three RATE_LIMITED from the 1 s window, which add no strikes (8.1); after
+    the RetryInfo wait the right password signs in, where three strikes used to block the pair."""
+    async with (
+        running_service(tmp_path, account_env(backend, mailbox)) as iam,
+        iam.channel() as channel,
+    ):
+        assert iam.app.limiter is not None
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        email, ip = new_email(), fresh_ip()
+        owner = await signup(stub, email)
+        here = client(ip=ip, device_id=owner.device_id)
+        clicks = await asyncio.gather(*(outcome(login(stub, here, email, PASSWORD)) for _ in range(4)))
+        assert sorted(c if isinstance(c, str) else "session" for c in clicks) == ["RATE_LIMITED"] * 3 + [
+            "session"
+        ]
+        state = await iam.app.limiter.peek("login.pair", pair_key(ip, email))
+        assert (state["strikes"], state["blocked_ms"]) == (0, 0)
+        await asyncio.sleep(2.1)  # the 1 s window's RetryInfo, at most 2 s
+        answer = await login(stub, here, email, PASSWORD)
+        assert answer.WhichOneof("result") == "session"
