@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from iam_grpc import ids
+from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.records import (
     AuditEvent,
@@ -617,9 +618,21 @@ async def test_named_lock_is_exclusive(database: SqlDatabase) -> None:
         assert again
 
 
-async def test_ping_answers(database: SqlDatabase) -> None:
-    """A reachable database answers ping."""
-    await database.ping()
+async def test_ping_answers_while_the_database_does(database: SqlDatabase, tmp_path: Path) -> None:
+    """A reachable database answers ping; one that cannot be reached (a refused port, a file that
+    cannot be opened) raises BackendUnavailable: ping is a real round trip, not a no-op."""
+    assert await database.ping() is None
+    dead_url = (
+        "mysql+asyncmy://root@127.0.0.1:1/none"
+        if database.dialect == "mysql"
+        else f"sqlite+aiosqlite:///{tmp_path}"  # a directory is not a database file
+    )
+    dead = SqlDatabase.from_url(dead_url, connect_timeout=timedelta(seconds=2))
+    try:
+        with pytest.raises(BackendUnavailable):
+            await dead.ping()
+    finally:
+        await dead.close()
 
 
 async def test_after_commit_callbacks_run_only_after_a_commit(database: SqlDatabase) -> None:
