@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit check lint typecheck proto proto-check buf bench services clean
+.PHONY: install run test test-unit fuzz fuzz-fields check lint typecheck proto proto-check buf bench services clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
+
+# Longer runs of the property tests (`make test` runs them bounded).
+fuzz: fuzz-fields
+
+# Field limits generated from the schema against MariaDB: FUZZ_FIELDS_EXAMPLES per field.
+fuzz-fields: install
+	FUZZ_FIELDS_EXAMPLES=$${FUZZ_FIELDS_EXAMPLES:-500} $(BIN)/python -m pytest -p no:randomly -q \
+		tests/integration/test_field_properties.py
 
 check: install lint typecheck buf proto-check
 
