@@ -169,10 +169,11 @@ class RedisEphemeral:
 
 
 # The rate-limit algorithm of storage/sliding_window.py, step for step, on one
-# HASH per (group, key); 60000 is sliding_window.STRIKE_WINDOW_MS (strikes only from
-# windows of a minute or more). Every write is followed by PEXPIRE, so no rl: key ever
-# lives without a TTL. ARGV: now, cost, n windows, max strikes, block ms, block
-# max ms, longest window ms, then points and length ms of each window.
+# HASH per (group, key); 60000 is sliding_window.STRIKE_WINDOW_MS (no strike when only
+# burst windows refused: shorter than a minute and than the longest window). Every
+# write is followed by PEXPIRE, so no rl: key ever lives without a TTL. ARGV: now, cost,
+# n windows, max strikes, block ms, block max ms, longest window ms, then points and
+# length ms of each window.
 _LIMIT_HIT = """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -214,7 +215,7 @@ for i = 0, n - 1 do
   local start = b * len
   if p * (len - (now - start)) + (c + cost) * len > points * len then
     refused = true
-    if len >= 60000 then striking = true end
+    if len >= 60000 or len >= longest then striking = true end
     local room = points - cost
     local w
     if room < 0 then w = 2 * len

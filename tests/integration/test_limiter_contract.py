@@ -129,7 +129,7 @@ async def test_strikes_block_with_bounded_escalation(store: LimiterStore) -> Non
 
 async def test_escalation_is_forgotten_after_a_day(store: LimiterStore) -> None:
     """24 h after the last block the next block starts from the base length again."""
-    s = spec("1/1m", strikes=1, block=10 * SECOND, block_max=HOUR)
+    s = spec("1/1s", strikes=1, block=10 * SECOND, block_max=HOUR)
     await store.hit("f", s, T0)
     first = await store.hit("f", s, T0 + 1)
     later = T0 + 25 * HOUR
@@ -138,10 +138,10 @@ async def test_escalation_is_forgotten_after_a_day(store: LimiterStore) -> None:
     assert first.new_block_ms == again.new_block_ms == 10 * SECOND
 
 
-async def test_only_windows_of_a_minute_or_more_add_strikes(store: LimiterStore) -> None:
-    """A refusal by a per-second burst window adds no strike, however many there are: a double
-    click or a client honouring RetryInfo is not abuse. A refusal by a window of a minute or more
-    strikes (here at once: one strike blocks)."""
+async def test_refusals_by_burst_windows_add_no_strikes(store: LimiterStore) -> None:
+    """A refusal by a burst window (shorter than a minute and than the group's longest) adds no
+    strike, however many there are: a double click or a client honouring RetryInfo is not abuse.
+    A refusal by a window of a minute or more strikes (here at once: one strike blocks)."""
     s = spec("1/1s", "3/1m", strikes=1, block=MINUTE, block_max=MINUTE)
     assert (await store.hit("k", s, T0)).allowed
     bursts = [await store.hit("k", s, T0 + i) for i in range(1, 50)]
@@ -151,6 +151,16 @@ async def test_only_windows_of_a_minute_or_more_add_strikes(store: LimiterStore)
     assert (await store.hit("k", s, T0 + 2 * SECOND)).allowed
     assert (await store.hit("k", s, T0 + 4 * SECOND)).allowed
     refused = await store.hit("k", s, T0 + 6 * SECOND)  # the fourth within the minute
+    assert (refused.allowed, refused.blocked, refused.new_block_ms) == (False, True, MINUTE)
+
+
+async def test_a_groups_only_window_strikes_however_short(store: LimiterStore) -> None:
+    """A short window that is the group's only (or longest) one is not a burst window: its
+    refusals strike as before (an operator's shortened guard still blocks)."""
+    s = spec("2/3s", strikes=1, block=MINUTE, block_max=MINUTE)
+    await store.hit("o", s, T0)
+    await store.hit("o", s, T0 + 1)
+    refused = await store.hit("o", s, T0 + 2)
     assert (refused.allowed, refused.blocked, refused.new_block_ms) == (False, True, MINUTE)
 
 
