@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install node run test test-unit test-deploy check lint typecheck proto proto-check buf bench services clean
+.PHONY: install node run test test-unit test-deploy fuzz fuzz-fields check lint typecheck proto proto-check buf bench services clean
 
 install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
@@ -49,6 +49,14 @@ test-unit: install
 # the Dockerfile (hadolint) and the Grafana dashboard; part of `make test` too.
 test-deploy: install
 	$(BIN)/python -m pytest tests/deploy
+
+# Longer runs of the property tests (`make test` runs them bounded).
+fuzz: fuzz-fields
+
+# Field limits generated from the schema against MariaDB: FUZZ_FIELDS_EXAMPLES per field.
+fuzz-fields: install
+	FUZZ_FIELDS_EXAMPLES=$${FUZZ_FIELDS_EXAMPLES:-500} $(BIN)/python -m pytest -p no:randomly -q \
+		tests/integration/test_field_properties.py
 
 check: install lint typecheck buf proto-check
 

@@ -84,7 +84,7 @@ BURSTS_ALLOWED = {
 async def mariadb_and_redis() -> AsyncIterator[dict[str, str]]:
     """A database of its own on MariaDB and a Redis prefix of its own, dropped afterwards."""
     name = "iam_bench_" + secrets.token_hex(3)
-    admin = create_async_engine(MYSQL + "/", isolation_level="AUTOCOMMIT")
+    admin = create_async_engine(MYSQL + "/", isolation_level="AUTOCOMMIT", hide_parameters=True)
     async with admin.connect() as connection:
         await connection.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
     try:

@@ -489,8 +489,10 @@ class Application:
                 code_length=s.mfa.code_length,
                 grant_ttl=s.step_up.grant_ttl,
                 step_up_actions=tuple(s.step_up.actions),
+                retry_window=s.refresh.grace,
             ),
             learning=learning,
+            failpoints=self.failpoints,
         )
         anomaly_checks = AnomalyChecks(
             self.clock,

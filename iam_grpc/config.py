@@ -595,7 +595,8 @@ class RateLimitSettings(_Group):
 
 
 class ExtAuthzRule(_Group):
-    """One path rule of the Envoy ``Check``: requests under ``prefix`` need every role in ``roles``."""
+    """One path rule of the Envoy ``Check``: requests under ``prefix`` (whole segments, any case)
+    need every role in ``roles``."""
 
     prefix: str = Field(min_length=1, max_length=1024)
     roles: list[str] = Field(default=[], max_length=32)
@@ -603,8 +604,11 @@ class ExtAuthzRule(_Group):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if not value.startswith("/") or any(c in value for c in "?#%\\") or not value.isprintable():
-            raise ValueError("a prefix is a decoded URL path starting with '/' (no query, no %-escapes)")
+        if not value.startswith("/") or any(c in value for c in "?#%;\\") or not value.isprintable():
+            # paths are matched with their ;parameters cut, so a prefix holding one would match nothing
+            raise ValueError(
+                "a prefix is a decoded URL path starting with '/' (no query, no %-escapes, no ;parameters)"
+            )
         if "//" in value or any(part in (".", "..") for part in value.split("/")):
             raise ValueError("a prefix has no empty, '.' or '..' segments (paths are matched normalised)")
         return value

@@ -193,6 +193,10 @@ def _endpoint(url: str) -> _Endpoint:
     path = parts.path or "/"
     if not path.endswith("/"):
         path += "/"
+    # api.md: requests go to <url>/range/<prefix>. The default and many settings already name the
+    # range path itself; both forms are accepted.
+    if not path.endswith("/range/"):
+        path += "range/"
     return _Endpoint(parts.hostname, port, parts.netloc, path, tls)
 
 

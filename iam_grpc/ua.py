@@ -42,6 +42,12 @@ def _clean(value: str | None) -> str | None:
     return None if value is None or value in _GENERIC else value[:64]
 
 
+def _version(value: str | None) -> str | None:
+    """A version part as the parser read it from the User-Agent (any number of digits), cut to the
+    16 characters that are stored (devices.browser_major, os_major)."""
+    return value[:16] if value else None
+
+
 def _device_type(family: str | None, os_family: str | None, device_family: str | None, raw: str) -> str:
     lowered = raw.lower()
     if family == "Spider" or device_family == "Spider" or ("bot" in lowered and "http" in lowered):
@@ -85,10 +91,10 @@ class UserAgentParser:
         device_family = device.family if device else None
         return ParsedAgent(
             browser_family=_clean(family),
-            browser_major=(agent.major or None) if agent else None,
-            browser_minor=(agent.minor or None) if agent else None,
+            browser_major=_version(agent.major) if agent else None,
+            browser_minor=_version(agent.minor) if agent else None,
             os_family=_clean(os_family),
-            os_major=(system.major or None) if system else None,
+            os_major=_version(system.major) if system else None,
             device_family=_clean(device_family),
             device_brand=_clean(device.brand) if device else None,
             device_model=_clean(device.model) if device else None,

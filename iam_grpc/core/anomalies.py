@@ -315,10 +315,12 @@ class AnomalyChecks:
         return _Hit("session_count", {"live_sessions": len(live), "limit": self._policy.max_sessions})
 
     async def _rotation_burst(self, e: _Evaluation) -> _Hit | None:
-        """5: this session rotated more than ``burst_max`` times within ``burst_window``."""
+        """5: this rotation would make the session's rotations within ``burst_window`` more than
+        ``burst_max``: N rotate, the (N+1)-th is refused, for a session signed in a minute ago as
+        for one signed in a week ago (the sign-in's own token is not a rotation)."""
         since = e.now - self._policy.burst_window
         rotations = await e.tx.sessions.recent_rotations(e.context.session.id, since)
-        if rotations <= self._policy.burst_max:
+        if rotations < self._policy.burst_max:
             return None
         return _Hit(
             "rotation_burst",

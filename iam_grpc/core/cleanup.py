@@ -4,6 +4,7 @@ on one replica at a time (ephemeral lock ``cleanup``), in batches of
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,13 +40,16 @@ class Cleanup:
 
     async def run(self, *, lock: bool = True) -> dict[str, int]:
         """One pass; skipped (empty result) when another replica holds the lock."""
-        if lock and not await self._ephemeral.set_if_absent(LOCK_KEY, b"1", timedelta(minutes=9)):
+        mine = secrets.token_bytes(16)  # this pass's own lock value
+        if lock and not await self._ephemeral.set_if_absent(LOCK_KEY, mine, timedelta(minutes=9)):
             return {}
         try:
             counts = await self._pass()
         finally:
             if lock:
-                await self._ephemeral.delete(LOCK_KEY)
+                # Only while the lock is still ours: a pass that outlived it may find another
+                # replica's lock in its place, which must stay (compare-and-delete).
+                await self._ephemeral.delete_if(LOCK_KEY, mine)
         if any(counts.values()):
             log.bind(**counts).info("cleanup removed rows")
         return counts

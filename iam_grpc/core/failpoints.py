@@ -9,7 +9,8 @@ a test arms it with an action:
 - ``unavailable``: the backend fails there (BackendUnavailable).
 
 The places: ``rpc:<full method>`` (before any handler), ``refresh.after_insert``,
-``refresh.before_commit``, ``refresh.after_commit``, ``login.before_rehash``, and
+``refresh.before_commit``, ``refresh.after_commit``, ``login.before_rehash``,
+``redeem.before_finish`` (a verified link, before its challenge moves on), and
 ``<flow>.before_commit`` (the last step inside each multi-row transaction: ``signup``,
 ``login``, ``reset``, ``password_change``, ``email_change``; security.md S59).
 

@@ -65,6 +65,16 @@ class _Reservations:
             if permit is not None:
                 await permit.succeeded()
 
+    async def refund(self) -> None:
+        """No verdict was reached (our hashing pool full, the deadline too close, a store down):
+        the attempt is nobody's failure. Best effort; a store that is down cannot take them back."""
+        try:
+            for permit in (self.pair, self.ip_fail, self.account):
+                if permit is not None:
+                    await permit.refund()
+        except BackendUnavailable:
+            log.warning("could not give back login failure reservations")
+
 
 class LoginFlow:
     def __init__(
@@ -120,18 +130,24 @@ class LoginFlow:
         assert email is not None
 
         reserved = await self._reserve(client.ip, email.norm)
-        async with self._db.transaction(read_only=True) as tx:
-            user = await tx.users.get_by_email(email.norm)
-        if not await self._verify(user, password) or user is None:
-            await self._fail(client, user, "login.failure")
-        assert user is not None
-
-        seen = self._observer.observe(client)
+        # Up to the verdict every outcome does the same work in the same order (2.4): one read of
+        # the account and its device links (of no one, for an unknown address), the observation of
+        # the client, one argon2 verification. A right password on a guarded account must not
+        # take longer to refuse than a wrong one, nor an unknown address answer sooner.
+        try:
+            async with self._db.transaction(read_only=True) as tx:
+                user = await tx.users.get_by_email(email.norm)
+                links = await tx.devices.links_of(user.id if user is not None else "")
+            seen = self._observer.observe(client)
+            verified = await self._verify(user, password)
+        except (RateLimited, DeadlineExceeded, BackendUnavailable):
+            # our load or our stores, never the user's failure: no password was judged
+            await reserved.refund()
+            raise
         now = self._clock.now()
-        async with self._db.transaction(read_only=True) as tx:
-            links = await tx.devices.links_of(user.id)
-        link = _link_for(links, client.device_id)
-        trusted = is_trusted(link, seen.agent, now, self._sessions.trust_idle)
+        trusted = is_trusted(_link_for(links, client.device_id), seen.agent, now, self._sessions.trust_idle)
+        if not verified or user is None:
+            await self._fail(client, user, "login.failure")
         if reserved.account is None and not trusted:
             await self._fail(client, user, "login.guarded")
 
@@ -158,7 +174,11 @@ class LoginFlow:
     async def _reserve(self, ip: str, email_norm: str) -> _Reservations:
         """Step 3: burst and failure reservations; the account group only notes a guard."""
         pair = await self._limiter.hit("login.pair", pair_key(ip, email_norm))
-        ip_fail = await self._limiter.hit("login.ip_fail", ip_key(ip))
+        try:
+            ip_fail = await self._limiter.hit("login.ip_fail", ip_key(ip))
+        except RateLimited:
+            await pair.refund()  # refused before any attempt: the pair's failure point goes back
+            raise
         account: Permit | None
         try:
             await self._limiter.ensure_not_blocked("login.account", email_norm)

@@ -26,8 +26,9 @@ from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge, Challenges
-from iam_grpc.core.crypto import SecretMaterial
+from iam_grpc.core.crypto import SealError, SecretMaterial, open_with_secret, seal_with_secret
 from iam_grpc.core.devices import is_trusted
+from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import LinkClaims, Links
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.observation import LearningPolicy, Observation, Observer, proven
@@ -36,7 +37,14 @@ from iam_grpc.core.risk import POINTS, RiskScores
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.sessions import AfterRotation, ClientInfo, IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations
-from iam_grpc.errors import ChallengeExpired, CodeInvalid, InvalidArgument, LinkUsed, SessionRevoked
+from iam_grpc.errors import (
+    BackendUnavailable,
+    ChallengeExpired,
+    CodeInvalid,
+    InvalidArgument,
+    LinkUsed,
+    SessionRevoked,
+)
 from iam_grpc.ids import CHALLENGE_ID, GRANT_TOKEN, new_grant_token
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Database, Ephemeral, Transaction
@@ -54,6 +62,8 @@ class MfaPolicy:
     code_length: int = 6
     grant_ttl: timedelta = timedelta(minutes=5)
     step_up_actions: tuple[str, ...] = ()  # empty: any action
+    retry_window: timedelta = timedelta(seconds=15)  # refresh.grace: a completed refresh challenge's
+    # Session is kept sealed this long for a VerifyChallenge retried after a lost answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,13 @@ def _grant_key(digest: str) -> str:
     return f"grant:{{{digest}}}"
 
 
+def _result_key(challenge_id: str) -> str:
+    return f"mfa:res:{{{challenge_id}}}"
+
+
+_RESULT_PURPOSE = b"mfa-retry"
+
+
 class MfaFlows:
     def __init__(
         self,
@@ -102,7 +119,9 @@ class MfaFlows:
         *,
         policy: MfaPolicy,
         learning: LearningPolicy,
+        failpoints: Failpoints | None = None,
     ) -> None:
+        self._failpoints = failpoints or Failpoints()
         self._db = db
         self._ephemeral = ephemeral
         self._material = material
@@ -134,6 +153,8 @@ class MfaFlows:
         if client.device_id:
             await self._limiter.ensure_not_blocked("code.device", client.device_id)
         challenge = await self._challenges.get(challenge_id)
+        if challenge is not None and challenge.kind == "refresh" and challenge.state == "done":
+            return await self._retried(client, challenge, code)
         if challenge is None or not challenge.live(self._clock.now()):
             raise ChallengeExpired()
         permits = await self._reserve_failure(client, challenge)
@@ -146,7 +167,79 @@ class MfaFlows:
         challenge = await self._challenges.finish(challenge.id)  # two right codes at once: one wins
         for permit in permits:
             await permit.succeeded()
-        return await self._complete(challenge, client, seen)
+        outcome = await self._complete(challenge, client, seen)
+        if outcome.session is not None and challenge.kind == "refresh":
+            await self._keep_result(challenge, code, outcome.session)
+        return outcome
+
+    # a lost answer ------------------------------------------------------------------------------
+
+    def _result_secret(self, challenge_id: str, code: str) -> bytes:
+        """What the kept Session is sealed under: the code that completed the challenge, keyed with
+        the master key, so neither a dump of the store nor the code alone opens it."""
+        return self._material.keyed_hash("otp", f"{challenge_id}:{code}:result").encode()
+
+    async def _keep_result(self, challenge: Challenge, code: str, issued: IssuedSession) -> None:
+        """A completed refresh challenge rotated its token: if the answer is lost, the presented
+        token is spent and its retry after ``refresh.grace`` would be a replay (the session
+        revoked, a 7-day MFA hold). Keep the Session sealed for that window, as Refresh does."""
+        payload = json.dumps(
+            {
+                "access_token": issued.access_token,
+                "access_expires_at": issued.access_expires_at.isoformat(),
+                "refresh_token": issued.refresh_token,
+                "refresh_expires_at": issued.refresh_expires_at.isoformat(),
+                "session_id": issued.session_id,
+                "user_id": issued.user_id,
+                "device_id": issued.device_id,
+            }
+        ).encode()
+        sealed = seal_with_secret(self._result_secret(challenge.id, code), _RESULT_PURPOSE, payload)
+        try:
+            await self._ephemeral.set(_result_key(challenge.id), sealed, self._policy.retry_window)
+        except BackendUnavailable:
+            log.warning("could not keep a completed challenge's answer for a retry")
+
+    async def _retried(self, client: ClientInfo, challenge: Challenge, code: str) -> Outcome:
+        """VerifyChallenge again for a refresh challenge it completed: within the window, from the
+        challenge's device with the same code, the same Session (its successor token still
+        unrevoked in SQL); anything else is CHALLENGE_EXPIRED, as for any finished challenge. A
+        wrong guess counts against the failure limits like a wrong code."""
+        try:
+            sealed = await self._ephemeral.get(_result_key(challenge.id))
+        except BackendUnavailable:
+            sealed = None
+        if sealed is None:
+            raise ChallengeExpired()
+        permits = await self._reserve_failure(client, challenge)
+        seen = self._observer.observe(client)
+        if not (
+            challenge.comes_from(client.device_id, seen.agent)
+            and self._challenges.code_matches(challenge, code)
+        ):
+            raise ChallengeExpired()
+        try:
+            result = json.loads(
+                open_with_secret(self._result_secret(challenge.id, code), _RESULT_PURPOSE, sealed)
+            )
+        except (SealError, ValueError):
+            raise ChallengeExpired() from None
+        issued = IssuedSession(
+            access_token=result["access_token"],
+            access_expires_at=datetime.fromisoformat(result["access_expires_at"]),
+            refresh_token=result["refresh_token"],
+            refresh_expires_at=datetime.fromisoformat(result["refresh_expires_at"]),
+            session_id=result["session_id"],
+            user_id=result["user_id"],
+            device_id=result["device_id"],
+        )
+        async with self._db.transaction(read_only=True) as tx:
+            found = await tx.sessions.token_with_context(self._sessions.token_hash(issued.refresh_token))
+        if found is None or found.token.state == "revoked" or found.session.revoked_at is not None:
+            raise ChallengeExpired()
+        for permit in permits:
+            await permit.succeeded()
+        return Outcome(session=issued)
 
     async def _reserve_failure(self, client: ClientInfo, challenge: Challenge) -> list[Permit]:
         permits = [
@@ -376,8 +469,9 @@ class MfaFlows:
         if not challenge.live(now):
             raise ChallengeExpired() if challenge.expires_at <= now else LinkUsed()
         seen = self._observer.observe(client)
+        await self._failpoints.hit("redeem.before_finish")
         if challenge.kind != "step_up" and not challenge.comes_from(client.device_id, seen.agent):
-            await self._challenges.finish(challenge.id, approve_only=True)
+            await self._finish_by_link(challenge.id, approve_only=True)
             await self._links.mark_used(claims)
             async with self._db.transaction() as tx:
                 await self._audit.record(
@@ -391,9 +485,21 @@ class MfaFlows:
                     tx,
                 )
             return Outcome(), purpose
-        challenge = await self._challenges.finish(challenge.id)
+        challenge = await self._finish_by_link(challenge.id)
         await self._links.mark_used(claims)
         return await self._complete(challenge, client, seen), purpose
+
+    async def _finish_by_link(self, challenge_id: str, *, approve_only: bool = False) -> Challenge:
+        """Move the challenge on for a link. Losing the compare-and-set to another redemption of
+        the link (or to its code) means the link has done its work: LINK_USED (S38), unless the
+        challenge expired in between."""
+        try:
+            return await self._challenges.finish(challenge_id, approve_only=approve_only)
+        except ChallengeExpired:
+            current = await self._challenges.get(challenge_id)
+            if current is None or current.expires_at <= self._clock.now():
+                raise
+            raise LinkUsed() from None
 
     async def inspect(self, link_token: str) -> InspectedLink:
         """InspectMagicLink: never changes anything. A token failing its signature is ``usable =
@@ -428,7 +534,8 @@ class MfaFlows:
     # resends ---------------------------------------------------------------------------------------
 
     async def resend(self, client: ClientInfo, challenge_id: str, violations: Violations) -> Challenge:
-        """ResendChallenge (4.3): from the challenge's device only, spaced and counted."""
+        """ResendChallenge (4.3): from the challenge's device only, spaced and counted (the record's
+        own interval and budget, and the ``resend.challenge`` limiter group, 8.3)."""
         if not CHALLENGE_ID.match(challenge_id):
             violations.add("challenge_id", "must be a challenge id (ch_ and 22 characters)")
         violations.raise_any()
@@ -440,6 +547,8 @@ class MfaFlows:
             or not challenge.comes_from(client.device_id, seen.agent)
         ):
             raise ChallengeExpired()
+        # Counted only for the challenge's own device: another one could otherwise spend the slot.
+        await self._limiter.hit("resend.challenge", challenge.id)
         async with self._db.transaction(read_only=True) as tx:
             user = await tx.users.get(challenge.user_id)
         if user is None:

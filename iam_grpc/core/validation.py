@@ -30,6 +30,10 @@ ROLE_NAME = re.compile(r"^[a-z][a-z0-9:_-]{0,63}$")
 _LANGUAGE_TAG = re.compile(r"^[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*$")
 MAX_USER_AGENT = 1024
 MAX_ACCEPT_LANGUAGE = 256
+# The stored forms' limits (behaviour.md 10: users.locale, users.email and users.email_norm): what
+# is stored is checked, not only what arrived. RFC 5646 4.4.1 sizes a language tag at 35 characters.
+MAX_LANGUAGE_TAG = 35
+MAX_EMAIL = 254
 
 
 @dataclass
@@ -53,10 +57,11 @@ def clean_user_agent(value: str) -> str:
 
 
 def first_language_tag(value: str) -> str:
-    """The first syntactically valid language tag of an Accept-Language value, or ''."""
+    """The first syntactically valid language tag of an Accept-Language value, or ''. A tag longer
+    than ``MAX_LANGUAGE_TAG`` is not one we can store (nor a template locale): the next one is tried."""
     for part in value[:MAX_ACCEPT_LANGUAGE].split(","):
         tag = part.split(";", 1)[0].strip()
-        if _LANGUAGE_TAG.match(tag):
+        if len(tag) <= MAX_LANGUAGE_TAG and _LANGUAGE_TAG.match(tag):
             return tag
     return ""
 
@@ -108,13 +113,19 @@ def check_email(violations: Violations, name: str, raw: str) -> EmailAddress | N
     if ascii_domain is None:
         violations.add(name, "the domain is not a valid internet domain")
         return None
-    return EmailAddress(f"{local}@{domain.lower()}", f"{local.lower()}@{ascii_domain}", ascii_domain)
+    address = EmailAddress(f"{local}@{domain.lower()}", f"{local.lower()}@{ascii_domain}", ascii_domain)
+    # Both stored forms must fit: an internationalised domain grows in its ASCII (punycode) form,
+    # and lowercasing can lengthen a Unicode domain.
+    if max(len(address.display), len(address.norm)) > MAX_EMAIL:
+        violations.add(name, "must be at most 254 characters, with the domain in its ASCII form")
+        return None
+    return address
 
 
 def _email_problem(text: str) -> str | None:
     if not text:
         return "is required"
-    if len(text) > 254:
+    if len(text) > MAX_EMAIL:
         return "must be at most 254 characters"
     if text.count("@") != 1:
         return "must contain exactly one @"

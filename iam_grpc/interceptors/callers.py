@@ -23,6 +23,7 @@ from loguru import logger
 from iam_grpc.config import CallersSettings
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import Caller, current_call
+from iam_grpc.core.ratelimit.keys import ip_key
 from iam_grpc.errors import BackendUnavailable, CallerForbidden, CallerUnknown
 from iam_grpc.interceptors.base import Behaviour, Context, Handler, UnaryInterceptor, is_exempt
 from iam_grpc.logging import component_logger
@@ -144,16 +145,19 @@ class CallerAuthInterceptor(UnaryInterceptor):
         self._audit = audit
         self._ephemeral = ephemeral
 
-    async def _record_denial(
+    async def record_denial(
         self, reason: str, peer_ip: str | None, caller_id: str | None, method: str
     ) -> None:
-        """Audit ``caller.denied``, at most once a minute per peer and reason: a caller without a
-        key cannot turn its refusals into a stream of database writes."""
+        """Audit ``caller.denied``, at most once a minute per peer network and reason: a caller
+        without a key cannot turn its refusals into a stream of database writes. The peer is keyed
+        as the limiters key an ip (an IPv6 /64: one subscriber rotating its addresses is one
+        peer)."""
         if self._audit is None or self._ephemeral is None:
             return
+        peer = ip_key(peer_ip) if peer_ip else None
         try:
             fresh = await self._ephemeral.set_if_absent(
-                f"audit:denied:{{{reason}:{peer_ip}:{caller_id}}}", b"1", timedelta(seconds=60)
+                f"audit:denied:{{{reason}:{peer}:{caller_id}}}", b"1", timedelta(seconds=60)
             )
             if fresh:
                 event = self._audit.event(
@@ -200,14 +204,14 @@ class CallerAuthInterceptor(UnaryInterceptor):
             except CallerUnknown:
                 self._metrics.caller_denied.labels("unknown").inc()
                 log.bind(peer=call.peer if call else None).warning("caller not authenticated")
-                await self._record_denial("unknown", call.peer_ip if call else None, None, method)
+                await self.record_denial("unknown", call.peer_ip if call else None, None, method)
                 raise
             if call is not None:
                 call.caller = caller
             if not caller.may_call(method):
                 self._metrics.caller_denied.labels("method").inc()
                 log.bind(caller=caller.id).warning("caller not allowed this method")
-                await self._record_denial("method", call.peer_ip if call else None, caller.id, method)
+                await self.record_denial("method", call.peer_ip if call else None, caller.id, method)
                 raise CallerForbidden()
             with logger.contextualize(caller=caller.id):
                 return await behaviour(request, context)

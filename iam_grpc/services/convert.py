@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from iam_grpc._proto.iam.v1 import common_pb2
 from iam_grpc.core.call import current_call
+from iam_grpc.core.ratelimit.keys import parse_ip
 from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession
 from iam_grpc.core.validation import ClientRules, Violations, clean_user_agent, first_language_tag
 
@@ -28,7 +29,10 @@ def client_info(client: common_pb2.ClientContext, violations: Violations) -> Cli
     ClientRules(ip_required=trusted).check(
         violations, client.ip, client.user_agent, client.device_id, client.accept_language
     )
-    ip = (call.client_ip if call else None) or client.ip
+    # Without a peer address (a unix socket) the relayed one is used, in the form that is stored:
+    # parsed, or nothing.
+    relayed = parse_ip(client.ip)
+    ip = (call.client_ip if call else None) or (str(relayed) if relayed is not None else "")
     return ClientInfo(
         ip=ip,
         user_agent=clean_user_agent(client.user_agent),

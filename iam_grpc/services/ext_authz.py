@@ -3,7 +3,8 @@ request, whether it may reach the upstream (behaviour.md 1.2 and 2.8; security.m
 
 The bearer token of the ``authorization`` header is verified like VerifyAccessToken (steps 1-8,
 deny-lists included, so a revocation applies at once) with the roles of the first
-``ext_authz.rules`` prefix that starts the request path. The answer is always a
+``ext_authz.rules`` prefix that covers the request path (whole segments, after normalisation,
+under every reading an upstream may take: see :class:`PathRules`). The answer is always a
 ``CheckResponse``, never a gRPC error, except when the calling Envoy itself is not an allowed
 caller:
 
@@ -63,15 +64,19 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 log = component_logger("iam.ext_authz")
 
 
-def normalise_path(target: str) -> str:
+def normalise_path(target: str, *, cut_parameters: bool = True) -> str:
     """The path rules are matched against: no query or fragment, %-escapes decoded, backslashes as
-    slashes, empty and ``.`` segments dropped, ``..`` applied. An upstream that normalises paths
-    itself then cannot be reached under a prefix that a rule protects by spelling it differently
-    (``/public/../admin``, ``//admin``, ``/%61dmin``)."""
+    slashes, path parameters (``;name=value``, RFC 3986 3.3) cut from every segment, empty and ``.``
+    segments dropped, ``..`` applied. An upstream that normalises paths itself then cannot be
+    reached under a prefix that a rule protects by spelling it differently (``/public/../admin``,
+    ``//admin``, ``/%61dmin``, ``/admin;x=1/users``, ``/public/..;/admin``: servlet containers
+    drop path parameters before routing). ``cut_parameters=False`` keeps them, as an upstream that
+    treats ``;`` as an ordinary character reads the path."""
     path = target.split("?", 1)[0].split("#", 1)[0]
     path = unquote(path).replace("\\", "/")
     segments: list[str] = []
-    for segment in path.split("/"):
+    for raw in path.split("/"):
+        segment = raw.split(";", 1)[0] if cut_parameters else raw
         if segment in ("", "."):
             continue
         if segment == "..":
@@ -83,20 +88,43 @@ def normalise_path(target: str) -> str:
     return "/" + "/".join(segments) + trailing
 
 
+def _segments(prefix: str) -> str:
+    """A rule's prefix as whole segments: ``/admin/`` and ``/admin`` both mean the ``/admin``
+    segment and everything below it."""
+    return "/" + prefix.strip("/")
+
+
+def _covers(prefix: str, path: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
 class PathRules:
-    """``ext_authz.rules``: the first rule whose prefix starts the normalised path gives the roles."""
+    """``ext_authz.rules``: the first rule whose prefix covers the path gives the roles.
+
+    A prefix covers whole segments (``/admin`` covers ``/admin`` and ``/admin/users``, never
+    ``/administrator``). Upstreams read paths differently: some ignore case, some drop ``;``
+    parameters. So a path is read every way an upstream might (parameters cut or kept, case kept
+    or folded), each reading picks its first matching rule, and the roles of all of them are
+    required. A rule cannot be dodged by spelling (``/ADMIN;x=1/users``), and an exception listed
+    first (``/billing/public`` open, ``/billing`` not) only applies when every reading agrees,
+    so ``/billing/PUBLIC`` still needs ``billing``. The cost is a 403 instead of a 404 on spellings
+    the upstream does not serve."""
 
     def __init__(self, rules: Sequence[ExtAuthzRule]) -> None:
-        self._rules = tuple((rule.prefix, tuple(rule.roles)) for rule in rules)
+        self._exact = tuple((_segments(rule.prefix), tuple(rule.roles)) for rule in rules)
+        self._folded = tuple((prefix.casefold(), roles) for prefix, roles in self._exact)
 
     def roles_for(self, target: str) -> tuple[str, ...]:
-        if not self._rules:
+        if not self._exact:
             return ()
-        path = normalise_path(target)
-        for prefix, roles in self._rules:
-            if path.startswith(prefix):
-                return roles
-        return ()
+        required: set[str] = set()
+        for path in {normalise_path(target), normalise_path(target, cut_parameters=False)}:
+            for rules, reading in ((self._exact, path), (self._folded, path.casefold())):
+                for prefix, roles in rules:
+                    if _covers(prefix, reading):
+                        required.update(roles)
+                        break
+        return tuple(sorted(required))
 
 
 def _headers(http: Any) -> dict[str, str]:

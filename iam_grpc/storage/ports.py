@@ -101,8 +101,9 @@ class UserStore(Protocol):
         expect_credential_version: int,
     ) -> bool:
         """Move the account to a new address (verified now) while its address and credential
-        version are still the expected ones; :class:`Conflict` ("users.email_norm") when the new
-        address is taken. Returns whether a row changed."""
+        version are still the expected ones, and bump the credential version (links mailed to the
+        old address stop working); :class:`Conflict` ("users.email_norm") when the new address is
+        taken. Returns whether a row changed."""
         ...
 
     async def set_status(self, user_id: str, status: str, now: datetime) -> bool: ...
@@ -234,7 +235,8 @@ class SessionStore(Protocol):
     async def token(self, token_id: int) -> RefreshToken | None: ...
 
     async def recent_rotations(self, session_id: str, since: datetime) -> int:
-        """How many tokens of the session were created at or after ``since`` (rotation burst)."""
+        """How many rotations of the session (tokens of generation 1 and up) were created at or
+        after ``since`` (rotation burst)."""
         ...
 
     async def access_jtis_since(self, user_id: str, since: datetime) -> list[str]:

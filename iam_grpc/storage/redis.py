@@ -169,9 +169,11 @@ class RedisEphemeral:
 
 
 # The rate-limit algorithm of storage/sliding_window.py, step for step, on one
-# HASH per (group, key). Every write is followed by PEXPIRE, so no rl: key ever
-# lives without a TTL. ARGV: now, cost, n windows, max strikes, block ms, block
-# max ms, longest window ms, then points and length ms of each window.
+# HASH per (group, key); 60000 is sliding_window.STRIKE_WINDOW_MS (no strike when only
+# burst windows refused: shorter than a minute and than the longest window). Every
+# write is followed by PEXPIRE, so no rl: key ever lives without a TTL. ARGV: now, cost,
+# n windows, max strikes, block ms, block max ms, longest window ms, then points and
+# length ms of each window.
 _LIMIT_HIT = """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -198,7 +200,7 @@ local function keep()
   redis.call('PEXPIRE', key, math.ceil(ttl))
 end
 local buckets, currents, previous = {}, {}, {}
-local wait, refused = 0, false
+local wait, refused, striking = 0, false, false
 for i = 0, n - 1 do
   local points = tonumber(ARGV[8 + 2 * i])
   local len = tonumber(ARGV[9 + 2 * i])
@@ -213,6 +215,7 @@ for i = 0, n - 1 do
   local start = b * len
   if p * (len - (now - start)) + (c + cost) * len > points * len then
     refused = true
+    if len >= 60000 or len >= longest then striking = true end
     local room = points - cost
     local w
     if room < 0 then w = 2 * len
@@ -241,7 +244,7 @@ if not refused then
   return out
 end
 if wait < 1 then wait = 1 end
-if max_strikes <= 0 then return {0, wait, 0, 0} end
+if max_strikes <= 0 or not striking then return {0, wait, 0, 0} end
 local strikes = 0
 if get('se', 0) > now then strikes = get('s', 0) end
 strikes = strikes + 1

@@ -24,9 +24,25 @@ from typing import Any
 
 from iam_grpc.storage.records import HitResult, LimitSpec, LimitWindow
 
-__all__ = ["BLOCK_MEMORY_MS", "hit", "leave_one", "peek", "refund", "reset", "state_ttl_ms"]
+__all__ = [
+    "BLOCK_MEMORY_MS",
+    "STRIKE_WINDOW_MS",
+    "hit",
+    "leave_one",
+    "peek",
+    "refund",
+    "reset",
+    "state_ttl_ms",
+]
 
 BLOCK_MEMORY_MS = 24 * 3600 * 1000
+# A refusal only by a burst window (shorter than a minute and than the group's longest window) adds
+# no strike. It refuses a double click or a client honouring RetryInfo just as it would an
+# attacker; striking on it blocked a user for 30 minutes for three quick retries. Sustained abuse
+# fills the longer windows, whose refusals still strike; a group's only (or longest) window always
+# strikes, however short an operator makes it. (The Redis script in storage/redis.py holds the same
+# rule and constant.)
+STRIKE_WINDOW_MS = 60_000
 
 
 State = dict[str, Any]
@@ -79,16 +95,18 @@ def _wait_ms(spec: LimitWindow, bucket: int, current: int, previous: int, now: i
 
 
 def hit(state: State, spec: LimitSpec, now: int, cost: int = 1) -> HitResult:
-    """Consume ``cost`` from every window, or refuse (adding a strike, maybe blocking).
+    """Consume ``cost`` from every window, or refuse (adding a strike unless only burst windows
+    refused, maybe blocking).
 
     Mutates ``state``.
     """
     rolled = [_window(state, i, w, now) for i, w in enumerate(spec.windows)]
-    waits = [
-        _wait_ms(w, b, c, p, now, cost)
+    refusing = [
+        (w, b, c, p)
         for w, (b, c, p) in zip(spec.windows, rolled, strict=True)
         if not _fits(w, b, c, p, now, cost)
     ]
+    waits = [_wait_ms(w, b, c, p, now, cost) for w, b, c, p in refusing]
     blocked_until = int(state.get("bu", 0))
     if blocked_until > now:
         # Refused without consuming or striking; the retry covers the block and the windows.
@@ -98,7 +116,8 @@ def hit(state: State, spec: LimitSpec, now: int, cost: int = 1) -> HitResult:
             state[f"b{i}"], state[f"c{i}"], state[f"p{i}"] = bucket, current + cost, previous
         return HitResult(True, 0, False, 0, tuple(b for b, _, _ in rolled))
     retry = max(1, max(waits))
-    if spec.max_strikes <= 0:
+    bursts_only = all(w.length_ms < min(STRIKE_WINDOW_MS, spec.longest_ms) for w, _, _, _ in refusing)
+    if spec.max_strikes <= 0 or bursts_only:
         return HitResult(False, retry, False, 0, ())
     strikes = int(state.get("s", 0)) if int(state.get("se", 0)) > now else 0
     strikes += 1

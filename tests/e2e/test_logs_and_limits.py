@@ -37,6 +37,7 @@ from iam_grpc.proto import (
 from iam_grpc.testing import error_details
 from tests.conftest import REDIS_SERVER, TEST_MASTER_KEY, TEST_PEPPER
 from tests.e2e.test_cli import IAM, clean_env, free_port, run, stop, wait_serving
+from tests.log_scan import address_forms, leaked
 
 PASSWORD = "correct horse battery staple " + secrets.token_hex(4)
 NEW_PASSWORD = "another long passphrase " + secrets.token_hex(4)
@@ -51,6 +52,7 @@ GRANT = "iamg_" + secrets.token_urlsafe(32)
 CODE = f"{secrets.randbelow(10**6):06d}"
 API_KEY = "iamk_bff_" + secrets.token_urlsafe(32)
 EMAIL = f"leak.test.{secrets.token_hex(3)}@example.com"
+NAME = f"Leakname{secrets.token_hex(3)}"  # distinctive, so that a hit is a leak and not a word
 SECRETS = [
     PASSWORD,
     NEW_PASSWORD,
@@ -151,7 +153,7 @@ def drive(address: str, collector: RefusalCollector) -> list[str]:
         calls = [
             lambda: auth.Signup(
                 auth_pb2.SignupRequest(
-                    client=client, email=EMAIL, password=PASSWORD, name="Leak", terms_accepted=True
+                    client=client, email=EMAIL, password=PASSWORD, name=NAME, terms_accepted=True
                 ),
                 metadata=md,
             ),
@@ -266,7 +268,7 @@ def _flows_with(
         ),
         lambda: auth.Signup(
             auth_pb2.SignupRequest(
-                client=elsewhere, email=EMAIL, password=NEW_PASSWORD, name="Leak", terms_accepted=True
+                client=elsewhere, email=EMAIL, password=NEW_PASSWORD, name=NAME, terms_accepted=True
             ),
             metadata=md,
         ),
@@ -359,7 +361,8 @@ def test_no_secret_reaches_any_log_sink(driven: Driven) -> None:
     for secret in [*SECRETS, *driven.issued]:
         assert secret not in everything, f"a secret reached the logs: {secret[:8]}…"
     assert CODE not in everything.replace("leak-test-0001", "")
-    assert EMAIL not in everything
+    # nothing of the account's row either: its argon2 hash, its name, its address in any spelling
+    assert leaked(everything, ["$argon2id$", NAME, *address_forms(EMAIL)]) == []
     for text in files.values():
         for line in text.splitlines():
             json.loads(line)  # every line is one JSON object

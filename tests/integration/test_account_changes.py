@@ -187,6 +187,30 @@ async def test_an_email_change_is_confirmed_by_the_new_mailbox(
     assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")
 
 
+async def test_an_email_change_ends_the_reset_links_sent_to_the_old_address(
+    stub: auth_pb2_grpc.AuthServiceStub, mailbox: Mailbox
+) -> None:
+    """Whoever still reads the old mailbox (the reason to move, often) cannot use a reset link it
+    received before the change: LINK_USED, and the password stays the same."""
+    old, new = new_email(), new_email()
+    current = await signup(stub, old)
+    await stub.RequestPasswordReset(auth_pb2.RequestPasswordResetRequest(client=client(), email=old))
+    (reset,) = await wait_for_mail(mailbox, old, "Reset your")
+    await request_change(stub, current, new)
+    (confirmation,) = await wait_for_mail(mailbox, new, "Confirm your new")
+    await confirm(stub, link_token(confirmation))
+    code, details = await failure(
+        stub.ResetPassword(
+            auth_pb2.ResetPasswordRequest(
+                client=client(), link_token=link_token(reset), new_password=NEW_PASSWORD
+            )
+        )
+    )
+    assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")
+    login = auth_pb2.LoginRequest(client=client(device_id=current.device_id), email=new, password=PASSWORD)
+    assert (await stub.Login(login)).WhichOneof("result") == "session"
+
+
 async def test_a_taken_address_gets_a_notice_and_the_same_answer(
     stub: auth_pb2_grpc.AuthServiceStub, mailbox: Mailbox
 ) -> None:

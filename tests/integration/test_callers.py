@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,15 @@ import pytest_asyncio
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from iam_grpc.clock import SystemClock
+from iam_grpc.config import CallersSettings
+from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.crypto import SecretMaterial
+from iam_grpc.interceptors.callers import CallerAuthInterceptor, CallerRegistry
+from iam_grpc.metrics import Metrics
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, token_pb2, token_pb2_grpc
+from iam_grpc.storage.memory import MemoryEphemeral
+from iam_grpc.storage.sql.database import SqlDatabase
 from iam_grpc.testing import RunningService, error_details, running_service
 
 BFF_KEYS = ("iamk_bff_" + "a" * 43, "iamk_bff_" + "b" * 43)
@@ -251,3 +260,31 @@ async def test_denials_are_audited_at_most_once_a_minute_per_peer(keyed: Running
     assert len(method_denials) == 1
     assert method_denials[0].details["method"] == "/iam.v1.AuthService/Login"
     assert method_denials[0].ip == "127.0.0.1"
+
+
+async def test_denial_audits_are_throttled_per_ipv6_64_not_per_address(database: SqlDatabase) -> None:
+    """An IPv6 client rotating its addresses within its /64 is one peer for the caller.denied
+    throttle (as for the ip limiters, behaviour.md 8.2): twenty refusals from twenty addresses of
+    one /64 write one row, another /64 its own row, and IPv4 peers are still told apart."""
+    site = secrets.randbelow(0xFFFF) + 1
+    one, another = f"2001:db8:{site:x}:1", f"2001:db8:{site:x}:2"
+    v4 = [f"192.0.2.{secrets.randbelow(100) + 1}", f"198.51.100.{secrets.randbelow(100) + 1}"]
+    peers = [f"{one}::{i:x}" for i in range(1, 21)] + [f"{another}::1", f"{another}::2", *v4]
+    clock = SystemClock()
+    audit = AuditTrail(database, clock, SecretMaterial(secrets.token_bytes(32)))
+    interceptor = CallerAuthInterceptor(
+        CallerRegistry(CallersSettings(), embedded=False),
+        Metrics(),
+        audit=audit,
+        ephemeral=MemoryEphemeral(max_keys=1000, clock=clock),
+    )
+    for peer in peers:
+        await interceptor.record_denial("unknown", peer, None, "/iam.v1.AuthService/Login")
+    await audit.drain()
+    async with database.transaction(read_only=True) as tx:
+        events = await tx.audit.recent(type_prefix="caller.denied", limit=10_000)
+    audited = [e.ip for e in events if e.ip in peers]
+    assert audited.count(f"{one}::1") == 1
+    assert audited.count(f"{another}::1") == 1
+    assert sorted(ip for ip in audited if ip in v4) == sorted(v4)
+    assert len(audited) == 4

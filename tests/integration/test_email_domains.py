@@ -288,16 +288,21 @@ async def test_domain_without_mail_is_rejected(lookup: MailDomainLookup) -> None
             await policy.check(domain)
 
 
-async def test_domain_with_mail_passes(lookup: MailDomainLookup) -> None:
-    """A non-disposable domain with MX passes."""
-    await EmailDomainPolicy(disposable=True, mail_lookup=lookup).check("mx.test")
+async def test_domain_with_mail_passes(lookup: MailDomainLookup, dns_server: DnsServer) -> None:
+    """A non-disposable domain with MX passes after DNS was asked; the same policy refuses a
+    domain without mail, so the pass is DNS's answer and not a skipped check."""
+    policy = EmailDomainPolicy(disposable=True, mail_lookup=lookup)
+    assert await policy.check("mx.test") is None
+    assert [q.rdtype for q in dns_server.queries_for("mx.test")][:1] == ["MX"]
+    with pytest.raises(EmailDomainRejected):
+        await policy.check("no-mail.test")
 
 
 async def test_unknown_lookup_passes(lookup: MailDomainLookup, unknowns: list[str]) -> None:
     """A lookup that times out or fails lets the domain through (fail open)."""
     policy = EmailDomainPolicy(disposable=True, mail_lookup=lookup)
-    await policy.check("silent.test")
-    await policy.check("servfail.test")
+    assert await policy.check("silent.test") is None
+    assert await policy.check("servfail.test") is None
     assert unknowns == ["timeout", "servfail"]
 
 

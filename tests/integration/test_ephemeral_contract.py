@@ -14,6 +14,7 @@ from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage.memory import MemoryEphemeral
 from iam_grpc.storage.ports import Ephemeral
 from iam_grpc.storage.redis import RedisEphemeral
+from tests.served import free_port
 
 LONG = timedelta(seconds=60)
 SHORT = timedelta(seconds=1)
@@ -205,9 +206,17 @@ async def test_get_many_does_not_see_expired_keys(store: Ephemeral) -> None:
     assert await store.get_many(["{exp}:short", "{exp}:long"]) == [None, b"y"]
 
 
-async def test_ping_answers(store: Ephemeral) -> None:
-    """A healthy store answers ping."""
-    await store.ping()
+async def test_ping_answers_while_the_store_does(store: Ephemeral) -> None:
+    """A healthy store answers ping; a Redis store whose server is gone raises BackendUnavailable
+    (the in-process store cannot be gone)."""
+    assert await store.ping() is None
+    if isinstance(store, RedisEphemeral):
+        gone_server = RedisEphemeral(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=SHORT)
+        try:
+            with pytest.raises(BackendUnavailable):
+                await gone_server.ping()
+        finally:
+            await gone_server.close()
 
 
 async def test_redis_down_is_backend_unavailable() -> None:

@@ -45,12 +45,32 @@ WILDCARD_KEY = "iamk_mesh_" + "m" * 43
 OTHER_KEY = "iamk_svc_" + "s" * 43
 
 # The first matching prefix wins: /billing/public is open to any signed-in user although /billing
-# needs "billing"; /admin needs "admin".
+# needs "billing"; /admin and /ops/ need "admin" (a prefix covers whole segments: /ops/ covers /ops).
 RULES = [
     {"prefix": "/billing/public", "roles": []},
     {"prefix": "/billing", "roles": ["billing"]},
     {"prefix": "/admin", "roles": ["admin"]},
+    {"prefix": "/ops/", "roles": ["admin"]},
 ]
+# Spellings of protected paths that an upstream may serve as /ops/... or /admin/...: the segment
+# itself, its trailing slash, another case, path parameters (servlet containers drop them), and a
+# dot segment hidden behind a parameter (/public/..;/ops is /ops to Tomcat).
+PROTECTED_SPELLINGS = [
+    "/ops",
+    "/ops/",
+    "/ops/users",
+    "/OPS/users",
+    "/Ops/",
+    "/ops;x=1/users",
+    "/ops;jsessionid=abc",
+    "/public/..;/ops/users",
+    "/admin;x=1/users",
+    "/ADMIN",
+    "/aDmIn/users?view=all",
+    "/billing/public/..;/..;/admin",
+]
+# Paths that only share a beginning with a rule's prefix: not under it.
+UNPROTECTED_LOOKALIKES = ["/operations", "/opsx/users", "/administrator", "/admins", "/orders/ops"]
 
 
 def digest(key: str) -> str:
@@ -302,6 +322,39 @@ async def test_rules_match_the_normalised_path(iam: RunningService, channel: grp
         assert (await check(channel, path, bearer(plain))).status.code == code_pb2.OK, path
 
 
+@pytest.mark.parametrize("path", PROTECTED_SPELLINGS)
+async def test_a_rule_covers_its_segments_in_any_case_and_with_path_parameters(
+    iam: RunningService, channel: grpc.aio.Channel, path: str
+) -> None:
+    """Rule prefixes are whole path segments (/ops/ covers /ops), matched in any case and after
+    path parameters are cut: each spelling needs admin (403 for a plain user, OK for an admin)."""
+    _, plain = await new_session(iam.app)
+    _, admin = await new_session(iam.app, await new_user(iam.app, roles=("admin",)))
+    assert_forbidden(await check(channel, path, bearer(plain)))
+    assert (await check(channel, path, bearer(admin))).status.code == code_pb2.OK
+
+
+@pytest.mark.parametrize("path", ["/billing/PUBLIC/terms", "/billing/Public", "/billing/public;v=2/terms"])
+async def test_an_exception_listed_first_holds_only_where_every_reading_agrees(
+    iam: RunningService, channel: grpc.aio.Channel, path: str
+) -> None:
+    """/billing/public is open although /billing needs billing; a spelling that one upstream reads
+    as /billing/public and another as something else under /billing needs billing."""
+    _, plain = await new_session(iam.app)
+    _, billing = await new_session(iam.app, await new_user(iam.app, roles=("billing",)))
+    assert_forbidden(await check(channel, path, bearer(plain)))
+    assert (await check(channel, path, bearer(billing))).status.code == code_pb2.OK
+
+
+@pytest.mark.parametrize("path", UNPROTECTED_LOOKALIKES)
+async def test_a_rule_does_not_cover_paths_that_only_begin_like_it(
+    iam: RunningService, channel: grpc.aio.Channel, path: str
+) -> None:
+    """/admin does not cover /administrator, nor /ops/ /operations: a valid token is enough."""
+    _, plain = await new_session(iam.app)
+    assert (await check(channel, path, bearer(plain))).status.code == code_pb2.OK
+
+
 async def test_a_store_failure_or_a_bug_is_a_failed_check_not_a_decision(
     iam: RunningService, channel: grpc.aio.Channel
 ) -> None:
@@ -399,6 +452,7 @@ async def test_a_disabled_service_is_not_served(tmp_path: Path) -> None:
         ({"prefix": "secret-admin"}, "ext_authz.rules.0.prefix: a prefix is a decoded URL path"),
         ({"prefix": "/secret?x"}, "ext_authz.rules.0.prefix: a prefix is a decoded URL path"),
         ({"prefix": "/%73ecret"}, "ext_authz.rules.0.prefix: a prefix is a decoded URL path"),
+        ({"prefix": "/secret;v=1"}, "ext_authz.rules.0.prefix: a prefix is a decoded URL path"),
         ({"prefix": "/x/../secret"}, "ext_authz.rules.0.prefix: a prefix has no empty, '.' or '..' segments"),
         ({"prefix": "//secret"}, "ext_authz.rules.0.prefix: a prefix has no empty, '.' or '..' segments"),
         ({"prefix": "/a", "roles": ["Secret"]}, "ext_authz.rules.0.roles: role names match"),
@@ -740,6 +794,25 @@ async def test_through_envoy_a_revocation_applies_at_once_and_failures_stay_clos
     status, response_headers, _ = await envoy.get("/orders", headers)
     assert status == 401
     assert response_headers.get("www-authenticate") == CHALLENGE
+
+
+async def test_through_envoy_rules_cover_segments_in_any_case_and_with_path_parameters(
+    iam: RunningService, envoy: Envoy
+) -> None:
+    """Through the real Envoy (normalize_path and merge_slashes on, as docs/clients.md requires),
+    every spelling of a protected path is 403 for a plain user and never reaches the upstream;
+    lookalike paths reach it with a valid token."""
+    _, plain = await new_session(iam.app)
+    headers = {"Authorization": f"Bearer {plain.access_token}"}
+    before = len(envoy.upstream.requests)
+    for path in [*PROTECTED_SPELLINGS, "//ops//users", "/x/../OPS;a=b/"]:
+        status, _, _ = await envoy.get(path, headers)
+        assert status == 403, path
+    assert len(envoy.upstream.requests) == before
+    for path in UNPROTECTED_LOOKALIKES:
+        status, _, body = await envoy.get(path, headers)
+        assert (status, body) == (200, b"upstream"), path
+    assert len(envoy.upstream.requests) == before + len(UNPROTECTED_LOOKALIKES)
 
 
 async def test_s64_through_envoy_a_user_without_roles_cannot_claim_any(

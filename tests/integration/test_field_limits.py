@@ -172,7 +172,12 @@ RPCS_WITH_CLIENT = [
 ]
 # The loopback caller of these tests is trusted to relay client IPs (2.8), so client.ip is required.
 CLIENT_VALUES = {
-    "client.ip": [("missing", ""), ("malformed", "300.1.2.3"), ("oversize", "1" * 1000)],
+    "client.ip": [
+        ("missing", ""),
+        ("malformed", "300.1.2.3"),
+        ("oversize", "1" * 1000),
+        ("ipv6_zone", "fe80::1%" + "eth0" * 20),  # parses in Python; not an address to store
+    ],
     "client.device_id": [("malformed", "dev_short"), ("oversize", "dev_" + "A" * 1000)],
     "client.accept_language": [("oversize", "en-GB," * 43)],  # 258 characters
 }
@@ -187,6 +192,8 @@ EMAILS = [
     ("numeric_tld", "ada@example.123"),
     ("label_with_leading_hyphen", "ada@-example.com"),
     ("label_oversize", "ada@" + "a" * 64 + ".com"),
+    # 136 characters as typed, 288 in the ASCII (punycode) form that email_norm stores
+    ("oversize_in_ascii_form", "a" * 64 + "@" + ".".join(["中文域名测试例子网站地址长度增加"] * 4) + ".com"),
 ]
 NEW_PASSWORDS = [("empty", ""), ("too_short", "x" * 11), ("oversize", "x" * 129)]
 PRESENTED_PASSWORDS = [("empty", ""), ("oversize", "x" * 129)]

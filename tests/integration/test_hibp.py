@@ -259,6 +259,23 @@ async def test_online_failure_log_carries_no_password_data(hibp: RangeServer) ->
     assert "LOGGED-PASSWORD" not in text
 
 
+@pytest.mark.parametrize(
+    ("configured", "ranges_at"),
+    [
+        ("http://127.0.0.1:8080/range", "http://127.0.0.1:8080/range/"),
+        ("http://127.0.0.1:8080/range/", "http://127.0.0.1:8080/range/"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/range/"),
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/range/"),
+        ("https://mirror.example/hibp", "https://mirror.example/hibp/range/"),
+        ("https://mirror.example/hibp/range/", "https://mirror.example/hibp/range/"),
+    ],
+)
+def test_online_url_is_the_base_or_the_range_path(configured: str, ranges_at: str) -> None:
+    """api.md: requests go to <url>/range/<5 hex>; a URL that already ends with range/ is taken
+    as the range path itself (the default does), any other gets range/ appended."""
+    assert OnlineRangeClient(configured, timeout=FAST, cache_ttl=DAY).url == ranges_at
+
+
 def test_online_url_is_normalised_and_validated() -> None:
     """The range URL always ends with '/'; non-HTTP URLs are refused at construction."""
     client = OnlineRangeClient("http://127.0.0.1:8080/range", timeout=FAST, cache_ttl=DAY)

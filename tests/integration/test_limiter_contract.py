@@ -138,6 +138,32 @@ async def test_escalation_is_forgotten_after_a_day(store: LimiterStore) -> None:
     assert first.new_block_ms == again.new_block_ms == 10 * SECOND
 
 
+async def test_refusals_by_burst_windows_add_no_strikes(store: LimiterStore) -> None:
+    """A refusal by a burst window (shorter than a minute and than the group's longest) adds no
+    strike, however many there are: a double click or a client honouring RetryInfo is not abuse.
+    A refusal by a window of a minute or more strikes (here at once: one strike blocks)."""
+    s = spec("1/1s", "3/1m", strikes=1, block=MINUTE, block_max=MINUTE)
+    assert (await store.hit("k", s, T0)).allowed
+    bursts = [await store.hit("k", s, T0 + i) for i in range(1, 50)]
+    assert not any(r.allowed or r.blocked for r in bursts)
+    assert max(r.retry_ms for r in bursts) <= 2 * SECOND  # the burst window's own wait, no block
+    assert (await store.peek("k", s, T0 + 50))["strikes"] == 0
+    assert (await store.hit("k", s, T0 + 2 * SECOND)).allowed
+    assert (await store.hit("k", s, T0 + 4 * SECOND)).allowed
+    refused = await store.hit("k", s, T0 + 6 * SECOND)  # the fourth within the minute
+    assert (refused.allowed, refused.blocked, refused.new_block_ms) == (False, True, MINUTE)
+
+
+async def test_a_groups_only_window_strikes_however_short(store: LimiterStore) -> None:
+    """A short window that is the group's only (or longest) one is not a burst window: its
+    refusals strike as before (an operator's shortened guard still blocks)."""
+    s = spec("2/3s", strikes=1, block=MINUTE, block_max=MINUTE)
+    await store.hit("o", s, T0)
+    await store.hit("o", s, T0 + 1)
+    refused = await store.hit("o", s, T0 + 2)
+    assert (refused.allowed, refused.blocked, refused.new_block_ms) == (False, True, MINUTE)
+
+
 async def test_strikes_expire_with_the_longest_window(store: LimiterStore) -> None:
     """A lone strike long ago does not count toward a block now."""
     s = spec("1/1m", strikes=2, block=MINUTE, block_max=MINUTE)

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from iam_grpc.config import PasswordsSettings
+from iam_grpc.core.ratelimit import ip_key, pair_key
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2
 from iam_grpc.testing import ErrorDetails, RunningService, error_details, running_service
 from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
@@ -273,3 +274,159 @@ async def test_the_owners_own_retries_do_not_stretch_the_guard_past_its_cap(
         )
         assert waited <= cap * 1.1 + 0.5, f"guarded for {waited:.1f} s after the abuse; guards {guards}"
         assert (answer.WhichOneof("result"), answer.mfa.reason) == ("mfa", "NEW_DEVICE")
+
+
+# --- S1/S2 for the guard (2.4) --------------------------------------------------------------------
+
+# Nothing but the calls under test may run SQL while it is counted: the background jobs that touch
+# the database are pushed an hour away (as in tests/integration/test_field_limits.py).
+QUIET = {
+    "IAM_MAIL__POLL_INTERVAL": "1h",
+    "IAM_CLEANUP__INTERVAL": "1h",
+    "IAM_KEYS__RELOAD_INTERVAL": "1h",
+    "IAM_TOKENS__DENYLIST_REPLAY": "1h",
+}
+LONG_GUARD = {"login.account": {"windows": ["10/1h fc"], "block": "1h", "block_max": "1h"}}
+
+
+async def test_a_right_password_on_a_guarded_account_does_the_work_of_a_wrong_one(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """2.4: a guarded account's right password from an untrusted device, a wrong password, an
+    unknown address and a disabled account each run the same number of SQL statements and one
+    argon2 verification, and answer byte-identical statuses (S1). Equal work, counted, instead of
+    wall time: the extra device-link read a right password used to do is what a clock would see."""
+    env = {**account_env(backend, mailbox, {**HIGH, **LONG_GUARD}), **QUIET}
+    async with (
+        running_service(tmp_path, env, probe_interval=3600.0) as iam,
+        iam.channel() as channel,
+    ):
+        assert iam.app.audit is not None
+        assert iam.app.db is not None
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        guarded, disabled = new_email(), new_email()
+        owner = await signup(stub, guarded)
+        gone = await signup(stub, disabled)
+        async with iam.app.db.transaction() as tx:
+            await tx.users.set_status(gone.user_id, "disabled", iam.app.clock.now())
+        for _ in range(11):
+            await failure(login(stub, client(ip=fresh_ip()), guarded, WRONG))
+        assert iam.app.limiter is not None
+        assert (await iam.app.limiter.peek("login.account", guarded))["blocked_ms"] > 0
+
+        async def work(email: str, password: str) -> tuple[float, float, grpc.StatusCode, bytes]:
+            await iam.app.audit.drain()  # type: ignore[union-attr]
+            statements = iam.app.metrics.sql_statements._value.get()
+            verified = verifications(iam)
+            code, details = await failure(login(stub, client(ip=fresh_ip(), ua=IPHONE), email, password))
+            await iam.app.audit.drain()  # type: ignore[union-attr]
+            return (
+                iam.app.metrics.sql_statements._value.get() - statements,
+                verifications(iam) - verified,
+                code,
+                details.raw_status,
+            )
+
+        cases = {
+            "guarded, right password": await work(guarded, PASSWORD),
+            "guarded, wrong password": await work(guarded, WRONG),
+            "unknown address": await work(new_email(), PASSWORD),
+            "disabled account": await work(disabled, PASSWORD),
+        }
+        trusted = await login(stub, client(ip=fresh_ip(), device_id=owner.device_id), guarded, PASSWORD)
+    assert trusted.WhichOneof("result") == "session"  # the guard was on, and spares trusted devices
+    assert len(set(cases.values())) == 1, cases
+    statements, verified, code, _ = cases["guarded, right password"]
+    assert (statements > 0, verified, code) == (True, 1, grpc.StatusCode.UNAUTHENTICATED)
+
+
+# --- reservations that no attempt used (2.4 step 3, 8.1) -------------------------------------------
+
+
+async def failure_points(iam: RunningService, group: str, key: str) -> float:
+    """The sliding count of the group's failure window (the last one) for ``key``."""
+    assert iam.app.limiter is not None
+    return float((await iam.app.limiter.peek(group, key))["estimates"][-1])
+
+
+async def test_a_refusal_by_login_ip_fail_gives_the_pair_point_back(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """login.pair reserves before login.ip_fail is asked; when login.ip_fail refuses, no attempt
+    was made, so the pair's failure point goes back: a blocked ip cannot fill a pair's window."""
+    groups = {
+        **HIGH,
+        "login.ip_fail": {"windows": ["1/1h f"], "max_strikes": 0},
+        "login.pair": {"windows": ["1000/1s", "5/1h fc"]},
+    }
+    async with (
+        running_service(tmp_path, account_env(backend, mailbox, groups)) as iam,
+        iam.channel() as channel,
+    ):
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        ip, first, second = fresh_ip(), new_email(), new_email()
+        await signup(stub, second)
+        assert (await failure(login(stub, client(ip=ip), first, WRONG)))[1].reason == "INVALID_CREDENTIALS"
+        for _ in range(6):
+            _, refused = await failure(login(stub, client(ip=ip), second, WRONG))
+            assert (refused.reason, refused.metadata) == ("RATE_LIMITED", {"scope": "ip"})
+        assert await failure_points(iam, "login.pair", pair_key(ip, first)) == 1
+        assert await failure_points(iam, "login.pair", pair_key(ip, second)) == 0
+
+
+async def test_our_own_hashing_load_never_counts_against_a_user(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """With one hash at a time and no queue, parallel logins beyond the first are refused by the
+    pool (RATE_LIMITED, scope hashing) and a call whose deadline is too close to start a hash gets
+    DEADLINE_EXCEEDED: neither judged a password, so their failure reservations (login.pair,
+    login.ip_fail, login.account) are all given back; only verified failures count."""
+    env = account_env(
+        backend,
+        mailbox,
+        HIGH,
+        IAM_PASSWORDS__MAX_CONCURRENT_HASHES="1",
+        IAM_PASSWORDS__MAX_QUEUED_HASHES="0",
+    )
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        email, ip = new_email(), fresh_ip()
+        await signup(stub, email)
+        answers = await asyncio.gather(*(outcome(login(stub, client(ip=ip), email, WRONG)) for _ in range(8)))
+        judged = answers.count("INVALID_CREDENTIALS")
+        assert judged >= 1
+        assert answers.count("RATE_LIMITED") == 8 - judged
+        with_no_time = stub.Login(
+            auth_pb2.LoginRequest(client=client(ip=ip), email=email, password=WRONG), timeout=0.15
+        )
+        assert (await failure(with_no_time))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.3)  # the abandoned call finishes on the server
+        assert await failure_points(iam, "login.pair", pair_key(ip, email)) == judged
+        assert await failure_points(iam, "login.ip_fail", ip_key(ip)) == judged
+        assert await failure_points(iam, "login.account", email) == judged
+
+
+async def test_a_double_clicking_user_is_never_blocked_by_a_burst_window(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """login.pair at its defaults (1/1s + 5/1h fc, 3 strikes, 30 min block): four clicks at once
+    get one answer and three RATE_LIMITED from the 1 s window, which add no strikes (8.1); after
+    the RetryInfo wait the right password signs in, where three strikes used to block the pair."""
+    async with (
+        running_service(tmp_path, account_env(backend, mailbox)) as iam,
+        iam.channel() as channel,
+    ):
+        assert iam.app.limiter is not None
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        email, ip = new_email(), fresh_ip()
+        owner = await signup(stub, email)
+        here = client(ip=ip, device_id=owner.device_id)
+        clicks = await asyncio.gather(*(outcome(login(stub, here, email, PASSWORD)) for _ in range(4)))
+        assert sorted(c if isinstance(c, str) else "session" for c in clicks) == ["RATE_LIMITED"] * 3 + [
+            "session"
+        ]
+        state = await iam.app.limiter.peek("login.pair", pair_key(ip, email))
+        assert (state["strikes"], state["blocked_ms"]) == (0, 0)
+        await asyncio.sleep(2.1)  # the 1 s window's RetryInfo, at most 2 s
+        answer = await login(stub, here, email, PASSWORD)
+        assert answer.WhichOneof("result") == "session"

@@ -20,7 +20,7 @@ from iam_grpc.proto import (
     token_pb2,
     token_pb2_grpc,
 )
-from iam_grpc.testing import RunningService, running_service
+from iam_grpc.testing import RunningService, error_details, running_service
 from tests.accounts_helper import (
     PASSWORD,
     account_env,
@@ -36,7 +36,12 @@ from tests.conftest import Backend
 from tests.mailbox import Mailbox
 from tests.sessions_helper import IPHONE
 
-LIMITS = {"code.ip": {"windows": ["1000/1s"]}, "login.pair": {"windows": ["1000/1h fc"]}}
+# resend.challenge follows the module's resend interval (1 s instead of 60 s)
+LIMITS = {
+    "code.ip": {"windows": ["1000/1s"]},
+    "login.pair": {"windows": ["1000/1h fc"]},
+    "resend.challenge": {"windows": ["1000/1s"]},
+}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -158,7 +163,7 @@ async def test_a_link_on_another_device_approves_and_the_original_login_collects
     _status, details = await failure(
         mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=PHONE, link_token=token))
     )
-    assert details.reason in {"LINK_USED", "CHALLENGE_EXPIRED"}
+    assert details.reason == "LINK_USED"  # its approval used it (5.3)
 
 
 async def test_a_link_on_the_challenge_device_completes_it(
@@ -217,6 +222,36 @@ async def test_a_resend_replaces_the_code_without_restoring_attempts(
     assert (await verify(mfa, challenge.challenge_id, new_code)).WhichOneof("result") == "session"
 
 
+async def test_resends_are_limited_by_the_resend_challenge_group(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """8.3: ResendChallenge counts in resend.challenge (per challenge): with that group at one an
+    hour, a second resend is RATE_LIMITED (scope challenge, RetryInfo of the group's window) while
+    the challenge's own 1 s interval would allow it; other devices spend nothing of it."""
+    groups = {**LIMITS, "resend.challenge": {"windows": ["1/1h"]}}
+    env = account_env(backend, mailbox, groups, IAM_MFA__RESEND_INTERVAL="1s")
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        challenge, _, _ = await new_device_login(auth, mailbox, new_email())
+        await asyncio.sleep(1.1)
+        elsewhere = mfa_pb2.ResendChallengeRequest(
+            client=client(ip="198.51.100.5"), challenge_id=challenge.challenge_id
+        )
+        for _ in range(3):
+            assert (await failure(mfa.ResendChallenge(elsewhere)))[1].reason == "CHALLENGE_EXPIRED"
+        resend = mfa_pb2.ResendChallengeRequest(client=PHONE, challenge_id=challenge.challenge_id)
+        assert (await mfa.ResendChallenge(resend)).challenge_id == challenge.challenge_id
+        await asyncio.sleep(1.1)
+        status, details = await failure(mfa.ResendChallenge(resend))
+    assert (status, details.reason, details.metadata) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+        {"scope": "challenge"},
+    )
+    assert details.retry_delay is not None
+    assert details.retry_delay.total_seconds() > 60
+
+
 async def test_a_refresh_challenge_completed_by_code_rotates_and_moves_the_session(
     iam: RunningService,
     stubs: tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub],
@@ -248,6 +283,51 @@ async def test_a_refresh_challenge_completed_by_code_rotates_and_moves_the_sessi
         )
         assert after.WhichOneof("result") == "session"
     assert len([m for m in mailbox.to(email) if "sign-in code" in str(m["Subject"])]) == 1
+
+
+async def test_a_lost_answer_to_a_refresh_challenge_can_be_retried_within_the_grace_window(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """VerifyChallenge of a refresh challenge rotates the presented token, so a lost answer must be
+    recoverable like Refresh's (1.5): the same call again within refresh.grace answers the same
+    Session (same refresh and access token); another device or another code gets
+    CHALLENGE_EXPIRED; past the window CHALLENGE_EXPIRED, and nothing is revoked either way."""
+    env = account_env(backend, mailbox, LIMITS, IAM_REFRESH_GRACE_SECONDS="2")
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        email = new_email()
+        session = await signup(auth, email, context=client(ip="192.0.2.10"))
+        laptop = client(ip="192.0.2.10")  # the same browser, cookie lost: NEW_DEVICE
+        raised = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=laptop, refresh_token=session.refresh_token)
+        )
+        code = code_of((await wait_for_mail(mailbox, email, "sign-in code"))[-1])
+        first = await verify(mfa, raised.mfa.challenge_id, code, laptop)
+        again = await verify(mfa, raised.mfa.challenge_id, code, laptop)
+        assert again.WhichOneof("result") == "session"
+        assert (again.session.refresh_token, again.session.access_token) == (
+            first.session.refresh_token,
+            first.session.access_token,
+        )
+        for other_code, context in ((wrong(code), laptop), (code, client(ip="192.0.2.10", ua=IPHONE))):
+            _status, details = await failure(verify(mfa, raised.mfa.challenge_id, other_code, context))
+            assert details.reason == "CHALLENGE_EXPIRED"
+        await asyncio.sleep(2.2)
+        _status, late = await failure(verify(mfa, raised.mfa.challenge_id, code, laptop))
+        assert late.reason == "CHALLENGE_EXPIRED"
+        moved = client(ip="192.0.2.10", device_id=first.session.device_id)
+        after = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=moved, refresh_token=first.session.refresh_token)
+        )
+        assert after.WhichOneof("result") == "session"
+        assert iam.app.db is not None
+        async with iam.app.db.transaction(read_only=True) as tx:
+            user = await tx.users.get(session.user_id)
+            live = await tx.sessions.get(session.session_id)
+        assert user is not None
+        assert live is not None
+        assert (user.mfa_hold_until, live.revoked_at) == (None, None)
 
 
 async def test_an_exhausted_refresh_challenge_ends_the_session(
@@ -334,7 +414,40 @@ async def test_twenty_parallel_redemptions_on_two_replicas_have_one_winner(
     losers = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(winners) == 1
     assert winners[0].WhichOneof("result") == "session"
-    assert {e.code() for e in losers} == {grpc.StatusCode.FAILED_PRECONDITION}
+    assert len(losers) == 19
+    assert {(e.code(), error_details(e).reason) for e in losers} == {
+        (grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")
+    }
+
+
+@pytest.mark.parametrize(
+    ("redeemer", "result"), [(PHONE, "session"), (client(ip="198.51.100.4"), None)], ids=["same", "other"]
+)
+async def test_two_redemptions_racing_on_one_device_give_one_answer_and_link_used(
+    backend: Backend,
+    mailbox: Mailbox,
+    tmp_path: Path,
+    redeemer: common_pb2.ClientContext,
+    result: str | None,
+) -> None:
+    """S38: both redemptions pass every check before either moves the challenge on (a failpoint
+    holds them there); the winner gets its answer (a Session on the challenge's device, an approval
+    elsewhere) and the loser LINK_USED, not CHALLENGE_EXPIRED."""
+    env = account_env(
+        backend, mailbox, {**LIMITS, "link_redeem.ip": {"windows": ["1000/1s"]}}, IAM_TEST_FAILPOINTS="1"
+    )
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        _, _, token = await new_device_login(auth, mailbox, new_email())
+        iam.app.failpoints.arm("redeem.before_finish", "sleep:0.3")
+        request = mfa_pb2.RedeemMagicLinkRequest(client=redeemer, link_token=token)
+        outcomes = await asyncio.gather(
+            mfa.RedeemMagicLink(request), mfa.RedeemMagicLink(request), return_exceptions=True
+        )
+    answers = [o for o in outcomes if isinstance(o, mfa_pb2.RedeemMagicLinkResponse)]
+    refused = [error_details(o) for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert [(a.purpose, a.WhichOneof("result")) for a in answers] == [("mfa", result)]
+    assert [(d.code, d.reason) for d in refused] == [(grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")]
 
 
 async def test_attempts_are_shared_by_replicas(
@@ -531,7 +644,7 @@ async def test_revoking_a_session_ends_its_pending_challenges(
     mailbox: Mailbox,
 ) -> None:
     """behaviour.md 1.6: after Logout, the session's pending step-up challenge can neither be resent
-    (no new email) nor completed with its code or its link: CHALLENGE_EXPIRED."""
+    (no new email) nor completed with its code (CHALLENGE_EXPIRED) or its link (LINK_USED, 5.3)."""
     auth, mfa = stubs
     email = new_email()
     session = await signup(auth, email)
@@ -550,6 +663,6 @@ async def test_revoking_a_session_ends_its_pending_challenges(
         "CHALLENGE_EXPIRED"
     )
     redeem = mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=here, link_token=link_token(message)))
-    assert (await failure(redeem))[1].reason in {"CHALLENGE_EXPIRED", "LINK_USED"}
+    assert (await failure(redeem))[1].reason == "LINK_USED"  # a link of an ended challenge (5.3)
     await asyncio.sleep(0.5)
     assert len([m for m in mailbox.to(email) if "Confirm an action" in str(m["Subject"])]) == 1

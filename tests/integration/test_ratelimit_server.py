@@ -99,26 +99,31 @@ async def test_trusted_callers_relay_the_end_users_ip(service: RunningService) -
     assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
 
 
-async def test_refusals_and_blocks_are_counted_and_audited(service: RunningService) -> None:
-    """A block shows in metrics and as a ratelimit.blocked audit event, with the key hashed."""
+async def test_refusals_and_blocks_are_counted_and_audited(backend: Backend, tmp_path: Path) -> None:
+    """A block shows in metrics and as a ratelimit.blocked audit event, with the key hashed.
+
+    signup.ip keeps only its 30 min window here: refusals by the 1 s burst window add no strikes
+    (8.1), so a block takes refusals by a window of a minute or more (5 pass, the 6th and 7th
+    strike, the second strike blocks)."""
     ip = fresh_ip()
     records: list[str] = []
+    env = {**backend.isolated(), "IAM_RATELIMIT__GROUPS": '{"signup.ip": {"windows": ["5/30m"]}}'}
     sink = logger.add(lambda message: records.append(message.record["message"]), level="INFO")
     try:
-        async with service.channel() as channel:
-            for _ in range(6):
-                await signup(channel, ip)
-        assert service.app.audit is not None
-        await service.app.audit.drain()  # blocks are audited in the background
+        async with running_service(tmp_path, env) as service, service.channel() as channel:
+            outcomes = [(await signup(channel, ip))[0] for _ in range(8)]
+            assert service.app.audit is not None
+            await service.app.audit.drain()  # blocks are audited in the background
+            text = service.app.metrics.render().decode()
+            assert service.app.db is not None
+            async with service.app.db.transaction() as tx:
+                events = await tx.audit.recent(type_prefix="ratelimit.")
     finally:
         logger.remove(sink)
-    text = service.app.metrics.render().decode()
+    assert outcomes == [grpc.StatusCode.INVALID_ARGUMENT] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
     assert 'iam_ratelimit_refusals_total{group="signup.ip"}' in text
     assert 'iam_ratelimit_blocks_total{group="signup.ip"}' in text
     assert "audit event" in records
-    assert service.app.db is not None
-    async with service.app.db.transaction() as tx:
-        events = await tx.audit.recent(type_prefix="ratelimit.")
     blocked = [e for e in events if e.ip == ip]
     assert blocked
     assert blocked[0].type == "ratelimit.blocked"

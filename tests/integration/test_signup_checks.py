@@ -4,7 +4,9 @@ failing open, and the secrets that must never reach a log."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -100,6 +102,29 @@ async def test_a_breached_password_is_refused_and_only_a_prefix_leaves(
     request = ranges.requests[-1]
     assert len(request.path.rsplit("/", 1)[1]) == 5
     assert request.headers.get("add-padding") == "true"
+
+
+@pytest.mark.parametrize("form", ["", "/", "/range", "/range/"])
+async def test_iam_hibp_url_is_taken_as_the_base_or_the_range_path(
+    backend: Backend, ranges: RangeServer, tmp_path: Path, form: str
+) -> None:
+    """IAM_HIBP_URL as api.md writes it (the base: requests go to <url>/range/<5 hex>) or as the
+    default spells it (the range path itself): either way the local range server is asked at
+    /range/<prefix> and the breached password is refused."""
+    base = ranges.url.removesuffix("/range/")
+    env = {
+        **backend.isolated(),
+        "IAM_RATELIMIT__GROUPS": GROUPS,
+        "IAM_HIBP_MODE": "online",
+        "IAM_HIBP_URL": base + form,
+        "IAM_HIBP__TIMEOUT": "1s",
+    }
+    before = len(ranges.requests)
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        code, details = await failure(signup(auth_pb2_grpc.AuthServiceStub(channel), password=BREACHED))
+    assert (code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "PASSWORD_BREACHED")
+    [request] = ranges.requests[before:]
+    assert re.fullmatch(r"/range/[0-9A-F]{5}", request.path)
 
 
 async def test_an_unreachable_range_api_fails_open_and_is_counted(

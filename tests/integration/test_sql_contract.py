@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from iam_grpc import ids
+from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.records import (
     AuditEvent,
@@ -259,6 +260,31 @@ async def test_a_token_comes_with_its_session_user_and_roles_in_one_lookup(datab
     assert sorted(found.roles) == ["support", "user"]
     assert without_roles is not None
     assert (without_roles.user.id, without_roles.roles) == (other_user.id, ())
+
+
+async def test_a_token_comes_with_all_of_32_roles_of_64_characters(database: SqlDatabase) -> None:
+    """The most roles a user may hold (1.4), each as long as a name may be, all come back, even
+    where the server cuts aggregated strings at 1024 bytes (MySQL 8's group_concat_max_len)."""
+    user, session = await user_with_session(database)
+    token = new_token(session.id)
+    names = [f"r{i:02d}" + secrets.token_hex(32)[:61] for i in range(32)]
+    assert {len(name) for name in names} == {64}
+    async with database.transaction() as tx:
+        await tx.users.ensure_roles(names, NOW)
+        for name in names:
+            await tx.users.grant_role(user.id, name, "test", NOW)
+        await tx.sessions.insert_token(token)
+    async with database.transaction() as tx:
+        if database.dialect == "mysql":
+            await tx.connection.execute(text("SET SESSION group_concat_max_len = 1024"))
+        try:
+            found = await tx.sessions.token_with_context(token.token_hash)
+        finally:
+            if database.dialect == "mysql":
+                await tx.connection.execute(text("SET SESSION group_concat_max_len = DEFAULT"))
+    assert found is not None
+    assert found.roles == tuple(sorted(names))
+    assert found.user.id == user.id
 
 
 async def test_touching_a_device_link_updates_only_that_link(database: SqlDatabase) -> None:
@@ -592,9 +618,21 @@ async def test_named_lock_is_exclusive(database: SqlDatabase) -> None:
         assert again
 
 
-async def test_ping_answers(database: SqlDatabase) -> None:
-    """A reachable database answers ping."""
-    await database.ping()
+async def test_ping_answers_while_the_database_does(database: SqlDatabase, tmp_path: Path) -> None:
+    """A reachable database answers ping; one that cannot be reached (a refused port, a file that
+    cannot be opened) raises BackendUnavailable: ping is a real round trip, not a no-op."""
+    assert await database.ping() is None
+    dead_url = (
+        "mysql+asyncmy://root@127.0.0.1:1/none"
+        if database.dialect == "mysql"
+        else f"sqlite+aiosqlite:///{tmp_path}"  # a directory is not a database file
+    )
+    dead = SqlDatabase.from_url(dead_url, connect_timeout=timedelta(seconds=2))
+    try:
+        with pytest.raises(BackendUnavailable):
+            await dead.ping()
+    finally:
+        await dead.close()
 
 
 async def test_after_commit_callbacks_run_only_after_a_commit(database: SqlDatabase) -> None:

@@ -108,10 +108,17 @@ def test_internal_errors_show_only_the_request_id() -> None:
     )
 
 
-def test_credential_failures_are_byte_identical() -> None:
-    """The status for a wrong password cannot differ from one for an unknown account: there is one error for both."""
-    assert (
-        to_status(errors.InvalidCredentials()).SerializeToString()
-        == to_status(errors.InvalidCredentials()).SerializeToString()
-    )
-    assert "exist" not in errors.InvalidCredentials().message.lower()
+def test_credential_failures_carry_nothing_of_the_call() -> None:
+    """INVALID_CREDENTIALS is the same bytes for every call (whatever its request id): only its
+    ErrorInfo, without metadata, and a message that names no account; unlike INTERNAL, which shows
+    the request id. (That the login flow answers every credential failure with it is S1, checked
+    through the server in tests/integration/test_login_security.py.)"""
+    one, other = (to_status(errors.InvalidCredentials(), rid) for rid in ("req-aaaaaaaa", "req-bbbbbbbb"))
+    assert one.SerializeToString() == other.SerializeToString()
+    info = error_details_pb2.ErrorInfo()
+    assert [detail.Unpack(info) for detail in one.details] == [True]
+    assert (info.reason, dict(info.metadata)) == ("INVALID_CREDENTIALS", {})
+    assert "req-" not in one.message
+    assert "exist" not in one.message.lower()
+    internal = (to_status(errors.InternalError(), rid) for rid in ("req-aaaaaaaa", "req-bbbbbbbb"))
+    assert len({status.SerializeToString() for status in internal}) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,25 @@ async def exhaust(rl: RateLimiter, group: str, key: str) -> RateLimited:
     raise AssertionError(f"{group} never refused")
 
 
+async def block(
+    rl: RateLimiter, clock: ManualClock, name: str, key: str, *, hits: int = 100_000
+) -> tuple[RateLimited, dict[str, Any]]:
+    """Hit until the group blocks the key (a group without strikes: until it refuses), waiting out
+    refusals of the per-second burst windows as a client honouring RetryInfo does: those add no
+    strikes (8.1), so a block comes from the longer windows. The last refusal and the state."""
+    group = rl.group(name)
+    for _ in range(hits):
+        try:
+            await rl.hit(name, key)
+        except RateLimited as refusal:
+            state = await rl.peek(name, key)
+            if state["blocked_ms"] or not group.max_strikes:
+                return refusal, state
+            if refusal.retry_after <= timedelta(seconds=2):  # a burst window's wait
+                clock.advance(refusal.retry_after)
+    raise AssertionError(f"{name} did not block within {hits} hits")
+
+
 @pytest.mark.parametrize("name", sorted(DEFAULT_GROUPS))
 async def test_ten_escalations_of_every_group_stay_within_block_max(name: str) -> None:
     """Drive repeated blocks of each group: no block is longer than block_max, and every key expires (S11)."""
@@ -62,18 +82,12 @@ async def test_ten_escalations_of_every_group_stay_within_block_max(name: str) -
     group = DEFAULT_GROUPS[name]
     key = KIND_SAMPLES[group.key]
     for _ in range(10):
-        refusal = await exhaust(rl, name, key)
-        while True:
-            try:
-                await rl.hit(name, key)
-            except RateLimited as again:
-                refusal = again
-                state = await rl.peek(name, key)
-                if state["blocked_ms"] or not group.max_strikes:
-                    break
+        refusal, state = await block(rl, clock, name, key)
         blocked = timedelta(milliseconds=state["blocked_ms"])
         if group.max_strikes:
             assert timedelta(0) < blocked <= group.block_max
+        else:
+            assert blocked == timedelta(0)
         assert refusal.retry_after >= timedelta(seconds=1)
         remaining = await memory.ttl(rl.store_key(group, key))
         assert remaining is not None
@@ -109,14 +123,16 @@ async def test_retry_info_is_within_a_second_of_the_real_wait(name: str) -> None
 
 
 async def test_a_block_in_one_group_never_affects_another() -> None:
-    """An IP blocked for Refresh still signs up and logs in (S11)."""
+    """An IP blocked for Refresh still signs up and logs in, and those calls are counted (S11)."""
     clock = ManualClock()
     rl, _ = limiter(clock)
     ip = "198.51.100.7"
-    while (await rl.peek("refresh.ip", ip))["blocked_ms"] == 0:
-        await exhaust(rl, "refresh.ip", ip)
-    await rl.hit("login.ip", ip)
-    await rl.hit("signup.ip", ip)
+    _, state = await block(rl, clock, "refresh.ip", ip)
+    assert state["blocked_ms"] > 0
+    permits = [await rl.hit("login.ip", ip), await rl.hit("signup.ip", ip)]
+    assert [bool(permit.buckets) for permit in permits] == [True, True]  # counted, not waved through
+    with pytest.raises(RateLimited):
+        await rl.hit("refresh.ip", ip)
 
 
 async def test_ipv6_addresses_of_one_64_share_a_key() -> None:
@@ -149,6 +165,7 @@ async def test_failure_reservations_are_returned_on_success() -> None:
         permit = await rl.hit("login.pair", key)
         await permit.succeeded()
         clock.advance(2)
+    assert (await rl.peek("login.pair", key))["estimates"][1] == 0
     for outcome in ["fail"] * 4 + ["ok"] + ["fail"] * 4:
         permit = await rl.hit("login.pair", key)
         if outcome == "ok":
@@ -156,6 +173,9 @@ async def test_failure_reservations_are_returned_on_success() -> None:
         else:
             await permit.failed()
         clock.advance(2)
+    state = await rl.peek("login.pair", key)
+    assert state["estimates"][1] == pytest.approx(4, abs=0.01)  # the success reset the first four
+    assert (state["strikes"], state["blocked_ms"]) == (0, 0)
 
 
 async def test_the_sixth_failure_in_an_hour_is_refused() -> None:
@@ -185,11 +205,14 @@ async def test_exempt_networks_skip_ip_groups_only() -> None:
 
 
 async def test_disabled_limiting_never_refuses() -> None:
-    """ratelimit.enabled = false turns every group off."""
+    """ratelimit.enabled = false turns every group off: nothing is counted, nothing stored."""
     clock = ManualClock()
-    rl, _ = limiter(clock, enabled=False)
-    for _ in range(100):
-        await rl.hit("signup.ip", "192.0.2.1")
+    rl, memory = limiter(clock, enabled=False)
+    permits = [await rl.hit("signup.ip", "192.0.2.1") for _ in range(100)]
+    assert {permit.buckets for permit in permits} == {()}
+    assert len(memory) == 0
+    enabled, _ = limiter(clock)
+    assert (await exhaust(enabled, "signup.ip", "192.0.2.1")).metadata == {"scope": "ip"}
 
 
 async def test_stored_keys_reveal_neither_group_input_nor_address() -> None:
@@ -214,3 +237,19 @@ def test_window_syntax() -> None:
     assert str(window) == "5/1h fc"
     with pytest.raises(ValueError, match="windows look like"):
         parse_window("five per hour")
+
+
+async def test_a_refund_gives_back_one_reservation_and_keeps_the_failures_before_it() -> None:
+    """Permit.refund (an attempt that never happened) returns its point; unlike a success it does
+    not reset the consecutive-failure count of login.pair."""
+    clock = ManualClock()
+    rl, _ = limiter(clock)
+    key = pair_key("192.0.2.1", "jane@example.com")
+    for _ in range(3):
+        await (await rl.hit("login.pair", key)).failed()
+        clock.advance(2)
+    await (await rl.hit("login.pair", key)).refund()
+    assert (await rl.peek("login.pair", key))["estimates"][1] == pytest.approx(3, abs=0.01)
+    clock.advance(2)
+    await (await rl.hit("login.pair", key)).succeeded()
+    assert (await rl.peek("login.pair", key))["estimates"][1] == 0

@@ -11,10 +11,15 @@ __all__ = ["email_key", "ip_key", "pair_key", "parse_ip"]
 
 
 def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An IP address, with IPv4-mapped IPv6 turned into IPv4; None when it does not parse."""
+    """An IP address, with IPv4-mapped IPv6 turned into IPv4; None when it does not parse.
+
+    An IPv6 zone (``fe80::1%eth0``) is refused: it names an interface of the sender's host, means
+    nothing here, and would make the stored form of any address as long as the caller likes."""
     try:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped

@@ -66,6 +66,14 @@ class Permit:
         """Keep the reservation (nothing to do; present for symmetry and readability)."""
         return
 
+    async def refund(self) -> None:
+        """Give back a failure reservation without counting a success: the guarded attempt never
+        happened (refused by another group, or not run because of our own load). Consecutive
+        windows keep their count."""
+        if self.limiter is None or self.store is None or not self.buckets:
+            return
+        await self.limiter.settle(self, success=False, refund=True)
+
 
 class RateLimiter:
     def __init__(
@@ -154,13 +162,16 @@ class RateLimiter:
             await self._report_refusal(group, raw_key, new_block=False)
             raise RateLimited(timedelta(milliseconds=state["blocked_ms"]), group.key)
 
-    async def settle(self, permit: Permit, *, success: bool) -> None:
-        if not success or permit.store is None:
+    async def settle(self, permit: Permit, *, success: bool, refund: bool = False) -> None:
+        """A success gives back the failure reservation and resets consecutive windows; ``refund``
+        only gives back the reservation."""
+        if not (success or refund) or permit.store is None:
             return
         group = permit.group
         now = self._now_ms()
         await permit.store.refund(permit.key, group.spec, now, group.failure_windows, permit.buckets)
-        await permit.store.reset(permit.key, group.spec, now, group.consecutive_windows)
+        if success:
+            await permit.store.reset(permit.key, group.spec, now, group.consecutive_windows)
 
     async def leave_one(self, name: str, raw_key: str) -> None:
         """Set every window of the group one point short of full for the key, keeping its strikes

@@ -69,6 +69,7 @@ def inline_sqlite_engine(url: URL, *, on_statement: Any = None) -> Engine:
         # Never wait for a pooled connection: only this loop gives them back, so a checkout that
         # blocked the loop could never be satisfied. Extra connections are cheap file handles.
         max_overflow=-1,
+        hide_parameters=True,  # as database.create_engine: no row value in an error's text
     )
 
     @event.listens_for(engine, "connect")

@@ -15,11 +15,12 @@ from typing import Any
 
 from sqlalchemy import Engine, UniqueConstraint, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from iam_grpc.errors import BackendUnavailable
+from iam_grpc.errors import BackendUnavailable, InvalidArgument
+from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.sql.audit import SqlAuditLog
 from iam_grpc.storage.sql.connection import (
@@ -36,7 +37,14 @@ from iam_grpc.storage.sql.sessions import SqlSessionStore
 from iam_grpc.storage.sql.tables import metadata
 from iam_grpc.storage.sql.users import SqlUserStore
 
-__all__ = ["ACCESS_DENIED_CODES", "SqlDatabase", "SqlTransaction", "create_engine", "driver_error_code"]
+__all__ = [
+    "ACCESS_DENIED_CODES",
+    "DATA_ERROR_CODES",
+    "SqlDatabase",
+    "SqlTransaction",
+    "create_engine",
+    "driver_error_code",
+]
 
 MYSQL_SQL_MODE = (
     "STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ZERO_IN_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
@@ -58,6 +66,13 @@ _PRIMARY = {t.name: ",".join(c.name for c in t.primary_key.columns) for t in met
 
 # MySQL/MariaDB client error codes that no retry will fix (bad credentials, unknown database).
 ACCESS_DENIED_CODES = frozenset({1044, 1045, 1049, 1698})
+
+# MySQL/MariaDB errors about a value its column cannot hold: out of range (1264), truncated (1265),
+# not valid text for the column's character set (1300, 1366, 1367), too long (1406).
+DATA_ERROR_CODES = frozenset({1264, 1265, 1300, 1366, 1367, 1406})
+_COLUMN = re.compile(r"for column [`']?(?:\w+[`']?\.[`']?)*(\w+)[`']?")
+
+log = component_logger("iam.sql")
 
 
 def _conflict(exc: IntegrityError) -> Conflict | None:
@@ -96,7 +111,10 @@ def create_engine(
     pool_pre_ping: bool = True,
     connect_timeout: timedelta = timedelta(seconds=10),
 ) -> AsyncEngine:
-    """An async engine with our connection rules: UTC and strict mode on MySQL; WAL and FKs on SQLite."""
+    """An async engine with our connection rules: UTC and strict mode on MySQL; WAL and FKs on SQLite.
+
+    Every engine hides statement parameters: a driver error's text (and so a logged traceback)
+    would otherwise carry the row's values, a password hash, a name or an address among them."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
@@ -106,7 +124,9 @@ def create_engine(
             if not path.exists():
                 # Created private before SQLite opens it; its -wal and -shm files copy these permissions.
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        engine = create_async_engine(url, connect_args={"timeout": connect_timeout.total_seconds()})
+        engine = create_async_engine(
+            url, connect_args={"timeout": connect_timeout.total_seconds()}, hide_parameters=True
+        )
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_setup(dbapi_connection: Any, _record: Any) -> None:
@@ -134,6 +154,7 @@ def create_engine(
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     return create_async_engine(
         parsed,
+        hide_parameters=True,
         # READ COMMITTED: no gap locks, so claiming the outbox (FOR UPDATE SKIP LOCKED) and inserting
         # into it do not deadlock; every decision that races relies on conditional UPDATEs anyway.
         isolation_level="READ COMMITTED",
@@ -165,7 +186,20 @@ async def _mapped_errors() -> AsyncIterator[None]:
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise BackendUnavailable() from exc
+        if isinstance(exc, DataError) or driver_error_code(exc) in DATA_ERROR_CODES:
+            raise _value_refused(exc) from None
         raise
+
+
+def _value_refused(exc: DBAPIError) -> InvalidArgument:
+    """The backstop behind the input rules: a value the database cannot store is the request's
+    fault, never INTERNAL. The caller learns no column; the log gets the driver code and column
+    name only (the driver's message may quote the value, and the parameters are the row)."""
+    column = _COLUMN.search(str(exc.orig))
+    log.bind(driver_code=driver_error_code(exc), column=column.group(1) if column else None).warning(
+        "the database refused a value the input rules let through"
+    )
+    return InvalidArgument.one("request", "a value is too long or cannot be stored")
 
 
 class SqlTransaction:

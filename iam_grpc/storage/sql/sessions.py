@@ -16,19 +16,16 @@ __all__ = ["SqlSessionStore"]
 
 
 # Hot-path statements are built once: constructing a statement costs about as much as running it.
-_ROLE_NAMES = (
-    select(func.group_concat(roles.c.name))
-    .select_from(user_roles.join(roles, roles.c.id == user_roles.c.role_id))
-    .where(user_roles.c.user_id == users.c.id)
-    .scalar_subquery()
-)
+# One row per role of the user (one row without roles): an aggregate such as GROUP_CONCAT would
+# be cut silently at the server's group_concat_max_len (1024 bytes by default on MySQL 8, less
+# than 32 roles of 64 characters).
 _TOKEN_WITH_CONTEXT = (
     select(
         *(c.label(f"t_{c.name}") for c in refresh_tokens.c),
         *(c.label(f"s_{c.name}") for c in sessions.c),
         *(c.label(f"u_{c.name}") for c in users.c),
         *(c.label(f"l_{c.name}") for c in user_devices.c),
-        _ROLE_NAMES.label("role_names"),
+        roles.c.name.label("role_name"),
     )
     .select_from(
         refresh_tokens.join(sessions, sessions.c.id == refresh_tokens.c.session_id)
@@ -39,6 +36,8 @@ _TOKEN_WITH_CONTEXT = (
                 user_devices.c.user_id == sessions.c.user_id, user_devices.c.device_id == sessions.c.device_id
             ),
         )
+        .outerjoin(user_roles, user_roles.c.user_id == users.c.id)
+        .outerjoin(roles, roles.c.id == user_roles.c.role_id)
     )
     .where(refresh_tokens.c.token_hash == bindparam("token_hash"))
 )
@@ -64,11 +63,14 @@ _LIVE = (
     )
     .order_by(sessions.c.last_refreshed_at.desc(), sessions.c.id.desc())
 )
+# Rotations are the tokens that succeeded another: generation 0 was issued at sign-in.
 _RECENT_ROTATIONS = (
     select(func.count())
     .select_from(refresh_tokens)
     .where(
-        refresh_tokens.c.session_id == bindparam("b_id"), refresh_tokens.c.created_at >= bindparam("b_since")
+        refresh_tokens.c.session_id == bindparam("b_id"),
+        refresh_tokens.c.created_at >= bindparam("b_since"),
+        refresh_tokens.c.generation > 0,
     )
 )
 _MARK_ROTATED = (
@@ -180,21 +182,21 @@ class SqlSessionStore:
         return int(key[0])
 
     async def token_with_context(self, token_hash: str) -> TokenContext | None:
-        row = (await self._c.execute(_TOKEN_WITH_CONTEXT, {"token_hash": token_hash})).first()
-        if row is None:
+        rows = (await self._c.execute(_TOKEN_WITH_CONTEXT, {"token_hash": token_hash})).all()
+        if not rows:
             return None
-        values = row._mapping
+        values = rows[0]._mapping
 
         def part(prefix: str) -> dict[str, Any]:
             return {name: values[label] for label, name in _CONTEXT_PARTS[prefix]}
 
-        names = values["role_names"]
+        names = sorted({str(row.role_name) for row in rows if row.role_name is not None})
         link = part("l_")
         return TokenContext(
             RefreshToken(**part("t_")),
             SessionRecord(**part("s_")),
             User(**part("u_")),
-            tuple(sorted(str(names).split(","))) if names else (),
+            tuple(names),
             UserDevice(**link) if link.get("user_id") is not None else None,
         )
 

@@ -93,7 +93,15 @@ class SqlUserStore:
                 users.c.email_norm == expect_email_norm,
                 users.c.credential_version == expect_credential_version,
             )
-            .values(email=email, email_norm=email_norm, email_verified_at=now, updated_at=now)
+            # The address is a credential too: the bump voids every reset link mailed to the old
+            # address, and any other pending email change.
+            .values(
+                email=email,
+                email_norm=email_norm,
+                email_verified_at=now,
+                updated_at=now,
+                credential_version=users.c.credential_version + 1,
+            )
         )
         return result.rowcount == 1
 
