@@ -47,6 +47,7 @@ __all__ = [
     "MessageRenderer",
     "Outbox",
     "PermanentMailError",
+    "RevocationStore",
     "SessionStore",
     "Transaction",
     "TransientMailError",
@@ -325,6 +326,25 @@ class Maintenance(Protocol):
 
     async def purge_devices(self, unseen_before: datetime, batch: int) -> int: ...
 
+    async def purge_revocations(self, now: datetime, batch: int) -> int: ...
+
+
+class RevocationStore(Protocol):
+    """Single access tokens (kind ``jti``) and signing keys (``kid``) revoked: the authority of the
+    deny-list (sessions keep theirs in ``sessions.revoked_at``)."""
+
+    async def add(self, kind: str, values: Sequence[str], now: datetime, until: datetime) -> None:
+        """Record ``values`` revoked until ``until`` (a repeat keeps one row, with the later expiry)."""
+        ...
+
+    async def find(self, wanted: Sequence[tuple[str, str]], now: datetime) -> set[tuple[str, str]]:
+        """Which of the (kind, value) pairs are revoked now."""
+        ...
+
+    async def active(self, now: datetime) -> list[tuple[str, str]]:
+        """Every (kind, value) revoked and not yet expired, oldest first."""
+        ...
+
 
 class Transaction(Protocol):
     """One database transaction with a store per table family."""
@@ -349,6 +369,9 @@ class Transaction(Protocol):
 
     @property
     def maintenance(self) -> Maintenance: ...
+
+    @property
+    def revocations(self) -> RevocationStore: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

@@ -32,6 +32,7 @@ from iam_grpc.storage.sql.devices import SqlDeviceStore
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
 from iam_grpc.storage.sql.outbox import SqlOutbox
+from iam_grpc.storage.sql.revocations import SqlRevocationStore
 from iam_grpc.storage.sql.sessions import SqlSessionStore
 from iam_grpc.storage.sql.tables import metadata
 from iam_grpc.storage.sql.users import SqlUserStore
@@ -180,6 +181,7 @@ class SqlTransaction:
         self.outbox = SqlOutbox(connection, dialect)
         self.audit = SqlAuditLog(connection)
         self.maintenance = SqlMaintenance(connection)
+        self.revocations = SqlRevocationStore(connection, dialect)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
