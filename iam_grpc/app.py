@@ -187,6 +187,7 @@ class Application:
             pool_recycle=s.pool_recycle,
             pool_pre_ping=s.pool_pre_ping,
             connect_timeout=s.connect_timeout,
+            statement_timeout=s.statement_timeout,
             on_statement=self.metrics.sql_statements.inc,
         )
         deadline = time.monotonic() + s.startup_wait.total_seconds()

@@ -143,8 +143,16 @@ class MemoryEphemeral:
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [entry.value if (entry := self._live(key)) else None for key in keys]
 
+    async def values(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [entry.value if (entry := self._live(key)) else None for key in keys]
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None:
         self._store(key, value, self._deadline(ttl), evictable=False)
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: timedelta) -> None:
+        expires = self._deadline(ttl)
+        for key, value in items:
+            self._store(key, value, expires, evictable=False)
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         if self._live(key) is not None:

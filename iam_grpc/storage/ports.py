@@ -498,7 +498,17 @@ class Ephemeral(Protocol):
         """
         ...
 
+    async def values(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in their order (None for a missing key), in one round trip of
+        separate reads (so the keys may hash to different slots, unlike :meth:`get_many`)."""
+        ...
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None: ...
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: timedelta) -> None:
+        """Store every (key, value) with one TTL, in as few round trips as the store allows (not
+        atomically: after a failure some may be stored)."""
+        ...
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         """Store only when the key does not exist; True when stored."""

@@ -1,22 +1,38 @@
 """Redis ephemeral store (production). Atomic multi-step operations are Lua
 scripts, loaded once and run with EVALSHA (redis-py's ``Script`` retries with
-EVAL after a ``NOSCRIPT``, e.g. after a Redis restart)."""
+EVAL after a ``NOSCRIPT``, e.g. after a Redis restart).
+
+Connection loss is handled in three layers: a command that meets a dead pooled
+connection (Redis restarted) reconnects and is sent once more (never after a
+time-out: a stalled Redis would double every wait); a :class:`Breaker` makes
+calls fail at once while Redis is known down, so callers take their fallbacks
+without waiting; and each new connection reads the server's ``run_id``, so a
+restart or a failover to another server is noticed before the first command on
+it (listeners in :attr:`RedisEphemeral.server_listeners`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage import sliding_window
+from iam_grpc.storage.breaker import Breaker
 from iam_grpc.storage.records import HitResult, LimitSpec
 
 __all__ = ["RedisEphemeral", "RedisLimiterStore"]
+
+_BATCH = 1000  # commands per pipeline round trip in set_many
 
 # KEYS[1]; ARGV: expected, new value, ttl ms (0 = keep the current TTL)
 _COMPARE_AND_SET = """
@@ -65,18 +81,52 @@ class RedisEphemeral:
         prefix: str = "iam:",
         socket_timeout: timedelta = timedelta(milliseconds=250),
         connect_timeout: timedelta = timedelta(seconds=1),
+        health_check_interval: timedelta = timedelta(seconds=10),
     ) -> None:
         self._prefix = prefix
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=socket_timeout.total_seconds(),
             socket_connect_timeout=connect_timeout.total_seconds(),
-            health_check_interval=30,
-            retry_on_timeout=False,
+            # A pooled connection idle this long is PINGed before use (and reconnected if dead).
+            health_check_interval=int(health_check_interval.total_seconds()),
+            # Once, at once, and only for a dead connection: a restarted Redis leaves every pooled
+            # connection dead, and the first command on each would fail without this.
+            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+            redis_connect_func=self._on_connect,
         )
         self._cas = self._client.register_script(_COMPARE_AND_SET)
         self._delete_if = self._client.register_script(_DELETE_IF)
         self._incr = self._client.register_script(_INCR_WITH_TTL)
+        self.breaker = Breaker("redis", self._client.ping)
+        self._server_id = ""
+        self.server_listeners: list[Callable[[str], None]] = []
+
+    async def _on_connect(self, connection: Any) -> None:
+        """Every new connection: the handshake, then the server's run_id (it changes when Redis
+        restarts or another server takes over), so lost data is suspected before any command."""
+        await connection.on_connect()
+        try:
+            await connection.send_command("INFO", "server", check_health=False)
+            raw = await connection.read_response()
+        except ResponseError:
+            return  # INFO renamed or refused: restarts are then noticed by the data itself
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                self._seen_server(line.partition(":")[2].strip())
+                return
+
+    def _seen_server(self, run_id: str) -> None:
+        previous, self._server_id = self._server_id, run_id
+        if previous and previous != run_id:
+            for listener in self.server_listeners:
+                listener(run_id)
+
+    @property
+    def server_id(self) -> str:
+        """The run_id of the Redis server last connected to ("" before the first connection)."""
+        return self._server_id
 
     @property
     def prefix(self) -> str:
@@ -92,17 +142,31 @@ class RedisEphemeral:
 
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
-        """Turn any Redis or socket failure into BackendUnavailable."""
+        """Turn any Redis or socket failure into BackendUnavailable; fail at once while the
+        breaker is open."""
+        self.breaker.allow()
         try:
             yield
-        except (RedisError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self.breaker.failed()
             raise BackendUnavailable() from exc
+        except RedisError as exc:
+            raise BackendUnavailable() from exc
+        self.breaker.succeeded()
 
     async def ping(self) -> None:
-        async with self.guard():
+        """A real round trip even while the breaker is open (the health probe asks the server)."""
+        try:
             await self._client.ping()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self.breaker.failed()
+            raise BackendUnavailable() from exc
+        except RedisError as exc:
+            raise BackendUnavailable() from exc
+        self.breaker.succeeded()
 
     async def close(self) -> None:
+        await self.breaker.close()
         await self._client.aclose()
 
     async def get(self, key: str) -> bytes | None:
@@ -116,9 +180,26 @@ class RedisEphemeral:
             values = await self._client.mget([self.key(k) for k in keys])
         return [_bytes(value) for value in values]
 
+    async def values(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        async with self.guard(), self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(self.key(key))
+            results = await pipe.execute()
+        return [_bytes(value) for value in results]
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None:
         async with self.guard():
             await self._client.set(self.key(key), value, px=_ms(ttl))
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: timedelta) -> None:
+        millis = _ms(ttl)
+        for start in range(0, len(items), _BATCH):
+            async with self.guard(), self._client.pipeline(transaction=False) as pipe:
+                for key, value in items[start : start + _BATCH]:
+                    pipe.set(self.key(key), value, px=millis)
+                await pipe.execute()
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         async with self.guard():
