@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -64,6 +65,9 @@ from iam_grpc.storage.ports import Ephemeral, LimiterStore, MailError, MailTrans
 from iam_grpc.storage.sql import schema
 from iam_grpc.storage.sql.database import ACCESS_DENIED_CODES, SqlDatabase
 from iam_grpc.ua import UserAgentParser
+
+if TYPE_CHECKING:
+    from iam_grpc.storage.redis import RedisEphemeral
 
 __all__ = ["Application", "StartupError"]
 
@@ -146,6 +150,8 @@ class Application:
         self._stopped = asyncio.Event()
         self._probe_interval = probe_interval
         self._probe_failures = 0
+        self._server_id: Callable[[], str] = lambda: ""
+        self._redis: RedisEphemeral | None = None
 
     # startup ----------------------------------------------------------------
 
@@ -267,6 +273,8 @@ class Application:
                 connect_timeout=s.redis.connect_timeout,
             )
             self.ephemeral = store
+            self._redis = store
+            self._server_id = lambda: store.server_id
             deadline = time.monotonic() + s.database.startup_wait.total_seconds()
             while True:
                 try:
@@ -311,10 +319,8 @@ class Application:
         async with self.db.transaction() as tx:
             await tx.users.ensure_roles(s.roles.default, self.clock.now())
         assert self.denylist is not None
-        try:
-            await self.denylist.replay()  # a restarted in-process store or a flushed Redis forgets nothing
-        except BackendUnavailable:
-            log.warning("deny-list replay failed; retrying in the background")
+        # A restarted in-process store or a flushed Redis forgets nothing: verified or rebuilt now.
+        await self.denylist.start()
 
     def _start_tokens(self) -> None:
         s = self.settings
@@ -334,7 +340,13 @@ class Application:
             access_ttl=s.tokens.access_ttl,
             leeway=s.tokens.leeway,
             fallback=s.tokens.denylist_fallback,
+            server_id=self._server_id,
         )
+        cache = self.denylist.cache
+        cache.listeners.append(lambda trusted: self.metrics.denylist_trusted.set(1 if trusted else 0))
+        if self._redis is not None:
+            # a restart or failover of Redis: the cache may lack entries until verified or rebuilt
+            self._redis.server_listeners.append(lambda _run_id: cache.lost("store server changed"))
         self.access = AccessTokens(
             self.keys,
             self.denylist,
@@ -831,6 +843,9 @@ class Application:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        if self.denylist is not None:
+            with contextlib.suppress(Exception):
+                await self.denylist.close()
         for store in (self.ephemeral, self._fallback_memory):
             if store is not None:
                 with contextlib.suppress(Exception):
