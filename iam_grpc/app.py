@@ -48,6 +48,7 @@ from iam_grpc.core.signup import SignupFlow
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager, SessionPolicy
+from iam_grpc.dependencies import Dependencies, ObservedTransport, ProbedDependency
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.geo import GeoLookup, geo_lookup
 from iam_grpc.hibp import BreachedPasswords as BreachedPasswordsAdapter
@@ -150,8 +151,11 @@ class Application:
         self._stopped = asyncio.Event()
         self._probe_interval = probe_interval
         self._probe_failures = 0
+        self.dependencies = Dependencies(self.metrics)
+        self._probed: dict[str, ProbedDependency] = {}
         self._server_id: Callable[[], str] = lambda: ""
         self._redis: RedisEphemeral | None = None
+        self._sql_answers = True
 
     # startup ----------------------------------------------------------------
 
@@ -638,15 +642,17 @@ class Application:
         )
         smtp = s.mail.smtp
         self.transport = (
-            SmtpTransport(
-                smtp.host,
-                smtp.port,
-                tls=smtp.tls,
-                starttls=smtp.starttls,
-                username=smtp.username,
-                password=smtp.password.get_secret_value() if smtp.password else None,
-                timeout=smtp.timeout,
-                verify_certificate=smtp.verify_certificate,
+            ObservedTransport(
+                SmtpTransport(
+                    smtp.host,
+                    smtp.port,
+                    tls=smtp.tls,
+                    starttls=smtp.starttls,
+                    username=smtp.username,
+                    password=smtp.password.get_secret_value() if smtp.password else None,
+                    timeout=smtp.timeout,
+                    verify_certificate=smtp.verify_certificate,
+                )
             )
             if smtp.host
             else FileTransport(s.outbox_dir)
@@ -724,7 +730,23 @@ class Application:
                 log.bind(error=exc.summary).warning("mail transport not reachable; mail waits in the outbox")
         if self.sender is not None:
             self.sender.start()
+        self._track_dependencies()
         await self._set_serving(True)
+
+    def _track_dependencies(self) -> None:
+        """What /healthz and iam_dependency_state report (iam_grpc.dependencies)."""
+        assert self.db is not None
+        assert self.denylist is not None
+        self._probed["sql"] = sql = ProbedDependency(self.db.breaker)
+        self.dependencies.track("sql", sql.state)
+        if self._redis is not None:
+            cache = self.denylist.cache
+            self._probed["ephemeral"] = redis = ProbedDependency(
+                self._redis.breaker, trusted=lambda: cache.trusted
+            )
+            self.dependencies.track("redis", redis.state)
+        if isinstance(self.transport, ObservedTransport):
+            self.dependencies.track("smtp", self.transport.state)
 
     # health ------------------------------------------------------------------
 
@@ -744,6 +766,7 @@ class Application:
         self.metrics.serving.set(1 if self.serving else 0)
 
     async def check_stores(self) -> bool:
+        """Probe SQL and the ephemeral store; True when both answer."""
         ok = True
         for store, probe in (("sql", self.db), ("ephemeral", self.ephemeral)):
             if probe is None:
@@ -751,10 +774,15 @@ class Application:
             try:
                 async with asyncio.timeout(2.0):
                     await probe.ping()
+                answered = True
             except (BackendUnavailable, TimeoutError):
                 self.metrics.store_failures.labels(store).inc()
                 log.bind(store=store).warning("store health probe failed")
-                ok = False
+                answered = ok = False
+            if store == "sql":
+                self._sql_answers = answered
+            if store in self._probed:
+                self._probed[store].probed(answered)
         return ok
 
     async def _probe_loop(self) -> None:
@@ -763,8 +791,12 @@ class Application:
             await self.probe_once()
 
     async def probe_once(self) -> None:
-        """One health probe: three failures in a row mean NOT_SERVING, one success SERVING again."""
-        healthy = await self.check_stores()
+        """One health probe: three SQL failures in a row mean NOT_SERVING, one success SERVING
+        again. The ephemeral store does not count: without it every RPC still answers correctly
+        from its documented fallback (SQL deny-list, local limits), and taking every replica out of
+        the balancer because a shared Redis blinked would turn a degradation into an outage."""
+        await self.check_stores()
+        healthy = self._sql_answers
         if self._draining:
             return
         if healthy:
@@ -775,7 +807,7 @@ class Application:
             return
         self._probe_failures += 1
         if self._probe_failures >= PROBE_FAILURES and self._serving:
-            log.error("stores failing; reporting NOT_SERVING")
+            log.error("database failing; reporting NOT_SERVING")
             await self._set_serving(False)
 
     async def _every(self, interval: timedelta, job: Callable[[], Awaitable[object]], name: str) -> None:
@@ -803,7 +835,8 @@ class Application:
 
     async def _healthz(self) -> Response:
         status = "SERVING" if self.serving else "NOT_SERVING"
-        return Response(200 if self.serving else 503, json.dumps({"status": status}).encode())
+        body = {"status": status, "dependencies": self.dependencies.states()}
+        return Response(200 if self.serving else 503, json.dumps(body).encode())
 
     async def _metrics_route(self) -> Response:
         return Response(200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
