@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit check lint typecheck proto proto-check buf bench services clean
+.PHONY: install run test test-unit faults check lint typecheck proto proto-check buf bench services clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
+
+# The fault suite alone (it also runs in `make test`), with its per-fault report printed.
+faults: install
+	$(BIN)/python -m pytest tests/faults -s -p no:randomly
 
 check: install lint typecheck buf proto-check
 
