@@ -68,15 +68,16 @@ _PRIMARY = {t.name: ",".join(c.name for c in t.primary_key.columns) for t in met
 
 # MySQL/MariaDB client error codes that no retry will fix (bad credentials, unknown database).
 ACCESS_DENIED_CODES = frozenset({1044, 1045, 1049, 1698})
-# Server answers that say nothing about the connection (lock wait time-out, deadlock): they do not
-# count toward the breaker.
-_NOT_CONNECTION_CODES = frozenset({1205, 1213})
+# Server errors (below 2000) are answers from a live server, such as a lock wait time-out or a
+# deadlock, and do not count toward the breaker; these few say the server is going or full.
+_SERVER_DOWN_CODES = frozenset({1040, 1053, 1927})  # too many connections, shutdown, killed
 
 
 def _connection_failure(exc: BackendUnavailable) -> bool:
-    """Whether a mapped failure means the server could not be reached or did not answer."""
-    cause = exc.__cause__
-    return cause is None or driver_error_code(cause) not in _NOT_CONNECTION_CODES
+    """Whether a mapped failure means the server could not be reached or did not answer (client
+    errors 2xxx such as 2013 lost connection, time-outs, socket errors, an exhausted pool)."""
+    code = driver_error_code(exc.__cause__) if exc.__cause__ is not None else None
+    return code is None or code >= 2000 or code in _SERVER_DOWN_CODES
 
 
 @asynccontextmanager
