@@ -266,7 +266,7 @@ async def test_a_stalled_database_fails_calls_fast_without_churning_the_pool(
 ) -> None:
     """MariaDB stalls (the proxy holds every byte): Refresh calls, 20 in parallel for 8 s, each
     end within 2.5 s (database.statement_timeout = 2 s, then the breaker answers at once) with
-    UNAVAILABLE BACKEND_UNAVAILABLE; once the breaker is open about one connection a second is
+    UNAVAILABLE BACKEND_UNAVAILABLE; once the breaker is open one connection at a time is
     tried. Once the stall ends, calls work again within a few seconds. Before, calls hung to their
     5 s deadline and the pool opened and dropped a connection per call."""
     proxy, env = mariadb_proxy
@@ -315,7 +315,7 @@ async def test_a_stalled_database_fails_calls_fast_without_churning_the_pool(
     assert max(durations) < 2.5, sorted(durations)[-5:]
     assert len(durations) > 100  # most answered at once (the breaker), not after a time-out
     assert opened <= 20 + 8, opened  # the pool's 20 at the start, then one probe at a time
-    assert late <= 5, late  # over 5 s once the breaker is open: about one try a second
+    assert late <= 5, late  # over 5 s once the breaker is open: its probe, one try at a time
     assert recovered_at is not None
     assert recovered_at < 3.0, recovered_at
 
