@@ -154,6 +154,12 @@ class MemoryEphemeral:
         for key, value in items:
             self._store(key, value, expires, evictable=False)
 
+    async def set_many_waiting(
+        self, items: Sequence[tuple[str, bytes]], ttl: timedelta, *, within: timedelta
+    ) -> bool:
+        await self.set_many(items, ttl)
+        return True
+
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         if self._live(key) is not None:
             return False

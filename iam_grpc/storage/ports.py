@@ -510,6 +510,14 @@ class Ephemeral(Protocol):
         atomically: after a failure some may be stored)."""
         ...
 
+    async def set_many_waiting(
+        self, items: Sequence[tuple[str, bytes]], ttl: timedelta, *, within: timedelta
+    ) -> bool:
+        """:meth:`set_many` that does not give up at the first failure: tried again, even while
+        calls fail fast, until stored (True) or ``within`` has passed or the store refuses
+        connections, as one that is not running does (False). Never raises BackendUnavailable."""
+        ...
+
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         """Store only when the key does not exist; True when stored."""
         ...

@@ -13,6 +13,7 @@ it (listeners in :attr:`RedisEphemeral.server_listeners`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -33,6 +34,20 @@ from iam_grpc.storage.records import HitResult, LimitSpec
 __all__ = ["RedisEphemeral", "RedisLimiterStore"]
 
 _BATCH = 1000  # commands per pipeline round trip in set_many
+_WAIT_PAUSE = 0.05  # between tries of set_many_waiting
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection was refused (redis-py keeps the OSError as the context)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
 
 # KEYS[1]; ARGV: expected, new value, ttl ms (0 = keep the current TTL)
 _COMPARE_AND_SET = """
@@ -98,7 +113,7 @@ class RedisEphemeral:
         self._cas = self._client.register_script(_COMPARE_AND_SET)
         self._delete_if = self._client.register_script(_DELETE_IF)
         self._incr = self._client.register_script(_INCR_WITH_TTL)
-        self.breaker = Breaker("redis", self._client.ping)
+        self.breaker = Breaker("redis", self._probe)
         self._server_id = ""
         self.server_listeners: list[Callable[[str], None]] = []
 
@@ -165,6 +180,12 @@ class RedisEphemeral:
             raise BackendUnavailable() from exc
         self.breaker.succeeded()
 
+    async def _probe(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
     async def close(self) -> None:
         await self.breaker.close()
         await self._client.aclose()
@@ -194,12 +215,39 @@ class RedisEphemeral:
             await self._client.set(self.key(key), value, px=_ms(ttl))
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: timedelta) -> None:
-        millis = _ms(ttl)
         for start in range(0, len(items), _BATCH):
-            async with self.guard(), self._client.pipeline(transaction=False) as pipe:
-                for key, value in items[start : start + _BATCH]:
-                    pipe.set(self.key(key), value, px=millis)
-                await pipe.execute()
+            async with self.guard():
+                await self._set_batch(items[start : start + _BATCH], _ms(ttl))
+
+    async def _set_batch(self, items: Sequence[tuple[str, bytes]], millis: int) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.set(self.key(key), value, px=millis)
+            await pipe.execute()
+
+    async def set_many_waiting(
+        self, items: Sequence[tuple[str, bytes]], ttl: timedelta, *, within: timedelta
+    ) -> bool:
+        """Past the breaker, each try waits for Redis's answer (the socket time-out): on a stalled
+        Redis the commands sent are queued there and run when it resumes; the next try, once it
+        answers, stores the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within.total_seconds()
+        millis, done = _ms(ttl), 0
+        while True:
+            try:
+                while done < len(items):
+                    await self._set_batch(items[done : done + _BATCH], millis)
+                    done += _BATCH
+                return True
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if _refused(exc):
+                    return False  # nothing listens: Redis comes back empty or as another server
+            except RedisError:
+                return False
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_WAIT_PAUSE)
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         async with self.guard():

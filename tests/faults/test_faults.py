@@ -31,6 +31,9 @@ pytestmark = pytest.mark.slow
 FAULT = 4.0  # seconds each fault lasts
 RECOVERY = 3.0  # the longest errors may go on after the fault ends
 SLOWEST = 2.5  # the longest any call may take while a fault lasts (database.statement_timeout is 2 s)
+# ... but a revocation waits for Redis to store its entry, for at most the generation marker's
+# lease (2 s) after its write failed: Logout during a Redis stall
+SLOWEST_REVOCATION = 3.5
 AFTER = 5.0  # load kept running after the fault ends
 
 
@@ -151,9 +154,18 @@ async def run_fault(
     codes = {c.code for c in load.calls}
     assert not codes & {"INTERNAL", "UNKNOWN"}, report
     errors = load.errors()
-    assert report["slowest_call_during_s"] <= SLOWEST, report  # fail fast, never wait the fault out
+    slow = [
+        c
+        for c in load.calls
+        if outcome.injected <= c.at <= outcome.healed
+        and c.seconds > (SLOWEST_REVOCATION if c.op == "logout" else SLOWEST)
+    ]
+    assert slow == [], report  # fail fast, never wait the fault out
     assert outcome.recovery() <= RECOVERY, report
-    assert all(outcome.injected <= c.at <= outcome.healed + RECOVERY for c in errors), report
+    # every error ended after the fault began (a call in flight at that moment may fail) and
+    # began before the fault's end plus the recovery bound
+    assert all(c.at + c.seconds >= outcome.injected for c in errors), report
+    assert all(c.at <= outcome.healed + RECOVERY for c in errors), report
     assert all(c.at + c.seconds <= outcome.healed + RECOVERY for c in errors), report
     await every_session_still_works(load)
     await nothing_half_written(stack, load)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -161,6 +163,56 @@ async def test_revoked_sessions_stay_revoked_when_redis_restarts_empty(
         )
         assert a.app.ephemeral is not None
         assert await a.app.ephemeral.exists([f"deny:sid:{{{ended.session_id}}}"]) == [True]
+
+
+def redis_pid(port: int) -> int:
+    info = subprocess.run(
+        ["redis-cli", "-p", str(port), "info", "server"], capture_output=True, text=True
+    ).stdout
+    return int(next(line for line in info.splitlines() if line.startswith("process_id:")).split(":")[1])
+
+
+@pytest.mark.parametrize("stall", [0.6, 3.0], ids=["shorter-than-the-lease", "longer-than-the-lease"])
+async def test_a_logout_during_a_redis_stall_is_refused_everywhere_after_it(
+    shared_own_database: Backend, private_redis: tuple[int, Path], tmp_path: Path, stall: float
+) -> None:
+    """Redis stops answering (SIGSTOP) and a session is logged out on replica A meanwhile; B makes
+    no call during the stall. Once the Logout has answered and Redis answers again, the token
+    answers SESSION_REVOKED on both, from the first call: a stall shorter than the generation
+    marker's lease (2 s) holds the Logout until its entry is stored; a longer one lets the marker
+    expire, so both replicas rebuild from SQL before trusting the cache again (the Logout answers
+    after about 2 s, during the stall). Before, B trusted the cache again without the entry."""
+    port, folder = private_redis
+    start_redis(port, folder)
+    await asyncio.sleep(0.3)
+    env = redis_env(shared_own_database, port, IAM_TOKENS__DENYLIST_REPLAY="1h")
+    async with replicas(env, env, folder=tmp_path) as (a, b):
+        _, ended = await new_session(a.app)
+        pid = redis_pid(port)
+        async with a.channel() as on_a, b.channel() as on_b:
+            assert await verify(on_b, ended.access_token) == "OK"
+            os.kill(pid, signal.SIGSTOP)
+            stalled = time.monotonic()
+            answered: list[float] = []
+            try:
+                logout = asyncio.ensure_future(
+                    auth_pb2_grpc.AuthServiceStub(on_a).Logout(
+                        auth_pb2.LogoutRequest(client=client(), refresh_token=ended.refresh_token), timeout=10
+                    )
+                )
+                logout.add_done_callback(lambda _: answered.append(time.monotonic() - stalled))
+                await asyncio.sleep(stall)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await logout
+            seen = [await verify(on_b, ended.access_token), await verify(on_a, ended.access_token)]
+            started = time.monotonic()
+            while time.monotonic() - started < 1.0:
+                seen.append(await verify(on_b, ended.access_token))
+        assert set(seen) == {"SESSION_REVOKED"}, seen
+        assert answered[0] < 3.5, (
+            answered
+        )  # the longer stall: Logout answered (after the lease) before it ended
 
 
 # 3. Single-token revocations are durable ---------------------------------------------------------------

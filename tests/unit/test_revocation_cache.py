@@ -181,3 +181,50 @@ async def test_refresh_rewrites_entries_and_keeps_the_marker() -> None:
     assert await store.exists(["deny:sid:{a}"]) == [True]
     assert await store.get(GENERATION_KEY) == marker
     assert replica.trusted
+
+
+async def test_the_marker_is_a_lease_that_trusted_replicas_extend() -> None:
+    """A trusted replica extends the marker every quarter lease, so it outlives the lease; once no
+    replica extends it (none trusts the cache, or the store stalled longer than the lease) it
+    expires, and every replica rebuilds before trusting the cache again."""
+    store, source = MemoryEphemeral(), Source(["deny:sid:{a}"])
+    lease = timedelta(milliseconds=200)
+    replica = RevocationCache(store, source, entry_ttl=TTL, lease=lease)
+    assert await replica.recover()
+    marker = await store.get(GENERATION_KEY)
+    await asyncio.sleep(0.5)
+    assert await store.get(GENERATION_KEY) == marker  # extended, unchanged
+    await replica.close()  # nobody extends it any more
+    replica.lost("stopped")  # (a recovery would start again; cancel it)
+    await replica.close()
+    await asyncio.sleep(0.3)
+    assert await store.get(GENERATION_KEY) is None
+
+
+async def test_a_replica_notices_a_silent_store_within_a_quarter_lease() -> None:
+    """Extending the lease is also a heartbeat: a store that stops answering makes an idle replica
+    untrusted without any token check."""
+
+    class Silent(MemoryEphemeral):
+        silent = False
+
+        async def compare_and_set(
+            self, key: str, expected: bytes, value: bytes, ttl: timedelta | None = None
+        ) -> bool:
+            if self.silent:
+                raise BackendUnavailable()
+            return await super().compare_and_set(key, expected, value, ttl)
+
+        async def get(self, key: str) -> bytes | None:
+            if self.silent:
+                raise BackendUnavailable()
+            return await super().get(key)
+
+    store, source = Silent(), Source([])
+    replica = RevocationCache(store, source, entry_ttl=TTL, lease=timedelta(milliseconds=200))
+    assert await replica.recover()
+    store.silent = True
+    await asyncio.sleep(0.15)
+    assert not replica.trusted
+    assert replica.reason == "store failed"
+    await replica.close()

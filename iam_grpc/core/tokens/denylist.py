@@ -104,20 +104,27 @@ class DenyList:
         return await self._write([(kid_key(kid), _MARK)])
 
     async def _write(self, entries: list[tuple[str, bytes]]) -> bool:
-        """True when cached. On a failure SQL already holds the revocation; the cache is
-        invalidated for every replica (the marker is dropped as soon as the store answers) and
-        rebuilt from SQL, so no replica trusts a cache that lacks it."""
+        """True when cached; the revocation's call answers only after this returns.
+
+        SQL already holds the revocation. When the store does not take the entries, this waits
+        (at most the marker's lease) until it does, or refuses connections, or the lease has run
+        out: in the last two cases no replica can trust the cache again before it is rebuilt
+        from SQL (the marker is gone, or the store is another or empty). Should the entries still
+        be missing, this replica also drops the marker as soon as the store answers, and the
+        cache is rebuilt with them (a replica cut off from Redis alone)."""
         if not entries:
             return True
         try:
             await self._ephemeral.set_many(entries, self._ttl)
+            return True
         except BackendUnavailable:
-            log.bind(entries=len(entries)).warning(
-                "deny-list entries not written; the cache is rebuilt from SQL"
-            )
-            self.cache.lost("write failed", force=True)
-            return False
-        return True
+            self.cache.lost("write failed")
+        wait = self.cache.lease + timedelta(milliseconds=100)
+        if await self._ephemeral.set_many_waiting(entries, self._ttl, within=wait):
+            return True
+        log.bind(entries=len(entries)).warning("deny-list entries not written; the cache is rebuilt from SQL")
+        self.cache.lost("write failed", force=True)
+        return False
 
     # checking ----------------------------------------------------------------------------
 

@@ -10,7 +10,17 @@ entries:
 
 - ``ok:<server>:<nonce>``: complete for the Redis server whose run_id is ``<server>``;
 - ``rb:<nonce>``: a replica is rebuilding it (the claim expires if that replica dies);
-- missing: lost (restart, flush, expiry).
+- missing: lost (restart, flush, or the end of its lease).
+
+The valid marker is a **lease**: it lives :data:`LEASE` (2 s) and every trusted replica extends
+it every quarter of that. A Redis that stops answering for longer than the lease (SIGSTOP, a
+stalled host or network) therefore comes back without a marker, and every replica rebuilds before
+trusting it again, even one that saw nothing of the stall. A revocation whose entry could not be
+written meanwhile is in that rebuild, as SQL has it. A stall shorter than the lease is covered by
+the writer: a revocation's call does not answer before its entries are in the store, or the store
+refuses connections (it comes back empty or as another server), or the lease has run out
+(:meth:`~iam_grpc.core.tokens.denylist.DenyList` waits at most that long). Extending the lease
+also makes every replica notice an outage within half a second, busy or idle.
 
 A replica trusts the cache only while it has seen a valid marker for the server it is connected
 to, and no failure since. Anything else (a missing or foreign marker, a failed read or write, a
@@ -44,6 +54,7 @@ log = component_logger("iam.denylist")
 GENERATION_KEY = "deny:gen"
 _VALID = b"ok:"
 _BUILDING = b"rb:"
+LEASE = timedelta(seconds=2)  # how long a valid marker lives unless a trusted replica extends it
 _CLAIM_TTL = timedelta(seconds=15)  # a rebuilder that died mid-way frees the claim after this
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 1.0
@@ -56,20 +67,22 @@ class RevocationCache:
         load: Callable[[], Awaitable[Sequence[tuple[str, bytes]]]],
         *,
         entry_ttl: timedelta,
-        marker_ttl: timedelta = timedelta(hours=24),
+        lease: timedelta = LEASE,
         server_id: Callable[[], str] = lambda: "",
         on_rebuilt: Callable[[int], None] | None = None,
     ) -> None:
         self._ephemeral = ephemeral
         self._load = load
         self._entry_ttl = entry_ttl
-        self._marker_ttl = marker_ttl
+        self._lease = lease
+        self._marker = b""  # the valid marker this replica last verified or wrote
         self._server_id = server_id
         self._on_rebuilt = on_rebuilt
         self._trusted = False  # nothing is trusted before the first verification or rebuild
         self._force = False  # a write of ours failed: invalidate for everyone before rebuilding
         self._epoch = 0  # bumped at each loss, so a recovery that raced one does not trust
         self._task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self.reason = "not verified yet"
         self.rebuilds = 0
         self.listeners: list[Callable[[bool], None]] = []
@@ -81,6 +94,10 @@ class RevocationCache:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def lease(self) -> timedelta:
+        return self._lease
 
     # losing trust ----------------------------------------------------------------------------
 
@@ -142,7 +159,7 @@ class RevocationCache:
         marker = await self._ephemeral.get(GENERATION_KEY)
         server = self._server_id()
         if marker is not None and marker.startswith(_VALID) and _server_of(marker) == server:
-            return self._trust(epoch, "verified")  # intact, or rebuilt by another replica
+            return self._trust(epoch, "verified", marker)  # intact, or rebuilt by another replica
         if marker is not None and marker.startswith(_BUILDING):
             return False  # another replica is rebuilding: wait for its marker (or its claim's end)
         claim = _BUILDING + secrets.token_hex(8).encode()
@@ -154,23 +171,56 @@ class RevocationCache:
             return False
         count = await self._write_all()
         valid = _VALID + f"{server}:{secrets.token_hex(8)}".encode()
-        if not await self._ephemeral.compare_and_set(GENERATION_KEY, claim, valid, self._marker_ttl):
+        if not await self._ephemeral.compare_and_set(GENERATION_KEY, claim, valid, self._lease):
             return False  # invalidated while rebuilding (a failed write elsewhere): again
         self.rebuilds += 1
         log.bind(entries=count).info("deny-list rebuilt from SQL")
         if self._on_rebuilt is not None:
             self._on_rebuilt(count)
-        return self._trust(epoch, "rebuilt")
+        return self._trust(epoch, "rebuilt", valid)
 
-    def _trust(self, epoch: int, how: str) -> bool:
+    def _trust(self, epoch: int, how: str, marker: bytes) -> bool:
         if epoch != self._epoch or self._force:
             return False  # lost again meanwhile: look once more
+        self._marker = marker
         if not self._trusted:
             self._trusted = True
             self.reason = how
             log.bind(how=how).info("deny-list cache trusted")
             self._notify()
+        if self._lease_task is None or self._lease_task.done():
+            self._lease_task = asyncio.get_running_loop().create_task(
+                self._extend_lease(), name="deny-list-lease"
+            )
         return True
+
+    async def _extend_lease(self) -> None:
+        """While trusted: extend the marker every quarter lease; anything but an extension of the
+        marker this replica trusts (a new one is adopted) ends the trust."""
+        pause = self._lease.total_seconds() / 4
+        while True:
+            await asyncio.sleep(pause)
+            if not self._trusted:
+                return
+            epoch = self._epoch
+            try:
+                if await self._ephemeral.compare_and_set(
+                    GENERATION_KEY, self._marker, self._marker, self._lease
+                ):
+                    continue
+                marker = await self._ephemeral.get(GENERATION_KEY)
+                if (
+                    marker is not None
+                    and marker.startswith(_VALID)
+                    and _server_of(marker) == self._server_id()
+                ):
+                    self._marker = marker  # rebuilt by another replica since: complete too
+                    continue
+                if epoch == self._epoch:
+                    self.lost("generation marker missing" if marker is None else "generation marker changed")
+            except BackendUnavailable:
+                if epoch == self._epoch:
+                    self.lost("store failed")
 
     async def _write_all(self) -> int:
         entries = await self._load()
@@ -191,7 +241,7 @@ class RevocationCache:
                 self.lost("generation marker missing" if marker is None else "generation marker changed")
                 return 0
             count = await self._write_all()
-            extended = await self._ephemeral.compare_and_set(GENERATION_KEY, marker, marker, self._marker_ttl)
+            extended = await self._ephemeral.compare_and_set(GENERATION_KEY, marker, marker, self._lease)
         except BackendUnavailable:
             if epoch == self._epoch:
                 self.lost("store failed")
@@ -205,11 +255,12 @@ class RevocationCache:
             listener(self._trusted)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        for task in (self._task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._lease_task = None
 
 
 def _server_of(marker: bytes) -> str:
