@@ -422,3 +422,20 @@ async def dependencies_become(app: Application, wanted: dict[str, str], *, withi
         if time.monotonic() > deadline:
             raise AssertionError(f"not {wanted} within {within} s: {seen}")
         await asyncio.sleep(0.1)
+
+
+async def test_a_retried_logout_writes_the_deny_list_again(backend: Backend, tmp_path: Path) -> None:
+    """A replica that died between Logout's commit and its deny-list write leaves the session
+    revoked in SQL and its token verifying from the cache; the client's retry (on any replica)
+    answers OK as before and now writes the entry, so the token is refused from then on. Before,
+    a Logout of an already-revoked session wrote nothing."""
+    async with running_service(tmp_path, backend.isolated()) as iam, iam.channel() as channel:
+        _, session = await new_session(iam.app)
+        assert iam.app.db is not None
+        async with iam.app.db.transaction() as tx:  # the commit of the Logout whose replica died
+            assert await tx.sessions.revoke(session.session_id, "logout", iam.app.clock.now())
+        assert await verify(channel, session.access_token) == "OK"  # the cache never heard of it
+        await auth_pb2_grpc.AuthServiceStub(channel).Logout(
+            auth_pb2.LogoutRequest(client=client(), refresh_token=session.refresh_token)
+        )
+        assert await verify(channel, session.access_token) == "SESSION_REVOKED"
