@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from iam_grpc.proto import auth_pb2, auth_pb2_grpc
 from tests.accounts_helper import PASSWORD, new_email
 from tests.faults.conftest import Stack
 from tests.faults.load import Account, Load
+from tests.served import ServedProcess
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +204,27 @@ async def nothing_half_written(stack: Stack, load: Load) -> None:
     assert not any(state[h.session_id][0] for h in load.revoked)
 
 
+async def healthz(replica: ServedProcess) -> dict[str, object]:
+    def get() -> dict[str, object]:
+        with urllib.request.urlopen(f"http://{replica.served.ops}/healthz", timeout=5) as answer:
+            return dict(json.loads(answer.read()))
+
+    return await asyncio.to_thread(get)
+
+
+async def reported(replicas: list[ServedProcess], dependency: str, state: str, within: float = 5.0) -> None:
+    """Every replica's /healthz says ``dependency`` is ``state`` (and SERVING) within ``within``."""
+    deadline = asyncio.get_running_loop().time() + within
+    for replica in replicas:
+        while True:
+            answer = await healthz(replica)
+            if answer["dependencies"].get(dependency) == state:  # type: ignore[attr-defined]
+                assert answer["status"] == "SERVING", answer
+                break
+            assert asyncio.get_running_loop().time() < deadline, (dependency, state, answer)
+            await asyncio.sleep(0.1)
+
+
 def the_error_window_is_bounded(outcome: Outcome, *, allowed_ops: set[str], slowest: float) -> None:
     """Errors only from the operations the fault makes fail, and none slower than ``slowest``."""
     errors = outcome.load.errors()
@@ -216,7 +239,13 @@ async def test_redis_killed_and_restarted_empty(stack: Stack, load: Load, report
     """Redis SIGKILLed, started again empty 4 s later: every call keeps answering from SQL and
     local limits, and every replica rebuilds the deny-list from SQL at once."""
     outcome = await run_fault(
-        "redis killed, restarted empty", stack, load, stack.redis.kill, stack.redis.start, report_lines
+        "redis killed, restarted empty",
+        stack,
+        load,
+        stack.redis.kill,
+        stack.redis.start,
+        report_lines,
+        during=lambda: reported(stack.replicas, "redis", "down", within=3.0),
     )
     the_error_window_is_bounded(outcome, allowed_ops=set(), slowest=0.0)
     assert [c for c in load.calls if c.op == "verify_revoked" and c.at >= outcome.injected]
@@ -278,6 +307,7 @@ async def test_smtp_down(stack: Stack, load: Load, report_lines: list[str]) -> N
                     auth_pb2.RequestPasswordResetRequest(client=client, email=account.email), timeout=10
                 )
                 wanted.append(account.email)
+        await reported(stack.replicas[:1], "smtp", "down", within=3.0)  # the sender met it down
 
     outcome = await run_fault(
         "smtp down", stack, load, mailbox.stop, mailbox.start, report_lines, during=request_resets
@@ -296,3 +326,4 @@ async def test_smtp_down(stack: Stack, load: Load, report_lines: list[str]) -> N
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)  # anything sent twice would arrive by now
     assert delivered() == dict.fromkeys(wanted, 1)
+    await reported(stack.replicas[:1], "smtp", "up")
