@@ -184,6 +184,9 @@ class MemoryEphemeral:
         self._store(key, value, expires, entry.evictable)
         return True
 
+    async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
+        return await self.compare_and_set(key, expected, expected, ttl)
+
     async def delete_if(self, key: str, expected: bytes) -> bool:
         entry = self._live(key)
         if entry is None or entry.value != expected:

@@ -536,6 +536,11 @@ class Ephemeral(Protocol):
         """Delete the key only while its value equals ``expected`` (atomically); True if deleted."""
         ...
 
+    async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
+        """A lease: give the key ``ttl`` more to live while it holds ``expected`` (True), tried
+        even while other calls fail fast, so a store that is only slow does not end the lease."""
+        ...
+
     async def incr(self, key: str, amount: int, ttl: timedelta) -> int:
         """Add to a counter (created at 0 with ``ttl``; the TTL is not extended) and return it."""
         ...

@@ -264,6 +264,12 @@ class RedisEphemeral:
         async with self.guard():
             return bool(await self._cas(keys=[self.key(key)], args=args))
 
+    async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
+        try:  # past the breaker: a breaker opened by slow answers must not end a lease
+            return bool(await self._cas(keys=[self.key(key)], args=[expected, expected, _ms(ttl)]))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
     async def delete_if(self, key: str, expected: bytes) -> bool:
         async with self.guard():
             return bool(await self._delete_if(keys=[self.key(key)], args=[expected]))

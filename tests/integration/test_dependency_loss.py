@@ -172,16 +172,16 @@ def redis_pid(port: int) -> int:
     return int(next(line for line in info.splitlines() if line.startswith("process_id:")).split(":")[1])
 
 
-@pytest.mark.parametrize("stall", [0.6, 3.0], ids=["shorter-than-the-lease", "longer-than-the-lease"])
+@pytest.mark.parametrize("stall", [0.6, 4.0], ids=["shorter-than-the-lease", "longer-than-the-lease"])
 async def test_a_logout_during_a_redis_stall_is_refused_everywhere_after_it(
     shared_own_database: Backend, private_redis: tuple[int, Path], tmp_path: Path, stall: float
 ) -> None:
     """Redis stops answering (SIGSTOP) and a session is logged out on replica A meanwhile; B makes
     no call during the stall. Once the Logout has answered and Redis answers again, the token
     answers SESSION_REVOKED on both, from the first call: a stall shorter than the generation
-    marker's lease (2 s) holds the Logout until its entry is stored; a longer one lets the marker
+    marker's lease (3 s) holds the Logout until its entry is stored; a longer one lets the marker
     expire, so both replicas rebuild from SQL before trusting the cache again (the Logout answers
-    after about 2 s, during the stall). Before, B trusted the cache again without the entry."""
+    after about 3 s, during the stall). Before, B trusted the cache again without the entry."""
     port, folder = private_redis
     start_redis(port, folder)
     await asyncio.sleep(0.3)
@@ -210,7 +210,7 @@ async def test_a_logout_during_a_redis_stall_is_refused_everywhere_after_it(
             while time.monotonic() - started < 1.0:
                 seen.append(await verify(on_b, ended.access_token))
         assert set(seen) == {"SESSION_REVOKED"}, seen
-        assert answered[0] < 3.5, (
+        assert answered[0] < 4.0, (
             answered
         )  # the longer stall: Logout answered (after the lease) before it ended
 

