@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install node run test test-unit test-deploy fuzz fuzz-fields check lint typecheck proto proto-check buf bench services clean
+.PHONY: install node run test test-unit test-deploy fuzz fuzz-fields faults check lint typecheck proto proto-check buf bench services clean
 
 install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
@@ -57,6 +57,10 @@ fuzz: fuzz-fields
 fuzz-fields: install
 	FUZZ_FIELDS_EXAMPLES=$${FUZZ_FIELDS_EXAMPLES:-500} $(BIN)/python -m pytest -p no:randomly -q \
 		tests/integration/test_field_properties.py
+
+# The fault suite alone (it also runs in `make test`), with its per-fault report printed.
+faults: install
+	$(BIN)/python -m pytest tests/faults -s -p no:randomly
 
 check: install lint typecheck buf proto-check
 

@@ -2,9 +2,10 @@
 objects the server uses, opened against the configured stores. Every change
 writes an audit event with ``caller = "cli"``.
 
-In embedded mode the deny-lists live in the serving process's memory; the
-CLI then only records revocations in SQL, and the server's replay job applies
-them within ``tokens.denylist_replay``.
+Revocations are recorded in SQL first (the authority), then written to the
+shared deny-list cache. In embedded mode that cache lives in the serving
+process's memory, out of the CLI's reach: the server's replay job applies them
+within ``tokens.denylist_replay``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ async def admin_tools(settings: Settings) -> AsyncIterator[Admin]:
                 access_ttl=tokens.access_ttl,
                 leeway=tokens.leeway,
                 fallback="sql",
+                server_id=(lambda: redis_store.server_id) if redis_store is not None else None,
             ),
             cleanup=Cleanup(
                 db,

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -47,6 +48,7 @@ from iam_grpc.core.signup import SignupFlow
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager, SessionPolicy
+from iam_grpc.dependencies import Dependencies, ObservedTransport, ProbedDependency
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.geo import GeoLookup, geo_lookup
 from iam_grpc.hibp import BreachedPasswords as BreachedPasswordsAdapter
@@ -64,6 +66,9 @@ from iam_grpc.storage.ports import Ephemeral, LimiterStore, MailError, MailTrans
 from iam_grpc.storage.sql import schema
 from iam_grpc.storage.sql.database import ACCESS_DENIED_CODES, SqlDatabase
 from iam_grpc.ua import UserAgentParser
+
+if TYPE_CHECKING:
+    from iam_grpc.storage.redis import RedisEphemeral
 
 __all__ = ["Application", "StartupError"]
 
@@ -146,6 +151,11 @@ class Application:
         self._stopped = asyncio.Event()
         self._probe_interval = probe_interval
         self._probe_failures = 0
+        self.dependencies = Dependencies(self.metrics)
+        self._probed: dict[str, ProbedDependency] = {}
+        self._server_id: Callable[[], str] = lambda: ""
+        self._redis: RedisEphemeral | None = None
+        self._sql_answers = True
 
     # startup ----------------------------------------------------------------
 
@@ -187,6 +197,7 @@ class Application:
             pool_recycle=s.pool_recycle,
             pool_pre_ping=s.pool_pre_ping,
             connect_timeout=s.connect_timeout,
+            statement_timeout=s.statement_timeout,
             on_statement=self.metrics.sql_statements.inc,
         )
         deadline = time.monotonic() + s.startup_wait.total_seconds()
@@ -266,6 +277,8 @@ class Application:
                 connect_timeout=s.redis.connect_timeout,
             )
             self.ephemeral = store
+            self._redis = store
+            self._server_id = lambda: store.server_id
             deadline = time.monotonic() + s.database.startup_wait.total_seconds()
             while True:
                 try:
@@ -310,10 +323,8 @@ class Application:
         async with self.db.transaction() as tx:
             await tx.users.ensure_roles(s.roles.default, self.clock.now())
         assert self.denylist is not None
-        try:
-            await self.denylist.replay()  # a restarted in-process store or a flushed Redis forgets nothing
-        except BackendUnavailable:
-            log.warning("deny-list replay failed; retrying in the background")
+        # A restarted in-process store or a flushed Redis forgets nothing: verified or rebuilt now.
+        await self.denylist.start()
 
     def _start_tokens(self) -> None:
         s = self.settings
@@ -333,7 +344,13 @@ class Application:
             access_ttl=s.tokens.access_ttl,
             leeway=s.tokens.leeway,
             fallback=s.tokens.denylist_fallback,
+            server_id=self._server_id,
         )
+        cache = self.denylist.cache
+        cache.listeners.append(lambda trusted: self.metrics.denylist_trusted.set(1 if trusted else 0))
+        if self._redis is not None:
+            # a restart or failover of Redis: the cache may lack entries until verified or rebuilt
+            self._redis.server_listeners.append(lambda _run_id: cache.lost("store server changed"))
         self.access = AccessTokens(
             self.keys,
             self.denylist,
@@ -627,15 +644,17 @@ class Application:
         )
         smtp = s.mail.smtp
         self.transport = (
-            SmtpTransport(
-                smtp.host,
-                smtp.port,
-                tls=smtp.tls,
-                starttls=smtp.starttls,
-                username=smtp.username,
-                password=smtp.password.get_secret_value() if smtp.password else None,
-                timeout=smtp.timeout,
-                verify_certificate=smtp.verify_certificate,
+            ObservedTransport(
+                SmtpTransport(
+                    smtp.host,
+                    smtp.port,
+                    tls=smtp.tls,
+                    starttls=smtp.starttls,
+                    username=smtp.username,
+                    password=smtp.password.get_secret_value() if smtp.password else None,
+                    timeout=smtp.timeout,
+                    verify_certificate=smtp.verify_certificate,
+                )
             )
             if smtp.host
             else FileTransport(s.outbox_dir)
@@ -713,7 +732,23 @@ class Application:
                 log.bind(error=exc.summary).warning("mail transport not reachable; mail waits in the outbox")
         if self.sender is not None:
             self.sender.start()
+        self._track_dependencies()
         await self._set_serving(True)
+
+    def _track_dependencies(self) -> None:
+        """What /healthz and iam_dependency_state report (iam_grpc.dependencies)."""
+        assert self.db is not None
+        assert self.denylist is not None
+        self._probed["sql"] = sql = ProbedDependency(self.db.breaker)
+        self.dependencies.track("sql", sql.state)
+        if self._redis is not None:
+            cache = self.denylist.cache
+            self._probed["ephemeral"] = redis = ProbedDependency(
+                self._redis.breaker, trusted=lambda: cache.trusted
+            )
+            self.dependencies.track("redis", redis.state)
+        if isinstance(self.transport, ObservedTransport):
+            self.dependencies.track("smtp", self.transport.state)
 
     # health ------------------------------------------------------------------
 
@@ -733,6 +768,7 @@ class Application:
         self.metrics.serving.set(1 if self.serving else 0)
 
     async def check_stores(self) -> bool:
+        """Probe SQL and the ephemeral store; True when both answer."""
         ok = True
         for store, probe in (("sql", self.db), ("ephemeral", self.ephemeral)):
             if probe is None:
@@ -740,10 +776,15 @@ class Application:
             try:
                 async with asyncio.timeout(2.0):
                     await probe.ping()
+                answered = True
             except (BackendUnavailable, TimeoutError):
                 self.metrics.store_failures.labels(store).inc()
                 log.bind(store=store).warning("store health probe failed")
-                ok = False
+                answered = ok = False
+            if store == "sql":
+                self._sql_answers = answered
+            if store in self._probed:
+                self._probed[store].probed(answered)
         return ok
 
     async def _probe_loop(self) -> None:
@@ -752,8 +793,12 @@ class Application:
             await self.probe_once()
 
     async def probe_once(self) -> None:
-        """One health probe: three failures in a row mean NOT_SERVING, one success SERVING again."""
-        healthy = await self.check_stores()
+        """One health probe: three SQL failures in a row mean NOT_SERVING, one success SERVING
+        again. The ephemeral store does not count: without it every RPC still answers correctly
+        from its documented fallback (SQL deny-list, local limits), and taking every replica out of
+        the balancer because a shared Redis blinked would turn a degradation into an outage."""
+        await self.check_stores()
+        healthy = self._sql_answers
         if self._draining:
             return
         if healthy:
@@ -764,7 +809,7 @@ class Application:
             return
         self._probe_failures += 1
         if self._probe_failures >= PROBE_FAILURES and self._serving:
-            log.error("stores failing; reporting NOT_SERVING")
+            log.error("database failing; reporting NOT_SERVING")
             await self._set_serving(False)
 
     async def _every(self, interval: timedelta, job: Callable[[], Awaitable[object]], name: str) -> None:
@@ -792,7 +837,8 @@ class Application:
 
     async def _healthz(self) -> Response:
         status = "SERVING" if self.serving else "NOT_SERVING"
-        return Response(200 if self.serving else 503, json.dumps({"status": status}).encode())
+        body = {"status": status, "dependencies": self.dependencies.states()}
+        return Response(200 if self.serving else 503, json.dumps(body).encode())
 
     async def _metrics_route(self) -> Response:
         return Response(200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
@@ -832,6 +878,9 @@ class Application:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        if self.denylist is not None:
+            with contextlib.suppress(Exception):
+                await self.denylist.close()
         for store in (self.ephemeral, self._fallback_memory):
             if store is not None:
                 with contextlib.suppress(Exception):

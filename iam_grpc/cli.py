@@ -500,6 +500,14 @@ def _note_shared(tools: Any) -> None:
         )
 
 
+def _note_uncached() -> None:
+    typer.echo(
+        "note: recorded in the database, but Redis did not answer: servers that still trust their "
+        "deny-list cache apply it at their next tokens.denylist_replay",
+        err=True,
+    )
+
+
 def _key_state(row: Any, now: Any) -> str:
     if row.unpublish_at is not None and row.unpublish_at <= now:
         return "unpublished"
@@ -551,7 +559,8 @@ def keys_rotate(
         new = await tools.keys.rotate(immediate=immediate, revoke=revoke)
         if revoke is not None:
             _note_shared(tools)
-            await tools.denylist.revoke_key(revoke)
+            if not await tools.denylist.revoke_key(revoke):
+                _note_uncached()
         await tools.audit.record(
             tools.audit.event("keys.created", "ok", details={"kid": new.kid, "immediate": immediate})
         )
@@ -663,8 +672,9 @@ def roles_revoke(
             revoked = bool(await tx.users.revoke_role(found.id, role))
             jtis: list[str] = []
             if revoked and now_flag:
-                window = tools.settings.tokens.access_ttl + tools.settings.tokens.leeway
-                jtis = await tx.sessions.access_jtis_since(found.id, now - window)
+                jtis = await tx.sessions.access_jtis_since(found.id, now - tools.denylist.memory)
+                # SQL first, in this transaction: the deny-list cache is rebuilt from it
+                await tools.denylist.record_tokens(tx, jtis)
             if revoked:
                 details = {"role": role, "now": now_flag, "tokens": len(jtis)}
                 await tools.audit.record(
@@ -672,7 +682,8 @@ def roles_revoke(
                 )
         if jtis:
             _note_shared(tools)
-            await tools.denylist.revoke_tokens(jtis)
+            if not await tools.denylist.revoke_tokens(jtis):
+                _note_uncached()
         return revoked
 
     typer.echo("revoked" if _admin(config, action) else "not held")

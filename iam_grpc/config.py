@@ -166,7 +166,10 @@ class DatabaseSettings(_Group):
     max_overflow: int = Field(default=10, ge=0)
     pool_recycle: Duration = timedelta(seconds=1800)
     pool_pre_ping: bool = True
-    connect_timeout: Duration = timedelta(seconds=10)
+    # With MariaDB down or stalled a call fails within these (docs/deployment.md, "Losing a
+    # dependency"): a new connection, and each wait for the server's answer or a pooled connection.
+    connect_timeout: Duration = timedelta(seconds=2)
+    statement_timeout: Duration = timedelta(seconds=2)
     startup_wait: Duration = timedelta(seconds=60)
     auto_migrate: bool | None = None  # default: true in embedded mode, false in production
 

@@ -70,6 +70,29 @@ class Metrics:
             "Token checks that read revocations from SQL because the ephemeral store failed.",
             registry=self.registry,
         )
+        self.denylist_rebuilds = Counter(
+            "iam_denylist_rebuilds_total",
+            "Deny-list caches rebuilt from SQL (the ephemeral store lost data, or a write failed).",
+            registry=self.registry,
+        )
+        self.denylist_trusted = Gauge(
+            "iam_denylist_cache_trusted",
+            "1 while token checks trust the deny-list cache; 0 while they read SQL.",
+            registry=self.registry,
+        )
+        self.store_fallbacks = Counter(
+            "iam_check_fallbacks_total",
+            "Checks answered by their documented rule because the ephemeral store failed, by check "
+            "(pending_challenge and risk_score fail open, pending_login fails closed).",
+            ["check"],
+            registry=self.registry,
+        )
+        self.dependency_state = Gauge(
+            "iam_dependency_state",
+            "1 for the current state (up, degraded, down) of each dependency (sql, redis, smtp).",
+            ["dependency", "state"],
+            registry=self.registry,
+        )
         self.refreshes = Counter(
             "iam_refresh_total",
             "Refresh outcomes (rotated, grace, reuse, invalid, revoked, expired).",

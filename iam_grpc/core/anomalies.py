@@ -41,7 +41,7 @@ from iam_grpc.core.tokens.sessions import (
     Refusal,
     SessionManager,
 )
-from iam_grpc.errors import AnomalyBlocked
+from iam_grpc.errors import AnomalyBlocked, BackendUnavailable
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Transaction
@@ -192,7 +192,15 @@ class AnomalyChecks:
 
     async def __call__(self, context: RefreshContext, tx: Transaction) -> object | None:
         seen = self._observer.observe(context.client)
-        pending = await self._challenges.pending_for_session(context.session.id)
+        try:
+            pending = await self._challenges.pending_for_session(context.session.id)
+        except BackendUnavailable:
+            # Fails open: the checks below run as if nothing were pending, and a hit still needs
+            # the store for its challenge (BACKEND_UNAVAILABLE then); every one of them is decided
+            # from SQL or by its own store rule, so no Refresh passes one it would not pass anyway.
+            self._metrics.store_fallbacks.labels("pending_challenge").inc()
+            log.warning("pending challenge unreadable; evaluating the checks")
+            pending = None
         if pending is not None and pending.kind == "refresh":
             return await self._resume(pending, context, seen, tx)
         evaluation = _Evaluation(context, seen, tx, self._clock.now())
@@ -350,6 +358,7 @@ class AnomalyChecks:
         """7: the ip's or the device's risk points of the last 24 h reach the threshold."""
         score = await self._risk.score(ip=e.context.client.ip, device_id=e.context.session.device_id)
         if score is None:
+            self._metrics.store_fallbacks.labels("risk_score").inc()
             log.warning("risk score unavailable; the check is skipped")
             return None
         if score < self._policy.risk_threshold:

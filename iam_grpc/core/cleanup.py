@@ -63,6 +63,7 @@ class Cleanup:
             "outbox_secrets": lambda m: m.wipe_outbox_secrets(p.batch),
             "audit_events": lambda m: m.purge_audit(now - p.audit_retention, p.batch),
             "devices": lambda m: m.purge_devices(now - p.device_memory, p.batch),
+            "revocations": lambda m: m.purge_revocations(now, p.batch),
         }
         counts: dict[str, int] = {}
         for name, job in jobs.items():

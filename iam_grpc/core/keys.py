@@ -133,6 +133,8 @@ class KeyRing:
                 for row in await tx.keys.all():
                     if row.kid == revoke:
                         await tx.keys.retire(row.kid, deactivate_at=now, unpublish_at=now, destroy_at=now)
+                        # the deny-list's authority, in the same transaction (its tokens die with it)
+                        await tx.revocations.add("kid", [row.kid], now, now + self._retire_after)
                     elif row.deactivate_at is None or row.deactivate_at > activate:
                         await tx.keys.retire(
                             row.kid, deactivate_at=activate, unpublish_at=activate + self._retire_after

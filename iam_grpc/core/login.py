@@ -157,7 +157,14 @@ class LoginFlow:
 
         reason = await self._mfa_reason(user, client, seen, trusted, links)
         if reason is not None:
-            pending = await self._challenges.pending_login(user.id, client.device_id, seen.agent)
+            try:
+                pending = await self._challenges.pending_login(user.id, client.device_id, seen.agent)
+            except BackendUnavailable:
+                # Nothing pending as far as can be known; the new challenge below needs the store
+                # too, so this Login answers BACKEND_UNAVAILABLE (challenges never fall back).
+                self._metrics.store_fallbacks.labels("pending_login").inc()
+                log.warning("pending login challenge unreadable")
+                pending = None
             if pending is not None and pending.state == "approved":
                 # approved from another device (4.5): this repeated login completes it
                 done = await self._challenges.finish(pending.id)
@@ -258,7 +265,9 @@ class LoginFlow:
         if self._mfa_on_new_device and not trusted and ever_trusted(links):
             return "NEW_DEVICE"
         score = await self._risk.score(ip=client.ip, device_id=client.device_id or None)
-        if score is not None and score >= self._risk_threshold:
+        if score is None:
+            self._metrics.store_fallbacks.labels("risk_score").inc()  # skipped, as on Refresh
+        elif score >= self._risk_threshold:
             return "SUSPICIOUS_ACTIVITY"
         if self._travelled_too_fast(links, seen, now):
             return "IMPOSSIBLE_TRAVEL"

@@ -143,8 +143,22 @@ class MemoryEphemeral:
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [entry.value if (entry := self._live(key)) else None for key in keys]
 
+    async def values(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [entry.value if (entry := self._live(key)) else None for key in keys]
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None:
         self._store(key, value, self._deadline(ttl), evictable=False)
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: timedelta) -> None:
+        expires = self._deadline(ttl)
+        for key, value in items:
+            self._store(key, value, expires, evictable=False)
+
+    async def set_many_waiting(
+        self, items: Sequence[tuple[str, bytes]], ttl: timedelta, *, within: timedelta
+    ) -> bool:
+        await self.set_many(items, ttl)
+        return True
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         if self._live(key) is not None:
@@ -169,6 +183,9 @@ class MemoryEphemeral:
         expires = entry.expires if ttl is None else self._deadline(ttl)
         self._store(key, value, expires, entry.evictable)
         return True
+
+    async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
+        return await self.compare_and_set(key, expected, expected, ttl)
 
     async def delete_if(self, key: str, expected: bytes) -> bool:
         entry = self._live(key)

@@ -47,6 +47,7 @@ __all__ = [
     "MessageRenderer",
     "Outbox",
     "PermanentMailError",
+    "RevocationStore",
     "SessionStore",
     "Transaction",
     "TransientMailError",
@@ -327,6 +328,25 @@ class Maintenance(Protocol):
 
     async def purge_devices(self, unseen_before: datetime, batch: int) -> int: ...
 
+    async def purge_revocations(self, now: datetime, batch: int) -> int: ...
+
+
+class RevocationStore(Protocol):
+    """Single access tokens (kind ``jti``) and signing keys (``kid``) revoked: the authority of the
+    deny-list (sessions keep theirs in ``sessions.revoked_at``)."""
+
+    async def add(self, kind: str, values: Sequence[str], now: datetime, until: datetime) -> None:
+        """Record ``values`` revoked until ``until`` (a repeat keeps one row, with the later expiry)."""
+        ...
+
+    async def find(self, wanted: Sequence[tuple[str, str]], now: datetime) -> set[tuple[str, str]]:
+        """Which of the (kind, value) pairs are revoked now."""
+        ...
+
+    async def active(self, now: datetime) -> list[tuple[str, str]]:
+        """Every (kind, value) revoked and not yet expired, oldest first."""
+        ...
+
 
 class Transaction(Protocol):
     """One database transaction with a store per table family."""
@@ -351,6 +371,9 @@ class Transaction(Protocol):
 
     @property
     def maintenance(self) -> Maintenance: ...
+
+    @property
+    def revocations(self) -> RevocationStore: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""
@@ -477,7 +500,25 @@ class Ephemeral(Protocol):
         """
         ...
 
+    async def values(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in their order (None for a missing key), in one round trip of
+        separate reads (so the keys may hash to different slots, unlike :meth:`get_many`)."""
+        ...
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None: ...
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: timedelta) -> None:
+        """Store every (key, value) with one TTL, in as few round trips as the store allows (not
+        atomically: after a failure some may be stored)."""
+        ...
+
+    async def set_many_waiting(
+        self, items: Sequence[tuple[str, bytes]], ttl: timedelta, *, within: timedelta
+    ) -> bool:
+        """:meth:`set_many` that does not give up at the first failure: tried again, even while
+        calls fail fast, until stored (True) or ``within`` has passed or the store refuses
+        connections, as one that is not running does (False). Never raises BackendUnavailable."""
+        ...
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         """Store only when the key does not exist; True when stored."""
@@ -495,6 +536,11 @@ class Ephemeral(Protocol):
 
     async def delete_if(self, key: str, expected: bytes) -> bool:
         """Delete the key only while its value equals ``expected`` (atomically); True if deleted."""
+        ...
+
+    async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
+        """A lease: give the key ``ttl`` more to live while it holds ``expected`` (True), tried
+        even while other calls fail fast, so a store that is only slow does not end the lease."""
         ...
 
     async def incr(self, key: str, amount: int, ttl: timedelta) -> int:

@@ -1,22 +1,53 @@
 """Redis ephemeral store (production). Atomic multi-step operations are Lua
 scripts, loaded once and run with EVALSHA (redis-py's ``Script`` retries with
-EVAL after a ``NOSCRIPT``, e.g. after a Redis restart)."""
+EVAL after a ``NOSCRIPT``, e.g. after a Redis restart).
+
+Connection loss is handled in three layers: a command that meets a dead pooled
+connection (Redis restarted) reconnects and is sent once more (never after a
+time-out: a stalled Redis would double every wait); a :class:`Breaker` makes
+calls fail at once while Redis is known down, so callers take their fallbacks
+without waiting; and each new connection reads the server's ``run_id``, so a
+restart or a failover to another server is noticed before the first command on
+it (listeners in :attr:`RedisEphemeral.server_listeners`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage import sliding_window
+from iam_grpc.storage.breaker import Breaker
 from iam_grpc.storage.records import HitResult, LimitSpec
 
 __all__ = ["RedisEphemeral", "RedisLimiterStore"]
+
+_BATCH = 1000  # commands per pipeline round trip in set_many
+_WAIT_PAUSE = 0.05  # between tries of set_many_waiting
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection was refused (redis-py keeps the OSError as the context)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
 
 # KEYS[1]; ARGV: expected, new value, ttl ms (0 = keep the current TTL)
 _COMPARE_AND_SET = """
@@ -65,18 +96,52 @@ class RedisEphemeral:
         prefix: str = "iam:",
         socket_timeout: timedelta = timedelta(milliseconds=250),
         connect_timeout: timedelta = timedelta(seconds=1),
+        health_check_interval: timedelta = timedelta(seconds=10),
     ) -> None:
         self._prefix = prefix
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=socket_timeout.total_seconds(),
             socket_connect_timeout=connect_timeout.total_seconds(),
-            health_check_interval=30,
-            retry_on_timeout=False,
+            # A pooled connection idle this long is PINGed before use (and reconnected if dead).
+            health_check_interval=int(health_check_interval.total_seconds()),
+            # Once, at once, and only for a dead connection: a restarted Redis leaves every pooled
+            # connection dead, and the first command on each would fail without this.
+            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+            redis_connect_func=self._on_connect,
         )
         self._cas = self._client.register_script(_COMPARE_AND_SET)
         self._delete_if = self._client.register_script(_DELETE_IF)
         self._incr = self._client.register_script(_INCR_WITH_TTL)
+        self.breaker = Breaker("redis", self._probe)
+        self._server_id = ""
+        self.server_listeners: list[Callable[[str], None]] = []
+
+    async def _on_connect(self, connection: Any) -> None:
+        """Every new connection: the handshake, then the server's run_id (it changes when Redis
+        restarts or another server takes over), so lost data is suspected before any command."""
+        await connection.on_connect()
+        try:
+            await connection.send_command("INFO", "server", check_health=False)
+            raw = await connection.read_response()
+        except ResponseError:
+            return  # INFO renamed or refused: restarts are then noticed by the data itself
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                self._seen_server(line.partition(":")[2].strip())
+                return
+
+    def _seen_server(self, run_id: str) -> None:
+        previous, self._server_id = self._server_id, run_id
+        if previous and previous != run_id:
+            for listener in self.server_listeners:
+                listener(run_id)
+
+    @property
+    def server_id(self) -> str:
+        """The run_id of the Redis server last connected to ("" before the first connection)."""
+        return self._server_id
 
     @property
     def prefix(self) -> str:
@@ -92,17 +157,37 @@ class RedisEphemeral:
 
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
-        """Turn any Redis or socket failure into BackendUnavailable."""
+        """Turn any Redis or socket failure into BackendUnavailable; fail at once while the
+        breaker is open."""
+        self.breaker.allow()
         try:
             yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self.breaker.failed()
+            raise BackendUnavailable() from exc
+        except RedisError as exc:
+            raise BackendUnavailable() from exc
+        self.breaker.succeeded()
+
+    async def ping(self) -> None:
+        """A real round trip even while the breaker is open (the health probe asks the server)."""
+        try:
+            await self._client.ping()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self.breaker.failed()
+            raise BackendUnavailable() from exc
+        except RedisError as exc:
+            raise BackendUnavailable() from exc
+        self.breaker.succeeded()
+
+    async def _probe(self) -> None:
+        try:
+            await self._client.ping()
         except (RedisError, OSError) as exc:
             raise BackendUnavailable() from exc
 
-    async def ping(self) -> None:
-        async with self.guard():
-            await self._client.ping()
-
     async def close(self) -> None:
+        await self.breaker.close()
         await self._client.aclose()
 
     async def get(self, key: str) -> bytes | None:
@@ -116,9 +201,53 @@ class RedisEphemeral:
             values = await self._client.mget([self.key(k) for k in keys])
         return [_bytes(value) for value in values]
 
+    async def values(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        async with self.guard(), self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(self.key(key))
+            results = await pipe.execute()
+        return [_bytes(value) for value in results]
+
     async def set(self, key: str, value: bytes, ttl: timedelta) -> None:
         async with self.guard():
             await self._client.set(self.key(key), value, px=_ms(ttl))
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: timedelta) -> None:
+        for start in range(0, len(items), _BATCH):
+            async with self.guard():
+                await self._set_batch(items[start : start + _BATCH], _ms(ttl))
+
+    async def _set_batch(self, items: Sequence[tuple[str, bytes]], millis: int) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.set(self.key(key), value, px=millis)
+            await pipe.execute()
+
+    async def set_many_waiting(
+        self, items: Sequence[tuple[str, bytes]], ttl: timedelta, *, within: timedelta
+    ) -> bool:
+        """Past the breaker, each try waits for Redis's answer (the socket time-out): on a stalled
+        Redis the commands sent are queued there and run when it resumes; the next try, once it
+        answers, stores the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within.total_seconds()
+        millis, done = _ms(ttl), 0
+        while True:
+            try:
+                while done < len(items):
+                    await self._set_batch(items[done : done + _BATCH], millis)
+                    done += _BATCH
+                return True
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if _refused(exc):
+                    return False  # nothing listens: Redis comes back empty or as another server
+            except RedisError:
+                return False
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_WAIT_PAUSE)
 
     async def set_if_absent(self, key: str, value: bytes, ttl: timedelta) -> bool:
         async with self.guard():
@@ -134,6 +263,12 @@ class RedisEphemeral:
         args: list[Any] = [expected, value, 0 if ttl is None else _ms(ttl)]
         async with self.guard():
             return bool(await self._cas(keys=[self.key(key)], args=args))
+
+    async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
+        try:  # past the breaker: a breaker opened by slow answers must not end a lease
+            return bool(await self._cas(keys=[self.key(key)], args=[expected, expected, _ms(ttl)]))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
 
     async def delete_if(self, key: str, expected: bytes) -> bool:
         async with self.guard():

@@ -144,4 +144,5 @@ async def test_cleanup_runs_on_demand(shared_own_database: Backend, tmp_path: Pa
         "outbox_secrets",
         "audit_events",
         "devices",
+        "revocations",
     }

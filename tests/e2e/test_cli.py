@@ -170,7 +170,7 @@ def test_ops_listener_serves_healthz_and_metrics(
     process, grpc_port, http_port, _ = served
     wait_serving(grpc_port, process)
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5) as answer:
-        assert json.loads(answer.read()) == {"status": "SERVING"}
+        assert json.loads(answer.read()) == {"status": "SERVING", "dependencies": {"sql": "up"}}
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as answer:
         assert b"iam_serving 1.0" in answer.read()
 

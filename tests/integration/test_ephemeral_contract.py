@@ -243,3 +243,78 @@ async def test_get_many_on_a_redis_that_is_down_is_backend_unavailable() -> None
     with pytest.raises(BackendUnavailable):
         await dead.get_many(["{x}:1", "{x}:2"])
     await dead.close()
+
+
+async def test_values_reads_keys_of_any_slot_in_order(store: Ephemeral) -> None:
+    """values reads keys of different hash tags in one call, None for a missing or expired key."""
+    await store.set("{a}:x", b"1", LONG)
+    await store.set("{b}:y", b"2", LONG)
+    await store.set("{c}:short", b"3", SHORT)
+    assert await gone(store, "{c}:short")
+    assert await store.values(["{b}:y", "{nope}:z", "{a}:x", "{c}:short"]) == [b"2", None, b"1", None]
+    assert await store.values([]) == []
+
+
+async def test_set_many_stores_every_item_with_the_ttl(store: Ephemeral) -> None:
+    """set_many stores each (key, value), more than one pipeline's worth, all with the given TTL."""
+    items = [(f"{{m{i}}}:k", str(i).encode()) for i in range(2500)]
+    await store.set_many(items, LONG)
+    await store.set_many([], LONG)
+    assert await store.values([key for key, _ in items]) == [value for _, value in items]
+    ttl = await store.ttl(items[-1][0])
+    assert ttl is not None
+    assert timedelta(seconds=55) < ttl <= LONG
+    await store.set_many([("{m0}:k", b"again")], SHORT)
+    assert await store.get("{m0}:k") == b"again"
+    assert await gone(store, "{m0}:k")
+
+
+async def test_a_redis_that_keeps_failing_fails_at_once() -> None:
+    """After three connection failures the breaker opens: calls fail without touching the network,
+    while ping (the health probe) still asks the server."""
+    dead = RedisEphemeral(
+        "redis://127.0.0.1:1/0",
+        connect_timeout=timedelta(milliseconds=200),
+        socket_timeout=timedelta(milliseconds=200),
+    )
+    try:
+        for _ in range(3):
+            with pytest.raises(BackendUnavailable):
+                await dead.get("x")
+        assert dead.breaker.is_open
+        with pytest.raises(BackendUnavailable) as refused:
+            await dead.values(["x"])
+        assert refused.value.__cause__ is None  # refused by the breaker, no driver error behind it
+        with pytest.raises(BackendUnavailable) as probed:
+            await dead.ping()
+        assert probed.value.__cause__ is not None
+    finally:
+        await dead.close()
+
+
+async def test_extend_renews_a_lease_only_while_it_holds_the_value(store: Ephemeral) -> None:
+    """extend gives the key a new TTL while it holds the expected value, and nothing else."""
+    await store.set("lease", b"mine", SHORT)
+    assert await store.extend("lease", b"mine", LONG)
+    ttl = await store.ttl("lease")
+    assert ttl is not None
+    assert ttl > timedelta(seconds=50)
+    assert not await store.extend("lease", b"theirs", LONG)
+    assert not await store.extend("missing", b"mine", LONG)
+    assert await store.get("lease") == b"mine"
+
+
+async def test_extend_is_tried_past_an_open_breaker(redis_url: str, redis_prefix: str) -> None:
+    """A breaker opened by failures (here: forced) makes other calls fail at once, but a lease is
+    still extended, so a Redis that is only slow does not end it."""
+    redis = RedisEphemeral(redis_url, prefix=redis_prefix + secrets.token_hex(4) + ":")
+    try:
+        await redis.set("lease", b"mine", SHORT)
+        for _ in range(3):
+            redis.breaker.failed()
+        assert redis.breaker.is_open
+        with pytest.raises(BackendUnavailable):
+            await redis.get("lease")
+        assert await redis.extend("lease", b"mine", LONG)
+    finally:
+        await redis.close()

@@ -6,7 +6,7 @@ change, email change; rotation is S33 in test_tokens.py) makes the database fail
 answers UNAVAILABLE BACKEND_UNAVAILABLE well within its deadline, the account reads exactly as
 before (user row, live sessions each with a live refresh token, audit trail), and the same call
 succeeds once the failpoint is disarmed. Health is driven against a MariaDB reached through a TCP
-forwarder the test cuts and restores, so the shared server never stops.
+proxy the test cuts and restores, so the shared server never stops.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from tests.accounts_helper import (
 )
 from tests.conftest import Backend
 from tests.mailbox import Mailbox
+from tests.tcp_proxy import TcpProxy, tcp_proxy
 
 NEW_PASSWORD = "a brand new passphrase 7"
 DEADLINE = 5.0  # seconds, the deadline of every call that meets the failing database
@@ -278,81 +279,12 @@ async def test_a_database_failure_before_commit_leaves_nothing_half_written(
 # MySQL down: health ------------------------------------------------------------------------
 
 
-class Forwarder:
-    """A TCP forwarder on 127.0.0.1 to the MariaDB server: ``cut`` drops every connection and
-    refuses new ones, as a database that went away; ``restore`` lets them through again."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._down = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def cut(self) -> None:
-        self._down = True
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    def restore(self) -> None:
-        self._down = False
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        self.cut()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
-        self._writers.add(writer)
-        try:
-            if self._down:
-                return
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-            self._writers.add(up_writer)
-            try:
-                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-            finally:
-                self._writers.discard(up_writer)
-                up_writer.transport.abort()
-        except OSError:
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-            self._tasks.discard(task)  # type: ignore[arg-type]
-
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        except OSError:
-            pass
-        finally:
-            sink.transport.abort()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def mariadb_link(shared_backend: Backend) -> AsyncIterator[tuple[Forwarder, str]]:
-    """A forwarder to the test database's server, and the database URL through it."""
+@pytest.fixture
+def mariadb_link(shared_backend: Backend) -> Iterator[tuple[TcpProxy, str]]:
+    """A proxy to the test database's server, and the database URL through it."""
     url = make_url(shared_backend.environ["IAM_DATABASE_URL"])
-    forwarder = Forwarder(url.host or "127.0.0.1", url.port or 3306)
-    await forwarder.start()
-    try:
-        yield forwarder, url.set(host="127.0.0.1", port=forwarder.port).render_as_string(hide_password=False)
-    finally:
-        await forwarder.close()
+    with tcp_proxy(url.host or "127.0.0.1", url.port or 3306) as proxy:
+        yield proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
 
 
 async def health_of(address: str) -> int:
@@ -362,7 +294,7 @@ async def health_of(address: str) -> int:
 
 
 async def test_mysql_down_fails_calls_clearly_and_health_follows(
-    shared_backend: Backend, mariadb_link: tuple[Forwarder, str], tmp_path: Path
+    shared_backend: Backend, mariadb_link: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
     """S59: with MySQL unreachable a Login answers UNAVAILABLE BACKEND_UNAVAILABLE within its
     deadline; two failed probes change nothing, the third turns health NOT_SERVING, and one

@@ -232,7 +232,9 @@ async def test_healthz_reports_serving(service: RunningService) -> None:
     assert service.http_port is not None
     status, headers, body = await _http_get(service.http_port, "/healthz")
     assert status == 200
-    assert json.loads(body) == {"status": "SERVING"}
+    answer = json.loads(body)
+    assert answer["status"] == "SERVING"
+    assert set(answer["dependencies"].values()) == {"up"}
     assert headers["content-type"] == "application/json"
 
 

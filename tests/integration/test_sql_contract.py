@@ -736,3 +736,36 @@ async def test_a_failed_commit_leaves_no_transaction_behind(tmp_path: Path) -> N
             assert rows.scalar() == 0
     finally:
         await db.close()
+
+
+async def test_revocations_are_recorded_found_and_purged(database: SqlDatabase) -> None:
+    """A revoked jti or kid is found until its expiry (a repeat keeps one row with the later expiry,
+    and rolls back with its transaction); active() lists what the deny-list must hold; the cleanup
+    purge removes only expired rows."""
+    jti, other, kid = ids.new_jti(), ids.new_jti(), "k" * 64  # the longest kid the column takes
+    async with database.transaction() as tx:
+        await tx.revocations.add("jti", [jti, jti], NOW, NOW + timedelta(minutes=1))
+        await tx.revocations.add("kid", [kid], NOW, NOW + timedelta(minutes=16))
+    with pytest.raises(RuntimeError):
+        async with database.transaction() as tx:
+            await tx.revocations.add("jti", [other], NOW, NOW + timedelta(minutes=1))
+            raise RuntimeError("rolled back")
+    async with database.transaction() as tx:
+        await tx.revocations.add("jti", [jti], NOW, NOW + timedelta(minutes=10))  # again, later
+    async with database.transaction(read_only=True) as tx:
+        later = NOW + timedelta(minutes=5)
+        assert await tx.revocations.find([("jti", jti), ("jti", other), ("kid", kid)], later) == {
+            ("jti", jti),
+            ("kid", kid),
+        }
+        assert await tx.revocations.find([("kid", jti)], later) == set()  # kinds never mix
+        assert await tx.revocations.find([], later) == set()
+        active = await tx.revocations.active(NOW + timedelta(minutes=12))
+    assert ("kid", kid) in active
+    assert ("jti", jti) not in active  # expired by then
+    async with database.transaction() as tx:
+        purged = await tx.maintenance.purge_revocations(NOW + timedelta(minutes=12), 1000)
+    assert purged >= 1
+    async with database.transaction(read_only=True) as tx:
+        assert await tx.revocations.find([("jti", jti)], NOW) == set()
+        assert await tx.revocations.find([("kid", kid)], NOW) == {("kid", kid)}

@@ -253,3 +253,32 @@ async def test_a_refund_gives_back_one_reservation_and_keeps_the_failures_before
     clock.advance(2)
     await (await rl.hit("login.pair", key)).succeeded()
     assert (await rl.peek("login.pair", key))["estimates"][1] == 0
+
+
+async def test_a_refund_the_store_cannot_take_does_not_fail_the_call() -> None:
+    """A store that fails between a reservation and its refund (Redis stalled in between): the
+    refund is skipped and counted, the caller's success stands, and the point stays consumed (a
+    stricter limit, never a looser one). Before, a Login that had succeeded answered
+    BACKEND_UNAVAILABLE (seen in the fault suite's Redis stall)."""
+    from iam_grpc.errors import BackendUnavailable
+
+    class FailsLater(MemoryLimiterStore):
+        failing = False
+
+        async def refund(self, *args: object, **kwargs: object) -> None:
+            if self.failing:
+                raise BackendUnavailable()
+            await super().refund(*args, **kwargs)  # type: ignore[arg-type]
+
+    clock = ManualClock()
+    store = FailsLater(MemoryEphemeral(max_keys=1000, clock=clock))
+    metrics = Metrics()
+    rl = RateLimiter(
+        store, groups=DEFAULT_GROUPS, material=SecretMaterial(bytes(32)), clock=clock, metrics=metrics
+    )
+    permit = await rl.hit("login.ip_fail", ip_key("192.0.2.10"))
+    store.failing = True
+    await rl.settle(permit, success=True)
+    assert metrics.registry.get_sample_value("iam_ratelimit_store_fallbacks_total") == 1
+    state = await rl.peek("login.ip_fail", ip_key("192.0.2.10"))
+    assert state["estimates"][0] >= 1  # still counted

@@ -169,9 +169,15 @@ class RateLimiter:
             return
         group = permit.group
         now = self._now_ms()
-        await permit.store.refund(permit.key, group.spec, now, group.failure_windows, permit.buckets)
-        if success:
-            await permit.store.reset(permit.key, group.spec, now, group.consecutive_windows)
+        try:
+            await permit.store.refund(permit.key, group.spec, now, group.failure_windows, permit.buckets)
+            if success:
+                await permit.store.reset(permit.key, group.spec, now, group.consecutive_windows)
+        except BackendUnavailable:
+            # The call succeeded: it must not fail now. The reservation stays counted (stricter,
+            # never looser) until its window moves on.
+            self._metrics.ratelimit_fallbacks.inc()
+            log.bind(group=group.name).warning("limiter store failed; refund skipped")
 
     async def leave_one(self, name: str, raw_key: str) -> None:
         """Set every window of the group one point short of full for the key, keeping its strikes

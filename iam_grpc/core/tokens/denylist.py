@@ -1,31 +1,35 @@
-"""Revocation deny-lists (behaviour.md 1.2): ``deny:sid:{sid}`` for ended
-sessions and ``deny:jti:{jti}`` for single access tokens, in the ephemeral
-store, so revocations apply on every replica at once.
+"""Revocation deny-lists (behaviour.md 1.2): ``deny:sid:{sid}`` for ended sessions,
+``deny:jti:{jti}`` for single access tokens and ``deny:kid:{kid}`` for withdrawn signing keys, in
+the ephemeral store, so revocations apply on every replica at once.
 
-SQL is the truth for sessions: every revocation commits ``revoked_at`` first,
-then writes the marker; a replay job rewrites the markers of recent
-revocations, so a flushed or failed-over Redis cannot resurrect a revoked
-token for longer than ``tokens.denylist_replay``. When the store fails,
-``tokens.denylist_fallback = "sql"`` reads ``sessions.revoked_at`` instead.
+SQL is the authority for all three: a session revocation commits ``sessions.revoked_at``, a token
+or key revocation a row of ``revocations`` (in the transaction of the change), and only then are
+the entries written. The entries are a cache guarded by a generation marker
+(:mod:`~iam_grpc.core.tokens.revocation_cache`): while the cache cannot be trusted (the store is
+down, restarted, flushed, failed over, or a write failed) every check reads SQL instead, session,
+token and key alike, so a revoked token is refused through any store event.
+``tokens.denylist_fallback = "closed"`` answers UNAVAILABLE instead of reading SQL.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Literal
 
 from iam_grpc.clock import Clock
+from iam_grpc.core.tokens.revocation_cache import GENERATION_KEY, RevocationCache
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
-from iam_grpc.storage.ports import Database, Ephemeral
+from iam_grpc.storage.ports import Database, Ephemeral, Transaction
 
 __all__ = ["DenyList"]
 
 log = component_logger("iam.denylist")
 _WARN_EVERY = 10.0
+_MARK = b"1"
 
 
 def sid_key(session_id: str) -> str:
@@ -40,6 +44,9 @@ def kid_key(kid: str) -> str:
     return f"deny:kid:{{{kid}}}"
 
 
+_KEY_OF = {"jti": jti_key, "kid": kid_key}
+
+
 class DenyList:
     def __init__(
         self,
@@ -51,6 +58,7 @@ class DenyList:
         access_ttl: timedelta,
         leeway: timedelta,
         fallback: Literal["sql", "closed"] = "sql",
+        server_id: Callable[[], str] | None = None,
     ) -> None:
         self._ephemeral = ephemeral
         self._db = db
@@ -60,67 +68,149 @@ class DenyList:
         self._ttl = self._memory + timedelta(seconds=60)
         self._fallback = fallback
         self._last_warning = 0.0
+        self.cache = RevocationCache(
+            ephemeral,
+            self.entries_from_sql,
+            entry_ttl=self._ttl,
+            server_id=server_id or (lambda: ""),
+            on_rebuilt=lambda _count: metrics.denylist_rebuilds.inc(),
+        )
 
-    async def revoke_sessions(self, session_ids: Iterable[str]) -> None:
-        """Write markers for sessions already revoked in SQL (call after the commit)."""
-        for session_id in session_ids:
-            try:
-                await self._ephemeral.set(sid_key(session_id), b"1", self._ttl)
-            except BackendUnavailable:
-                # SQL already says revoked; the replay job rewrites the marker when the store is back.
-                log.bind(session_id=session_id).warning(
-                    "deny-list marker not written; replay will restore it"
-                )
+    @property
+    def memory(self) -> timedelta:
+        """How long a revocation must be remembered: an access token's lifetime plus leeway."""
+        return self._memory
 
-    async def revoke_tokens(self, jtis: Iterable[str]) -> None:
-        for jti in jtis:
-            await self._ephemeral.set(jti_key(jti), b"1", self._ttl)
+    # recording (SQL, inside the transaction of the change) ----------------------------------
 
-    async def revoke_key(self, kid: str) -> None:
+    async def record_tokens(self, tx: Transaction, jtis: Sequence[str]) -> None:
+        """Record single access tokens as revoked, in ``tx``: the authority the cache follows."""
+        now = self._clock.now()
+        await tx.revocations.add("jti", jtis, now, now + self._memory)
+
+    # caching (after the commit) ------------------------------------------------------------
+
+    async def revoke_sessions(self, session_ids: Iterable[str]) -> bool:
+        """Write entries for sessions already revoked in SQL (call after the commit)."""
+        return await self._write([(sid_key(s), _MARK) for s in session_ids])
+
+    async def revoke_tokens(self, jtis: Iterable[str]) -> bool:
+        """Write entries for tokens recorded with :meth:`record_tokens` (after the commit)."""
+        return await self._write([(jti_key(j), _MARK) for j in jtis])
+
+    async def revoke_key(self, kid: str) -> bool:
         """An emergency key withdrawal: every replica refuses the key's tokens at once, before its
         next key-table reload."""
-        await self._ephemeral.set(kid_key(kid), b"1", self._ttl)
+        return await self._write([(kid_key(kid), _MARK)])
+
+    async def _write(self, entries: list[tuple[str, bytes]]) -> bool:
+        """True when cached; the revocation's call answers only after this returns.
+
+        SQL already holds the revocation. When the store does not take the entries, this waits
+        (at most the marker's lease) until it does, or refuses connections, or the lease has run
+        out: in the last two cases no replica can trust the cache again before it is rebuilt
+        from SQL (the marker is gone, or the store is another or empty). Should the entries still
+        be missing, this replica also drops the marker as soon as the store answers, and the
+        cache is rebuilt with them (a replica cut off from Redis alone)."""
+        if not entries:
+            return True
+        try:
+            await self._ephemeral.set_many(entries, self._ttl)
+            return True
+        except BackendUnavailable:
+            self.cache.lost("write failed")
+        wait = self.cache.lease + timedelta(milliseconds=100)
+        if await self._ephemeral.set_many_waiting(entries, self._ttl, within=wait):
+            return True
+        log.bind(entries=len(entries)).warning("deny-list entries not written; the cache is rebuilt from SQL")
+        self.cache.lost("write failed", force=True)
+        return False
+
+    # checking ----------------------------------------------------------------------------
 
     async def check(
         self, session_id: str, jti: str, kid: str = ""
     ) -> Literal["session", "token", "key"] | None:
-        """Which deny-list holds the token, in one round trip (SQL when the store fails)."""
-        try:
-            keys = [sid_key(session_id), jti_key(jti)] + ([kid_key(kid)] if kid else [])
-            found = await self._ephemeral.exists(keys)
-            session_denied, token_denied = found[0], found[1]
-            key_denied = len(found) > 2 and found[2]
-        except BackendUnavailable:
-            if self._fallback == "closed":
-                raise
-            self._metrics.denylist_fallbacks.inc()
-            now = time.monotonic()
-            if now - self._last_warning > _WARN_EVERY:
-                self._last_warning = now
-                log.warning("deny-list store failed; reading session revocations from SQL")
-            async with self._db.transaction(read_only=True) as tx:
-                session = await tx.sessions.get(session_id)
-            return "session" if session is None or session.revoked_at is not None else None
-        if key_denied:
+        """Which deny-list holds the token: one round trip to the cache while it is trusted, SQL
+        otherwise."""
+        cache = self.cache
+        if cache.trusted:
+            epoch = cache.epoch
+            keys = [sid_key(session_id), jti_key(jti), kid_key(kid) if kid else "", GENERATION_KEY]
+            try:
+                found = await self._ephemeral.values([k for k in keys if k])
+            except BackendUnavailable:
+                pass  # this check reads SQL; the marker tells whether anything was lost
+            else:
+                if cache.accept(found[-1]) and cache.epoch == epoch:
+                    if kid and found[2] is not None:
+                        return "key"
+                    if found[0] is not None:
+                        return "session"
+                    if found[1] is not None:
+                        return "token"
+                    return None
+        return await self._from_sql(session_id, jti, kid)
+
+    async def _from_sql(
+        self, session_id: str, jti: str, kid: str
+    ) -> Literal["session", "token", "key"] | None:
+        if self._fallback == "closed":
+            raise BackendUnavailable()
+        self._metrics.denylist_fallbacks.inc()
+        now_mono = time.monotonic()
+        if now_mono - self._last_warning > _WARN_EVERY:
+            self._last_warning = now_mono
+            log.bind(reason=self.cache.reason).warning(
+                "deny-list cache not trusted; reading revocations from SQL"
+            )
+        wanted = [("jti", jti)] + ([("kid", kid)] if kid else [])
+        async with self._db.transaction(read_only=True) as tx:
+            session = await tx.sessions.get(session_id)
+            revoked = await tx.revocations.find(wanted, self._clock.now())
+        if ("kid", kid) in revoked:
             return "key"
-        if session_denied:
+        if session is None or session.revoked_at is not None:
             return "session"
-        if token_denied:
+        if ("jti", jti) in revoked:
             return "token"
         return None
 
-    async def replay(self) -> int:
-        """Rewrite the markers of sessions revoked within an access token's lifetime."""
-        since = self._clock.now() - self._memory
+    # rebuilding ------------------------------------------------------------------------------
+
+    async def entries_from_sql(self) -> list[tuple[str, bytes]]:
+        """Every entry the cache must hold: sessions revoked within an access token's lifetime,
+        token and key revocations not yet expired, and keys withdrawn within that lifetime."""
+        now = self._clock.now()
+        since = now - self._memory
         async with self._db.transaction(read_only=True) as tx:
-            ids = await tx.sessions.revoked_since(since)
+            sessions = await tx.sessions.revoked_since(since)
+            recorded = await tx.revocations.active(now)
             withdrawn = [
                 row.kid
                 for row in await tx.keys.all()
-                if row.unpublish_at is not None and since <= row.unpublish_at <= self._clock.now()
+                if row.unpublish_at is not None and since <= row.unpublish_at <= now
             ]
-        for session_id in ids:
-            await self._ephemeral.set(sid_key(session_id), b"1", self._ttl)
-        for kid in withdrawn:
-            await self._ephemeral.set(kid_key(kid), b"1", self._ttl)
-        return len(ids)
+        entries = [(sid_key(s), _MARK) for s in sessions]
+        entries += [(_KEY_OF[kind](value), _MARK) for kind, value in recorded if kind in _KEY_OF]
+        entries += [(kid_key(kid), _MARK) for kid in withdrawn]
+        return entries
+
+    async def start(self) -> None:
+        """At startup, before serving: trust the cache (verified or rebuilt) and rewrite its
+        entries. With the store down this only logs; checks read SQL and recovery goes on."""
+        try:
+            if not await self.cache.recover():
+                self.cache.lost("not verified at startup")
+                return
+            await self.cache.refresh()
+        except BackendUnavailable:
+            self.cache.lost("store failed at startup")
+            log.warning("deny-list not verified at startup; reading SQL until the store answers")
+
+    async def replay(self) -> int:
+        """The periodic replay (``tokens.denylist_replay``): rewrite the entries from SQL."""
+        return await self.cache.refresh()
+
+    async def close(self) -> None:
+        await self.cache.close()

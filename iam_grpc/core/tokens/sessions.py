@@ -697,7 +697,9 @@ class SessionManager:
                     ),
                     tx,
                 )
-        if revoked and session is not None:
+        if session is not None and (revoked or session.revoked_at is not None):
+            # also when it was already revoked: this may be the retry of a Logout whose replica
+            # died between the commit and the deny-list write
             await self.after_revocations([session.id])
 
     async def revoke_session(self, claims: AccessClaims, session_id: str) -> None:
@@ -720,7 +722,7 @@ class SessionManager:
                     ),
                     tx,
                 )
-        if revoked:
+        if revoked or session.revoked_at is not None:  # a retry writes the deny-list again
             await self.after_revocations([session_id])
 
     async def revoke_all(self, claims: AccessClaims, *, keep_current: bool) -> int:

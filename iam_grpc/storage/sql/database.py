@@ -5,6 +5,7 @@ connection setup) live here and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from iam_grpc.errors import BackendUnavailable, InvalidArgument
 from iam_grpc.logging import component_logger
+from iam_grpc.storage.breaker import Breaker
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.sql.audit import SqlAuditLog
 from iam_grpc.storage.sql.connection import (
@@ -33,6 +35,7 @@ from iam_grpc.storage.sql.devices import SqlDeviceStore
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
 from iam_grpc.storage.sql.outbox import SqlOutbox
+from iam_grpc.storage.sql.revocations import SqlRevocationStore
 from iam_grpc.storage.sql.sessions import SqlSessionStore
 from iam_grpc.storage.sql.tables import metadata
 from iam_grpc.storage.sql.users import SqlUserStore
@@ -44,6 +47,7 @@ __all__ = [
     "SqlTransaction",
     "create_engine",
     "driver_error_code",
+    "reads_unbounded",
 ]
 
 MYSQL_SQL_MODE = (
@@ -66,6 +70,34 @@ _PRIMARY = {t.name: ",".join(c.name for c in t.primary_key.columns) for t in met
 
 # MySQL/MariaDB client error codes that no retry will fix (bad credentials, unknown database).
 ACCESS_DENIED_CODES = frozenset({1044, 1045, 1049, 1698})
+# Server errors (below 2000) are answers from a live server, such as a lock wait time-out or a
+# deadlock, and do not count toward the breaker; these few say the server is going or full.
+_SERVER_DOWN_CODES = frozenset({1040, 1053, 1927})  # too many connections, shutdown, killed
+
+
+def _connection_failure(exc: BackendUnavailable) -> bool:
+    """Whether a mapped failure means the server could not be reached or did not answer (client
+    errors 2xxx such as 2013 lost connection, time-outs, socket errors, an exhausted pool)."""
+    code = driver_error_code(exc.__cause__) if exc.__cause__ is not None else None
+    return code is None or code >= 2000 or code in _SERVER_DOWN_CODES
+
+
+@asynccontextmanager
+async def reads_unbounded(connection: AsyncConnection) -> AsyncIterator[None]:
+    """Lift the driver's read time-out for statements that wait on purpose (GET_LOCK) or may run
+    long (migrations)."""
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    saved = getattr(driver, "_read_timeout", None)
+    if saved is None:
+        yield
+        return
+    driver._read_timeout = None
+    try:
+        yield
+    finally:
+        driver._read_timeout = saved
+
 
 # MySQL/MariaDB errors about a value its column cannot hold: out of range (1264), truncated (1265),
 # not valid text for the column's character set (1300, 1366, 1367), too long (1406).
@@ -110,11 +142,15 @@ def create_engine(
     pool_recycle: timedelta = timedelta(seconds=1800),
     pool_pre_ping: bool = True,
     connect_timeout: timedelta = timedelta(seconds=10),
+    statement_timeout: timedelta | None = None,
 ) -> AsyncEngine:
     """An async engine with our connection rules: UTC and strict mode on MySQL; WAL and FKs on SQLite.
 
     Every engine hides statement parameters: a driver error's text (and so a logged traceback)
-    would otherwise carry the row's values, a password hash, a name or an address among them."""
+    would otherwise carry the row's values, a password hash, a name or an address among them.
+    ``statement_timeout`` (MySQL through asyncmy) bounds every wait for the server's answer, and
+    the wait for a free pooled connection: a stalled server then fails a call within it instead
+    of holding it to the caller's deadline."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
@@ -152,6 +188,15 @@ def create_engine(
         raise ValueError("database.url must be SQLite or MySQL/MariaDB")
     if "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    connect_args: dict[str, Any] = {
+        "init_command": f"SET time_zone='+00:00', sql_mode='{MYSQL_SQL_MODE}'",
+        "connect_timeout": connect_timeout.total_seconds(),
+    }
+    pool_timeout = connect_timeout.total_seconds()
+    if statement_timeout is not None and statement_timeout.total_seconds() > 0:
+        pool_timeout = min(pool_timeout, statement_timeout.total_seconds())
+        if parsed.get_driver_name() == "asyncmy":
+            connect_args["read_timeout"] = statement_timeout.total_seconds()
     return create_async_engine(
         parsed,
         hide_parameters=True,
@@ -162,11 +207,8 @@ def create_engine(
         max_overflow=max_overflow,
         pool_recycle=int(pool_recycle.total_seconds()),
         pool_pre_ping=pool_pre_ping,
-        pool_timeout=connect_timeout.total_seconds(),
-        connect_args={
-            "init_command": f"SET time_zone='+00:00', sql_mode='{MYSQL_SQL_MODE}'",
-            "connect_timeout": int(connect_timeout.total_seconds()),
-        },
+        pool_timeout=pool_timeout,
+        connect_args=connect_args,
     )
 
 
@@ -214,6 +256,7 @@ class SqlTransaction:
         self.outbox = SqlOutbox(connection, dialect)
         self.audit = SqlAuditLog(connection)
         self.maintenance = SqlMaintenance(connection)
+        self.revocations = SqlRevocationStore(connection, dialect)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -229,8 +272,12 @@ class SqlDatabase:
         *,
         on_statement: Callable[[], None] | None = None,
         lock_wait: timedelta = timedelta(seconds=10),
+        checkout_timeout: timedelta | None = None,
     ) -> None:
         self.engine = engine
+        # MySQL: the longest a call waits for a usable connection, pre-ping and reconnection
+        # included (without it a stalled server costs the ping's time-out plus the reconnect's).
+        self._checkout = checkout_timeout.total_seconds() if checkout_timeout else None
         self._dialect = "sqlite" if engine.dialect.name == "sqlite" else "mysql"
         # SQLite: transactions run on a synchronous connection on the loop (see connection.py);
         # the async engine stays for migrations and schema checks.
@@ -247,28 +294,53 @@ class SqlDatabase:
         self._writer = asyncio.Lock()
         if on_statement is not None:
             event.listen(engine.sync_engine, "before_cursor_execute", lambda *_args: on_statement())
+        # MySQL only: SQLite is a local file, with nothing to wait for.
+        self.breaker = Breaker("sql", self.ping) if self._dialect == "mysql" else None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SqlDatabase:
         on_statement = options.pop("on_statement", None)
-        return cls(create_engine(url, **options), on_statement=on_statement)
+        return cls(
+            create_engine(url, **options),
+            on_statement=on_statement,
+            checkout_timeout=options.get("statement_timeout"),
+        )
 
     @property
     def dialect(self) -> str:
         return self._dialect
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection]:
-        async with _mapped_errors(), self.engine.connect() as connection:
-            yield connection
+    async def _connection(self, *, probe: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection; fails at once while the breaker is open (a probe goes through)."""
+        breaker = self.breaker
+        if breaker is None:
+            async with _mapped_errors(), self.engine.connect() as connection:
+                yield connection
+            return
+        if not probe:
+            breaker.allow()
+        try:
+            async with _mapped_errors(), contextlib.AsyncExitStack() as stack:
+                async with asyncio.timeout(self._checkout):
+                    connection = await stack.enter_async_context(self.engine.connect())
+                yield connection
+        except BackendUnavailable as exc:
+            if _connection_failure(exc):
+                breaker.failed()
+            raise
+        except Exception:
+            breaker.succeeded()  # the server answered; the call failed for its own reasons
+            raise
+        breaker.succeeded()
 
     @asynccontextmanager
-    async def _transaction(self, read_only: bool) -> AsyncIterator[SqlTransaction]:
+    async def _transaction(self, read_only: bool, *, probe: bool = False) -> AsyncIterator[SqlTransaction]:
         if self._inline is not None:
             async with self._inline_transaction(read_only) as tx:
                 yield tx
         else:
-            async with self._connection() as connection:
+            async with self._connection(probe=probe) as connection:
                 if read_only:
                     await connection.execution_options(iam_read_only=True)
                 tx = SqlTransaction(connection, self._dialect)
@@ -315,12 +387,13 @@ class SqlDatabase:
                 lock.release()
             return
         async with self._connection() as connection:
-            held = (
-                await connection.execute(
-                    text("SELECT GET_LOCK(:name, :timeout)"),
-                    {"name": self.lock_name(name), "timeout": int(timeout.total_seconds())},
-                )
-            ).scalar()
+            async with reads_unbounded(connection):
+                held = (
+                    await connection.execute(
+                        text("SELECT GET_LOCK(:name, :timeout)"),
+                        {"name": self.lock_name(name), "timeout": int(timeout.total_seconds())},
+                    )
+                ).scalar()
             await connection.commit()
             try:
                 yield held == 1
@@ -339,10 +412,14 @@ class SqlDatabase:
         return self._named_lock(name, timeout)
 
     async def ping(self) -> None:
-        async with self.transaction(read_only=True) as tx:
+        """One trivial query, sent even while the breaker is open (the health probe asks the
+        server itself); its success closes the breaker."""
+        async with self._transaction(True, probe=True) as tx:
             await tx.connection.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        if self.breaker is not None:
+            await self.breaker.close()
         if self._inline is not None:
             self._inline.dispose()
         await self.engine.dispose()

@@ -14,6 +14,7 @@ from iam_grpc.storage.sql.tables import (
     devices,
     email_outbox,
     refresh_tokens,
+    revocations,
     sessions,
     user_devices,
 )
@@ -125,3 +126,8 @@ class SqlMaintenance:
             .limit(batch)
         )
         return removed + await self._delete_ids(devices, devices.c.id, orphans)
+
+    async def purge_revocations(self, now: datetime, batch: int) -> int:
+        """Revocations whose tokens have all expired (the deny-list no longer needs them)."""
+        query = select(revocations.c.id).where(revocations.c.expires_at <= now).limit(batch)
+        return await self._delete_ids(revocations, revocations.c.id, query)

@@ -19,6 +19,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iam_grpc.storage.sql.database import reads_unbounded
+
 __all__ = ["MigrationLockTimeout", "current", "downgrade", "head", "history", "upgrade"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -70,7 +72,7 @@ async def current(engine: AsyncEngine) -> str | None:
 async def _run(engine: AsyncEngine, action: Any) -> None:
     # GET_LOCK names are server-wide: scope ours to this database.
     lock = f"{engine.url.database or ''}:{LOCK_NAME}"[:64]
-    async with engine.connect() as connection:
+    async with engine.connect() as connection, reads_unbounded(connection):
         mysql = connection.dialect.name != "sqlite"
         if mysql:
             held = (

@@ -33,6 +33,7 @@ __all__ = [
     "email_outbox",
     "metadata",
     "refresh_tokens",
+    "revocations",
     "roles",
     "sessions",
     "signing_keys",
@@ -259,5 +260,21 @@ audit_events = Table(
     Index(None, "occurred_at"),
     Index(None, "type", "occurred_at"),
     Index(None, "user_id", "occurred_at"),
+    **_MYSQL_TABLE,
+)
+
+# Single access tokens and signing keys withdrawn before their time (sessions keep theirs in
+# sessions.revoked_at): the authority the deny-list cache is rebuilt from. The id orders every
+# revocation; expired rows are purged by the cleanup job.
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("id", LongId, primary_key=True, autoincrement=True),
+    Column("kind", ascii_str(8), nullable=False),
+    Column("value", ascii_str(64), nullable=False),
+    Column("revoked_at", UtcDateTime(), nullable=False),
+    Column("expires_at", UtcDateTime(), nullable=False),
+    UniqueConstraint("kind", "value"),
+    Index(None, "expires_at"),
     **_MYSQL_TABLE,
 )
