@@ -18,6 +18,7 @@ sent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Mapping
@@ -124,8 +125,12 @@ def _challenge_key(challenge_id: str) -> str:
     return f"mfa:ch:{{{challenge_id}}}"
 
 
-def _login_key(user_id: str, device_id: str) -> str:
-    return f"mfa:login:{{{user_id}:{device_id}}}"
+def _login_key(user_id: str, device_id: str, fingerprint: Mapping[str, str]) -> str:
+    """One login challenge per (user, device): the device is its id (often empty before the first
+    sign-in) and its coarse fingerprint, so a laptop and a phone that both lack a device id do not
+    take each other's place and make each repeated login mail a new code."""
+    shape = hashlib.sha256("\x1f".join(fingerprint.get(name, "") for name in COARSE_FIELDS).encode())
+    return f"mfa:login:{{{user_id}:{device_id}}}:{shape.hexdigest()[:16]}"
 
 
 def _session_key(session_id: str, kind: str = "refresh") -> str:
@@ -189,7 +194,7 @@ class Challenges:
 
     async def pending_login(self, user_id: str, device_id: str, agent: ParsedAgent) -> Challenge | None:
         """The live login challenge this (user, device) raised, if any."""
-        challenge = await self._pointed(_login_key(user_id, device_id))
+        challenge = await self._pointed(_login_key(user_id, device_id, coarse(agent)))
         return challenge if challenge is not None and challenge.comes_from(device_id, agent) else None
 
     async def pending_for_session(self, session_id: str, kind: str = "refresh") -> Challenge | None:
@@ -252,7 +257,7 @@ class Challenges:
                 raise
             raise BackendUnavailable() from error
         pointer = (
-            _login_key(user.id, challenge.device_id)
+            _login_key(user.id, challenge.device_id, challenge.fingerprint)
             if kind == "login"
             else _session_key(session_id or "", kind)
         )

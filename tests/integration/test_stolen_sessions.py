@@ -284,6 +284,33 @@ async def test_a_refresh_challenge_leaves_a_pending_step_up_alone(
     assert len([s for s in subjects if "sign-in code" in s]) == 1
 
 
+async def test_two_browsers_without_a_device_id_each_keep_their_login_challenge(
+    iam: RunningService, mailbox: Mailbox
+) -> None:
+    """4.1: one login challenge per (user, device). A phone and a desktop browser that both have no
+    device id yet are two devices: logging in again from the phone answers the phone's pending
+    challenge (no new code), although the desktop raised one in between."""
+    email = new_email()
+    async with iam.channel() as channel:
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        await signup(auth, email, context=client(ip=HOME, ua=FIREFOX))
+
+        async def login(ua: str) -> str:
+            answer = await auth.Login(
+                auth_pb2.LoginRequest(client=client(ip=HOME_2, ua=ua), email=email, password=PASSWORD)
+            )
+            assert answer.mfa.reason == "NEW_DEVICE"
+            return answer.mfa.challenge_id
+
+        phone = await login(IPHONE)
+        desktop = await login(CHROME)
+        assert await login(IPHONE) == phone
+        assert await login(CHROME) == desktop
+    await wait_for_mail(mailbox, email, "sign-in code", count=2)
+    await asyncio.sleep(0.3)
+    assert len([m for m in mailbox.to(email) if "sign-in code" in str(m["Subject"])]) == 2
+
+
 # cleanup keeps what recognises a replay ----------------------------------------------------------------
 
 
