@@ -263,6 +263,7 @@ class AnomalyChecks:
                 context.session.id, "rotation_burst", evaluation.now
             ):
                 ended = context.session.id
+                await self._audit.sessions_revoked(tx, context.user.id, [ended], "rotation_burst")
             return Refusal(AnomalyBlocked(hit.check), ended_session=ended)
         reason = _REASON[hit.check]
         if pending is not None and not _same_token(pending, context):

@@ -189,6 +189,7 @@ class MfaFlows:
             if challenge.kind == "refresh" and challenge.session_id and user is not None:
                 if await tx.sessions.revoke(challenge.session_id, "mfa_failed", now):
                     ended.append(challenge.session_id)
+                    await self._audit.sessions_revoked(tx, user.id, ended, "mfa_failed")
                 await self._mailer.queue(
                     tx,
                     "security_alert",

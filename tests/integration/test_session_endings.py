@@ -6,12 +6,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
+
 from iam_grpc.clock import ManualClock
 from iam_grpc.core.tokens.sessions import IssuedSession
-from iam_grpc.proto import token_pb2, token_pb2_grpc
-from iam_grpc.testing import RunningService, running_service
-from tests.accounts_helper import client, failure
+from iam_grpc.proto import mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
+from iam_grpc.testing import RunningService, error_details, running_service
+from tests.accounts_helper import account_env, client, code_of, failure, wait_for_mail
 from tests.conftest import Backend
+from tests.mailbox import Mailbox
 from tests.sessions_helper import IPHONE, NO_ANOMALY_CHECKS, new_session
 
 
@@ -70,3 +73,43 @@ async def test_revoke_all_names_every_session_it_ends(backend: Backend, tmp_path
             token_pb2.RevokeAllSessionsRequest(access_token=current.access_token, keep_current=True)
         )
         assert await endings(iam, user.id) == {(phone.session_id, "all"), (tablet.session_id, "all")}
+
+
+async def test_a_rotation_burst_and_an_exhausted_challenge_say_why(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """Check 5 ending a session writes reason rotation_burst; the last wrong code of a refresh
+    challenge writes reason mfa_failed."""
+    env = account_env(backend, mailbox, {"code.ip": {"windows": ["1000/1s"]}})
+    async with running_service(tmp_path, env) as iam, iam.channel() as channel:
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        user, burst = await new_session(iam.app)
+        token, blocked = burst.refresh_token, ""
+        for _ in range(10):
+            request = token_pb2.RefreshRequest(client=client(device_id=burst.device_id), refresh_token=token)
+            try:
+                token = (await tokens.Refresh(request)).session.refresh_token
+            except grpc.aio.AioRpcError as error:
+                blocked = error_details(error).reason
+                break
+        assert blocked == "ANOMALY_BLOCKED"
+
+        _, guessed = await new_session(iam.app, user)
+        raised = await tokens.Refresh(  # no device cookie: NEW_DEVICE
+            token_pb2.RefreshRequest(client=client(), refresh_token=guessed.refresh_token)
+        )
+        mfa = mfa_pb2_grpc.MfaServiceStub(channel)
+        code = code_of((await wait_for_mail(mailbox, user.email, "sign-in code"))[-1])
+        wrong = f"{(int(code) + 1) % 10 ** len(code):0{len(code)}d}"
+        for _ in range(5):
+            await failure(
+                mfa.VerifyChallenge(
+                    mfa_pb2.VerifyChallengeRequest(
+                        client=client(), challenge_id=raised.mfa.challenge_id, code=wrong
+                    )
+                )
+            )
+        assert await endings(iam, user.id) == {
+            (burst.session_id, "rotation_burst"),
+            (guessed.session_id, "mfa_failed"),
+        }
