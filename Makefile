@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit check lint typecheck proto proto-check buf bench services clean
+.PHONY: install run test test-unit fuzz check lint typecheck proto proto-check buf bench services clean
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
+
+# The session state machine, long and random (make test runs it short and derandomised).
+FUZZ_EXAMPLES ?= 300
+FUZZ_STEPS ?= 60
+fuzz: install
+	IAM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) IAM_FUZZ_STEPS=$(FUZZ_STEPS) \
+		$(BIN)/python -m pytest tests/integration/test_session_machine.py -p no:randomly -x
 
 check: install lint typecheck buf proto-check
 
