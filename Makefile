@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install node run test test-unit test-deploy fuzz fuzz-fields faults check lint typecheck proto proto-check buf bench services clean
+.PHONY: install node run test test-unit test-deploy fuzz fuzz-fields fuzz-sessions faults check lint typecheck proto proto-check buf bench services clean
 
 install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
@@ -51,7 +51,7 @@ test-deploy: install
 	$(BIN)/python -m pytest tests/deploy
 
 # Longer runs of the property tests (`make test` runs them bounded).
-fuzz: fuzz-fields
+fuzz: fuzz-fields fuzz-sessions
 
 # Field limits generated from the schema against MariaDB: FUZZ_FIELDS_EXAMPLES per field.
 fuzz-fields: install
@@ -61,6 +61,13 @@ fuzz-fields: install
 # The fault suite alone (it also runs in `make test`), with its per-fault report printed.
 faults: install
 	$(BIN)/python -m pytest tests/faults -s -p no:randomly
+
+# The session state machine, long and random (make test runs it short and derandomised).
+FUZZ_EXAMPLES ?= 300
+FUZZ_STEPS ?= 60
+fuzz-sessions: install
+	IAM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) IAM_FUZZ_STEPS=$(FUZZ_STEPS) \
+		$(BIN)/python -m pytest tests/integration/test_session_machine.py -p no:randomly -x
 
 check: install lint typecheck buf proto-check
 

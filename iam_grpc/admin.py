@@ -54,12 +54,7 @@ class Admin:
         now = self.clock.now()
         async with self.db.transaction() as tx:
             ids = await tx.sessions.revoke_all(user.id, reason, now)
-            await self.audit.record(
-                self.audit.event(
-                    "session.revoked", "ok", user_id=user.id, details={"reason": reason, "count": len(ids)}
-                ),
-                tx,
-            )
+            await self.audit.sessions_revoked(tx, user.id, ids, reason)
         await self.denylist.revoke_sessions(ids)
         if self.shared_state:  # embedded mode: the running service's challenges are not reachable
             await end_session_challenges(self.ephemeral, ids)

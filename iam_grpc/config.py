@@ -52,7 +52,7 @@ ENV_PREFIX = "IAM_"
 # value types
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -480,9 +480,9 @@ class UaSettings(_Group):
     cache_size: int = Field(default=10_000, ge=0)
 
 
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_CALLER_ID = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_METHOD = re.compile(r"^(\*|[A-Za-z0-9_.]+/(\*|[A-Za-z0-9_]+))$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+_CALLER_ID = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
+_METHOD = re.compile(r"^(\*|[A-Za-z0-9_.]+/(\*|[A-Za-z0-9_]+))\Z")
 
 
 class CallerSettings(_Group):

@@ -27,13 +27,13 @@ __all__ = [
 ]
 
 _B64 = r"[A-Za-z0-9_-]"
-ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-DEVICE_ID = re.compile(rf"^dev_{_B64}{{22}}$")
-JTI = re.compile(rf"^{_B64}{{22}}$")
-CHALLENGE_ID = re.compile(rf"^ch_{_B64}{{22}}$")
-REFRESH_TOKEN = re.compile(rf"^iamr_{_B64}{{43}}$")
-GRANT_TOKEN = re.compile(rf"^iamg_{_B64}{{43}}$")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}\Z")
+DEVICE_ID = re.compile(rf"^dev_{_B64}{{22}}\Z")
+JTI = re.compile(rf"^{_B64}{{22}}\Z")
+CHALLENGE_ID = re.compile(rf"^ch_{_B64}{{22}}\Z")
+REFRESH_TOKEN = re.compile(rf"^iamr_{_B64}{{43}}\Z")
+GRANT_TOKEN = re.compile(rf"^iamg_{_B64}{{43}}\Z")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}\Z")
 
 
 def b64url(raw: bytes) -> str:

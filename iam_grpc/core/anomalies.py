@@ -9,9 +9,14 @@ check); ``off`` skips the check. Every hit is an audit event with the compared
 values. A Refresh that passes every check teaches the device its network,
 country and location; nothing is learned from a request that did not pass.
 
-A pending refresh challenge of the session short-cuts the checks: still pending
-→ the same challenge again (no new email); approved from another device (4.5)
-→ rotate now with the MFA success applied.
+A pending refresh challenge of the session short-cuts the checks only for the
+request that raised it: the same device (device id and coarse fingerprint)
+presenting the same refresh token. For it, still pending → the same challenge
+again (no new email); approved from another device (4.5) → rotate now with the
+MFA success applied. Anyone else holding the token (a thief polling Refresh
+while the owner approves on the phone) is evaluated as usual, and a check that
+hits answers the session's pending challenge again rather than raising a second
+one: an approval is collected only where the challenge was raised.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenge, Challenges
+from iam_grpc.core.crypto import constant_time_equal
 from iam_grpc.core.fingerprint import (
     fingerprint_mismatches,
     network_known,
@@ -151,6 +157,18 @@ def _stamps(entries: list[Any], name: str) -> dict[str, str]:
     }
 
 
+def _same_token(pending: Challenge, context: RefreshContext) -> bool:
+    return pending.token_hash is not None and constant_time_equal(
+        pending.token_hash, context.token.token_hash
+    )
+
+
+def _raised_by(pending: Challenge, context: RefreshContext, seen: Observation) -> bool:
+    """The request that raised the refresh challenge: the same refresh token, from the same device
+    id with the same coarse fingerprint (4.1). Only it may collect an approval given elsewhere."""
+    return _same_token(pending, context) and pending.comes_from(context.client.device_id, seen.agent)
+
+
 class AnomalyChecks:
     def __init__(
         self,
@@ -201,7 +219,7 @@ class AnomalyChecks:
             self._metrics.store_fallbacks.labels("pending_challenge").inc()
             log.warning("pending challenge unreadable; evaluating the checks")
             pending = None
-        if pending is not None and pending.kind == "refresh":
+        if pending is not None and pending.kind == "refresh" and _raised_by(pending, context, seen):
             return await self._resume(pending, context, seen, tx)
         evaluation = _Evaluation(context, seen, tx, self._clock.now())
         for name, check in self._checks:
@@ -209,7 +227,7 @@ class AnomalyChecks:
                 continue
             hit = await check(evaluation)
             if hit is not None:
-                return await self._decide(hit, evaluation)
+                return await self._decide(hit, evaluation, pending)
         return self._pass(evaluation)
 
     # outcomes ---------------------------------------------------------------------------------------
@@ -228,7 +246,10 @@ class AnomalyChecks:
             device_id = device.id
         return self._mfa.after_rotation(done, context.client, seen, device_id)
 
-    async def _decide(self, hit: _Hit, evaluation: _Evaluation) -> object:
+    async def _decide(self, hit: _Hit, evaluation: _Evaluation, pending: Challenge | None = None) -> object:
+        """A hit: refuse (block), or challenge; with a refresh challenge already pending for the
+        session (raised by another request for the same token), that one is answered again, so a
+        session never has two and no second code is mailed (4.1)."""
         context, tx = evaluation.context, evaluation.tx
         action = hit.action or self._policy.action(hit.check)
         details = {"check": hit.check, "action": action, **hit.details}
@@ -250,8 +271,26 @@ class AnomalyChecks:
                 context.session.id, "rotation_burst", evaluation.now
             ):
                 ended = context.session.id
+                await self._audit.sessions_revoked(tx, context.user.id, [ended], "rotation_burst")
             return Refusal(AnomalyBlocked(hit.check), ended_session=ended)
         reason = _REASON[hit.check]
+        if pending is not None and not _same_token(pending, context):
+            # Raised for a token rotated since: it can never complete, so it gives way.
+            await self._challenges.end(pending)
+            pending = None
+        if pending is not None:
+            await self._audit.record(
+                self._audit.event(
+                    "anomaly.challenge",
+                    "info",
+                    user_id=context.user.id,
+                    session_id=context.session.id,
+                    device_id=context.session.device_id,
+                    details={**details, "reason": reason, "challenge": pending.id, "pending": True},
+                ),
+                tx,
+            )
+            return pending
         await self._limiter.ensure_not_blocked("code.user_fail", context.user.id)
         challenge = await self._challenges.create(
             "refresh",

@@ -2,7 +2,8 @@
 
 A challenge lives in the ephemeral store as ``mfa:ch:{id}`` (JSON) until a
 minute past its expiry. Pointers find the pending one of a (user, device) for
-logins and of a session for refreshes and step-ups; ``mfa:user:{user}`` lists
+logins and, one per kind, of a session for refreshes and step-ups (a step-up never
+displaces a pending refresh challenge, nor the other way round); ``mfa:user:{user}`` lists
 every pending one of a user (at most ``mfa.max_pending_per_user``). The code is
 stored only as a keyed hash bound to the challenge id, so a dump of the store
 reveals no code and two users' codes never collide.
@@ -17,6 +18,7 @@ sent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Mapping
@@ -123,12 +125,21 @@ def _challenge_key(challenge_id: str) -> str:
     return f"mfa:ch:{{{challenge_id}}}"
 
 
-def _login_key(user_id: str, device_id: str) -> str:
-    return f"mfa:login:{{{user_id}:{device_id}}}"
+def _login_key(user_id: str, device_id: str, fingerprint: Mapping[str, str]) -> str:
+    """One login challenge per (user, device): the device is its id (often empty before the first
+    sign-in) and its coarse fingerprint, so a laptop and a phone that both lack a device id do not
+    take each other's place and make each repeated login mail a new code."""
+    shape = hashlib.sha256("\x1f".join(fingerprint.get(name, "") for name in COARSE_FIELDS).encode())
+    return f"mfa:login:{{{user_id}:{device_id}}}:{shape.hexdigest()[:16]}"
 
 
-def _session_key(session_id: str) -> str:
-    return f"mfa:sess:{{{session_id}}}"
+def _session_key(session_id: str, kind: str = "refresh") -> str:
+    """One pointer per kind: the refresh challenge keeps the original key, a step-up has its own."""
+    suffix = "" if kind == "refresh" else f":{kind}"
+    return f"mfa:sess:{{{session_id}}}{suffix}"
+
+
+_SESSION_KINDS = ("refresh", "step_up")
 
 
 def _user_key(user_id: str) -> str:
@@ -183,12 +194,13 @@ class Challenges:
 
     async def pending_login(self, user_id: str, device_id: str, agent: ParsedAgent) -> Challenge | None:
         """The live login challenge this (user, device) raised, if any."""
-        challenge = await self._pointed(_login_key(user_id, device_id))
+        challenge = await self._pointed(_login_key(user_id, device_id, coarse(agent)))
         return challenge if challenge is not None and challenge.comes_from(device_id, agent) else None
 
-    async def pending_for_session(self, session_id: str) -> Challenge | None:
-        """The live refresh or step-up challenge of a session, if any."""
-        return await self._pointed(_session_key(session_id))
+    async def pending_for_session(self, session_id: str, kind: str = "refresh") -> Challenge | None:
+        """The live challenge of this kind (refresh or step-up) of a session, if any."""
+        challenge = await self._pointed(_session_key(session_id, kind))
+        return challenge if challenge is not None and challenge.kind == kind else None
 
     # creating ----------------------------------------------------------------------------
 
@@ -245,7 +257,9 @@ class Challenges:
                 raise
             raise BackendUnavailable() from error
         pointer = (
-            _login_key(user.id, challenge.device_id) if kind == "login" else _session_key(session_id or "")
+            _login_key(user.id, challenge.device_id, challenge.fingerprint)
+            if kind == "login"
+            else _session_key(session_id or "", kind)
         )
         await self._ephemeral.set(pointer, challenge_id.encode(), self.policy.max_lifetime + _GRACE)
         log.bind(user_id=user.id, reason=reason, challenge_kind=kind).info("mfa challenge created")
@@ -469,13 +483,13 @@ class Challenges:
 
 
 async def end_session_challenges(ephemeral: Ephemeral, session_ids: list[str]) -> None:
-    """Revoking a session ends its pending refresh or step-up challenge (behaviour.md 1.6), so no
+    """Revoking a session ends its pending refresh and step-up challenges (behaviour.md 1.6), so no
     code or link of a dead session is mailed again or accepted (the service and the CLI both call
     this). Best effort: with the store down the challenge is unusable anyway (every MFA call
     answers BACKEND_UNAVAILABLE), and a revoked session fails every later check on its own."""
-    for session_id in session_ids:
+    for session_id, kind in ((s, k) for s in session_ids for k in _SESSION_KINDS):
         try:
-            pointer = await ephemeral.get(_session_key(session_id))
+            pointer = await ephemeral.get(_session_key(session_id, kind))
             if pointer is not None:
                 key = _challenge_key(pointer.decode())
                 for _ in range(_CAS_TRIES):
@@ -489,6 +503,6 @@ async def end_session_challenges(ephemeral: Ephemeral, session_ids: list[str]) -
                         key, raw, replace(challenge, state="failed").to_json()
                     ):
                         break
-            await ephemeral.delete(_session_key(session_id))
+            await ephemeral.delete(_session_key(session_id, kind))
         except BackendUnavailable:
             log.bind(session_id=session_id).warning("could not end the challenge of a revoked session")

@@ -57,7 +57,7 @@ class Cleanup:
     async def _pass(self) -> dict[str, int]:
         p, now = self._policy, self._clock.now()
         jobs: dict[str, Callable[[Maintenance], Awaitable[int]]] = {
-            "refresh_tokens": lambda m: m.purge_refresh_tokens(now - p.reuse_memory, p.batch),
+            "refresh_tokens": lambda m: m.purge_refresh_tokens(now - p.reuse_memory, now, p.batch),
             "sessions": lambda m: m.purge_sessions(now - p.session_memory, now, p.batch),
             "outbox": lambda m: m.purge_outbox(now - p.outbox_done, now - p.outbox_dead, p.batch),
             "outbox_secrets": lambda m: m.wipe_outbox_secrets(p.batch),

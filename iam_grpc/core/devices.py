@@ -4,7 +4,9 @@ A device id is an identifier, not a credential, so trust is honoured only while
 the request's coarse fingerprint (browser family, OS family, device type)
 still matches the baseline recorded when the device was first seen or last
 proved by MFA. A copied device cookie in another browser therefore earns
-nothing.
+nothing, and neither does one sent with an empty or stripped User-Agent: every
+field the baseline recorded must be present in the request, so leaving one out
+is a difference, never a wildcard.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from typing import Any
 from iam_grpc.storage.records import UserDevice
 from iam_grpc.ua import ParsedAgent
 
-__all__ = ["COARSE_FIELDS", "baseline_of", "ever_trusted", "is_trusted", "matches_baseline"]
+__all__ = [
+    "COARSE_FIELDS",
+    "baseline_of",
+    "coarse_value",
+    "ever_trusted",
+    "is_trusted",
+    "matches_baseline",
+]
 
 COARSE_FIELDS = ("browser_family", "os_family", "device_type")
 _BASELINE_FIELDS = (
@@ -35,12 +44,21 @@ def baseline_of(agent: ParsedAgent) -> dict[str, Any]:
 
 
 def matches_baseline(baseline: dict[str, Any], agent: ParsedAgent) -> bool:
-    """Coarse fingerprint equality; a field unknown on either side is not held against it."""
-    for name in COARSE_FIELDS:
-        recorded, current = baseline.get(name), getattr(agent, name)
-        if recorded and current and str(recorded).casefold() != str(current).casefold():
-            return False
-    return True
+    """Coarse fingerprint equality, case-insensitive: every field recorded in the baseline is
+    present in the request and equal. A field the request leaves out is a difference, never a
+    wildcard, so an empty or stripped User-Agent matches no baseline that recorded one."""
+    return all(
+        coarse_value(getattr(agent, name)) == coarse_value(recorded)
+        for name in COARSE_FIELDS
+        if coarse_value(recorded := baseline.get(name))
+    )
+
+
+def coarse_value(value: Any) -> str:
+    """A coarse field as compared: stripped, case-folded, ``""`` when missing."""
+    if value is None or isinstance(value, bool):
+        return ""
+    return str(value).strip().casefold()
 
 
 def is_trusted(link: UserDevice | None, agent: ParsedAgent, now: datetime, trust_idle: timedelta) -> bool:

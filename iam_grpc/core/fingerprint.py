@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from iam_grpc.core.devices import coarse_value
 from iam_grpc.core.ratelimit.keys import parse_ip
 from iam_grpc.ua import ParsedAgent
 
@@ -269,21 +270,25 @@ def fingerprint_mismatches(
 ) -> list[str]:
     """The names of the 6.3 fields that differ beyond tolerance; empty means check 9 passes.
 
-    A field empty on either side is skipped: an ip without geo data or a user agent ua-parser
-    cannot read is no evidence of another device. When both families are known and differ, only
-    the family is reported; the two products' version numbers say nothing about each other.
+    The coarse fields (browser family, OS family, device type) follow
+    :func:`~iam_grpc.core.devices.matches_baseline`: one recorded in the baseline must be present
+    in the request, so an empty or stripped User-Agent is never a wildcard. The finer fields
+    (versions, brand, model, country) are skipped when empty on either side: an ip without geo
+    data, or a version ua-parser cannot read, is no evidence of another device. When the
+    families differ, only the family is reported; the two products' version numbers say nothing
+    about each other.
     The country is skipped with ``skip_country`` (the ip is flagged and allowed, check 8) and
     when no country has been learned yet.
     """
     failed: list[str] = []
     for family_field, major_field in _VERSIONED:
-        if _same(baseline.get(family_field), getattr(agent, family_field)) is False:
+        if _coarse_differs(baseline.get(family_field), getattr(agent, family_field)):
             failed.append(family_field)
             continue
         recorded_major, current_major = _text(baseline.get(major_field)), _text(getattr(agent, major_field))
         if recorded_major and current_major and not _not_older(current_major, recorded_major):
             failed.append(major_field)
-    if _same(baseline.get("device_type"), agent.device_type) is False:
+    if _coarse_differs(baseline.get("device_type"), agent.device_type):
         failed.append("device_type")
     for name in ("device_brand", "device_model"):
         recorded, current = _text(baseline.get(name)), _text(getattr(agent, name))
@@ -309,6 +314,12 @@ def raised_baseline(baseline: Mapping[str, Any], agent: ParsedAgent) -> dict[str
         if recorded is not None and current is not None and current > recorded:
             raised[major_field] = getattr(agent, major_field)
     return raised
+
+
+def _coarse_differs(recorded: Any, current: Any) -> bool:
+    """A coarse field recorded in the baseline and missing from, or different in, the request."""
+    expected = coarse_value(recorded)
+    return bool(expected) and coarse_value(current) != expected
 
 
 def _text(value: Any) -> str | None:

@@ -54,7 +54,7 @@ __all__ = ["Grant", "InspectedLink", "MfaFlows", "MfaPolicy", "Outcome"]
 
 log = component_logger("iam.mfa")
 
-_ACTION = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ACTION = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +282,7 @@ class MfaFlows:
             if challenge.kind == "refresh" and challenge.session_id and user is not None:
                 if await tx.sessions.revoke(challenge.session_id, "mfa_failed", now):
                     ended.append(challenge.session_id)
+                    await self._audit.sessions_revoked(tx, user.id, ended, "mfa_failed")
                 await self._mailer.queue(
                     tx,
                     "security_alert",
@@ -574,12 +575,12 @@ class MfaFlows:
         claims = await self._access.verify_from_device(access_token, client.device_id)
         await self._limiter.hit("step_up.session", claims.session_id)
         await self._limiter.hit("step_up.user", claims.user_id)
-        pending = await self._challenges.pending_for_session(claims.session_id)
+        # Only the session's step-up: a pending refresh challenge is left alone (4.1).
+        pending = await self._challenges.pending_for_session(claims.session_id, "step_up")
         if pending is not None:
-            if pending.kind == "step_up" and pending.action == action:
+            if pending.action == action:
                 return pending
-            if pending.kind == "step_up":
-                await self._challenges.end(pending)
+            await self._challenges.end(pending)
         async with self._db.transaction(read_only=True) as tx:
             user = await tx.users.get(claims.user_id)
         if user is None or user.status != "active":

@@ -26,8 +26,8 @@ __all__ = [
     "first_language_tag",
 ]
 
-ROLE_NAME = re.compile(r"^[a-z][a-z0-9:_-]{0,63}$")
-_LANGUAGE_TAG = re.compile(r"^[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*$")
+ROLE_NAME = re.compile(r"^[a-z][a-z0-9:_-]{0,63}\Z")
+_LANGUAGE_TAG = re.compile(r"^[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*\Z")
 MAX_USER_AGENT = 1024
 MAX_ACCEPT_LANGUAGE = 256
 # The stored forms' limits (behaviour.md 10: users.locale, users.email and users.email_norm): what
@@ -84,8 +84,8 @@ class ClientRules:
 
 
 # RFC 5322 dot-atom text: printable ASCII without spaces, quotes, parentheses or the other specials.
-_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 @dataclass(frozen=True, slots=True)

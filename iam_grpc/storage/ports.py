@@ -316,7 +316,10 @@ class AuditLog(Protocol):
 class Maintenance(Protocol):
     """Batched purges for the cleanup job; each returns how many rows it removed."""
 
-    async def purge_refresh_tokens(self, used_before: datetime, batch: int) -> int: ...
+    async def purge_refresh_tokens(self, used_before: datetime, now: datetime, batch: int) -> int:
+        """Rotated or revoked tokens untouched since ``used_before`` whose session is over at
+        ``now`` (a live session keeps every rotated token, so replays stay recognised)."""
+        ...
 
     async def purge_sessions(self, ended_before: datetime, now: datetime, batch: int) -> int: ...
 

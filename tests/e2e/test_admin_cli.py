@@ -40,7 +40,8 @@ async def test_disabling_a_user_ends_every_session_at_once(
     shared_own_database: Backend, tmp_path: Path
 ) -> None:
     """users disable: access tokens answer SESSION_REVOKED and Refresh SESSION_REVOKED (S36); the
-    sessions' pending challenges end too (behaviour.md 1.6)."""
+    sessions' pending challenges end too (behaviour.md 1.6), and each ended session has its
+    session.revoked audit event."""
     environ = {**shared_own_database.environ, **NO_ANOMALY_CHECKS, "IAM_DATA_DIR": str(tmp_path)}
     async with running_service(tmp_path, environ) as iam:
         user, session = await new_session(iam.app)
@@ -69,7 +70,14 @@ async def test_disabling_a_user_ends_every_session_at_once(
         ended = await iam.app.challenges.get(step_up.challenge_id)
         assert ended is not None
         assert ended.state == "failed"
-        assert await iam.app.challenges.pending_for_session(session.session_id) is None
+        assert await iam.app.challenges.pending_for_session(session.session_id, "step_up") is None
+        assert iam.app.db is not None
+        async with iam.app.db.transaction() as tx:
+            events = await tx.audit.recent(user_id=user.id, type_prefix="session.revoked")
+        # every ended session is named with its reason (9.6)
+        assert [(event.session_id, event.details.get("reason")) for event in events] == [
+            (session.session_id, "disabled")
+        ]
         shown = json.loads((await cli(environ, "users", "show", user.id)).stdout)
         assert shown["status"] == "disabled"
         assert user.email not in json.dumps(shown)

@@ -384,6 +384,40 @@ async def test_a_template_that_puts_a_secret_in_the_subject_is_refused(
     assert mailbox.to(to) == []
 
 
+async def test_a_message_that_cannot_be_built_is_dead_and_its_batch_goes_on(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """A poison row (an address whose line break no mail header accepts) claimed in one batch with
+    good rows: the good rows are delivered at once (not after their claims lapse), the poison row is
+    dead with a reason that names no part of the message."""
+    poison = "mallory\n@example.com"
+    good = [address() for _ in range(3)]
+    async with running_service(tmp_path, env(backend, mailbox)) as iam:
+        assert iam.app.db is not None
+        assert iam.app.mailer is not None
+        ids: list[int] = []
+        async with iam.app.db.transaction() as tx:  # one commit: one claim takes all four
+            for to in [poison, *good]:
+                message_id = await iam.app.mailer.queue(
+                    tx,
+                    "password_reset",
+                    to,
+                    params={"name": "M", "minutes_left": 20, "device": "Firefox", "location": ""},
+                    secrets={"link": "https://app.example/auth/reset-password?token=abc"},
+                    not_after=iam.app.clock.now() + timedelta(minutes=20),
+                )
+                assert message_id is not None
+                ids.append(message_id)
+        await wait_for(lambda: all(mailbox.to(to) for to in good), seconds=5)
+        await wait_for(lambda: _status(iam.app, ids[0], "dead"), seconds=5)
+        dead = await row(iam.app, ids[0])
+        for message_id in ids[1:]:
+            await wait_for(lambda message_id=message_id: _status(iam.app, message_id, "sent"))  # type: ignore[misc]
+    assert dead.last_error == "message could not be built (ValueError)"
+    assert (dead.attempts, dead.sealed_params) == (1, None)
+    assert "mallory" not in (dead.last_error or "")
+
+
 def test_locale_choice() -> None:
     """Stored locale first, then the best Accept-Language match, then the default."""
     from iam_grpc.mail.render import pick_locale

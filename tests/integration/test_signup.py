@@ -82,6 +82,8 @@ async def test_every_invalid_field_is_reported_at_once(stub: auth_pb2_grpc.AuthS
         ("email", "a(b)@example.com", PASSWORD, "Ada"),
         ("email", "user@localhost", PASSWORD, "Ada"),
         ("email", "x" * 65 + "@example.com", PASSWORD, "Ada"),
+        ("email", "mallory\n@example.com", PASSWORD, "Ada"),  # "$" once matched before a final \n
+        ("email", "mallory\r\n@example.com", PASSWORD, "Ada"),
         ("password", "grace.hopper@example.com", "my grace.hopper secret", "Ada"),
         ("password", "ada@example.com", "x" * 129, "Ada"),
         ("password", "ada@example.com", "so Lovelace-ish here", "Ada"),

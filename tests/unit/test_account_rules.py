@@ -108,7 +108,11 @@ def link(**changes: object) -> UserDevice:
         (link(trust_revoked_at=NOW - timedelta(days=20)), FIREFOX, True),  # trust granted again since
         (link(last_seen_at=NOW - timedelta(days=91)), FIREFOX, False),
         (link(), ParsedAgent(browser_family="Chrome", os_family="Ubuntu", device_type="desktop"), False),
-        (link(), ParsedAgent(browser_family="firefox", os_family="Ubuntu", device_type=None), True),
+        (link(), ParsedAgent(browser_family="firefox", os_family="UBUNTU", device_type="Desktop"), True),
+        # a field left out is a difference, not a wildcard: an empty or stripped User-Agent
+        (link(), ParsedAgent(browser_family="firefox", os_family="Ubuntu", device_type=None), False),
+        (link(), ParsedAgent(browser_family=None, os_family="Ubuntu", device_type="desktop"), False),
+        (link(), ParsedAgent(), False),
     ],
 )
 def test_device_trust(device: UserDevice | None, agent: ParsedAgent, trusted: bool) -> None:
@@ -116,7 +120,12 @@ def test_device_trust(device: UserDevice | None, agent: ParsedAgent, trusted: bo
     assert is_trusted(device, agent, NOW, timedelta(days=90)) is trusted
 
 
-def test_unknown_fields_do_not_count_against_the_baseline() -> None:
-    """A field missing on either side is skipped; a different known value is a mismatch."""
+def test_a_field_recorded_in_the_baseline_must_be_present() -> None:
+    """Every coarse field the baseline recorded must be present and equal (an empty or stripped
+    User-Agent is no wildcard); a field the baseline never recorded is not compared."""
     assert matches_baseline({}, FIREFOX)
+    assert matches_baseline({"os_family": "ubuntu"}, FIREFOX)
     assert not matches_baseline({"os_family": "Windows"}, FIREFOX)
+    assert not matches_baseline(
+        {"browser_family": "Firefox", "os_family": "Ubuntu", "device_type": "desktop"}, ParsedAgent()
+    )

@@ -184,11 +184,19 @@ def test_a_different_brand_or_model_hits() -> None:
     assert mismatches(baseline_of(IPHONE), samsung) == ["device_brand", "device_model"]
 
 
-def test_fields_empty_on_either_side_are_skipped() -> None:
-    """An empty baseline or an agent ua-parser could not read is not a mismatch."""
+def test_fields_the_baseline_did_not_record_are_skipped() -> None:
+    """An empty baseline, or an empty field of it, is not held against the request."""
     assert mismatches({}, IPHONE) == []
-    assert mismatches(baseline_of(IPHONE), ParsedAgent()) == []
     assert mismatches({"browser_family": "", "browser_major": None}, FIREFOX) == []
+
+
+def test_a_coarse_field_missing_from_the_request_hits() -> None:
+    """An empty User-Agent, or one stripped of its browser, is no wildcard: every coarse field
+    recorded in the baseline must be present (versions and hardware may still be unknown)."""
+    assert mismatches(baseline_of(IPHONE), ParsedAgent()) == ["browser_family", "os_family", "device_type"]
+    stripped = with_(FIREFOX, browser_family=None, browser_major=None)
+    assert mismatches(baseline_of(FIREFOX), stripped) == ["browser_family"]
+    assert mismatches(baseline_of(FIREFOX), with_(FIREFOX, browser_major=None, os_major=None)) == []
 
 
 def test_an_unknown_country_hits() -> None:

@@ -45,6 +45,16 @@ async def test_an_issued_link_verifies_for_its_purpose_and_carries_its_claims() 
     assert claims.expires_at == clock.now() + timedelta(minutes=20)
 
 
+@pytest.mark.parametrize("ahead", [timedelta(seconds=2), timedelta(days=3)])
+async def test_links_follow_the_injected_clock_not_the_machines(ahead: timedelta) -> None:
+    """A link minted by a clock ahead of the machine's (another replica's, or a test's) verifies:
+    its issue time is no reason to refuse it, only its expiry on the service's clock is."""
+    clock = ManualClock(datetime.now(UTC) + ahead)
+    signer = links(clock)
+    issued = signer.issue("mfa", "user-1", timedelta(minutes=10), cid="ch_x")
+    assert (await signer.verify(issued.token, "mfa")).jti == issued.jti
+
+
 async def test_another_purpose_is_refused_as_invalid_and_not_consumed() -> None:
     """A reset link at ConfirmEmailChange is INVALID_ARGUMENT on link_token; it still works for a reset."""
     clock = ManualClock()

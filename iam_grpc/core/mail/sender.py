@@ -7,6 +7,10 @@ that no two replicas send one message, priority 0 (codes and links) first.
   ``mail.retry_backoff`` schedule (with ±20% jitter); after
   ``mail.max_attempts``, or at once on a permanent failure, the row is ``dead``.
 - ``mail.max_per_minute`` delays sending when exceeded; it never drops mail.
+- Each row is handled on its own: a message that cannot be built (a template
+  that fails, an address a header refuses) or that fails in a way nobody
+  foresaw is ``dead`` with its reason, and the batch goes on. One poison row
+  must never hold back the rest of its batch until their claims lapse.
 - Woken at once by a local enqueue, otherwise polls every ``mail.poll_interval``.
 """
 
@@ -22,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from datetime import timedelta
+from email.message import EmailMessage
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.crypto import SealError, SecretMaterial
@@ -127,8 +132,25 @@ class OutboxSender:
         for row in rows:
             if self.stopping():
                 break
-            await self._deliver(row)
+            try:
+                await self._deliver(row)
+            except BackendUnavailable:
+                raise  # the database is gone for every row alike; the claims lapse by themselves
+            except Exception as error:
+                await self._set_aside(row, error)
         return len(rows)
+
+    async def _set_aside(self, row: OutboxMessage, error: Exception) -> None:
+        """A row whose handling failed unexpectedly is dead-lettered, so it is not claimed (and
+        does not fail) again and again while the rest of the queue waits."""
+        assert row.id is not None
+        summary = f"unexpected failure ({type(error).__name__})"
+        log.bind(kind=row.kind, recipient_h=row.recipient_h[:12], outbox_id=row.id, error=summary).error(
+            "mail could not be handled; dead-lettered"
+        )
+        async with self._db.transaction() as tx:
+            await tx.outbox.mark_failed(row.id, self.worker_id, summary, retry_at=None, now=self._clock.now())
+        self._metrics.mail_outcomes.labels("dead").inc()
 
     async def _smooth(self) -> None:
         """Hold back when more than max_per_minute were sent in the last minute (never drops)."""
@@ -154,8 +176,7 @@ class OutboxSender:
             log.bind(**kind_h).info("mail expired unsent")
             return
         try:
-            opened = self._open(row)
-            email = self._renderer.render(row, opened)
+            email = self._build(row)
             await self._smooth()
             provider_id = await self._transport.send(email)
         except MailError as error:
@@ -175,6 +196,18 @@ class OutboxSender:
             await tx.outbox.mark_sent(row.id, self.worker_id, self._clock.now(), provider_id[:255])
         self._metrics.mail_outcomes.labels("sent").inc()
         log.bind(**kind_h).info("mail sent")
+
+    def _build(self, row: OutboxMessage) -> EmailMessage:
+        """The message, rendered and serialised once; anything that stops that is permanent (the
+        same row fails the same way every time), and its reason names no part of the message."""
+        try:
+            email = self._renderer.render(row, self._open(row))
+            email.as_bytes()  # header and body encoding problems surface here, not in the transport
+        except MailError:
+            raise
+        except Exception as error:
+            raise PermanentMailError(f"message could not be built ({type(error).__name__})") from None
+        return email
 
     def _open(self, row: OutboxMessage) -> dict[str, str]:
         if row.sealed_params is None:

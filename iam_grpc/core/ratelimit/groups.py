@@ -21,7 +21,7 @@ __all__ = ["DEFAULT_GROUPS", "KEY_KINDS", "Group", "Window", "parse_window"]
 
 KEY_KINDS = ("ip", "email", "ip_email", "user", "session", "token", "link", "device", "challenge", "caller")
 
-_WINDOW = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*(?:\s([fc]+))?\s*$")
+_WINDOW = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*(?:\s([fc]+))?\s*\Z")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

@@ -31,7 +31,7 @@ _FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 _REQUIRED = ["iss", "aud", "sub", "sid", "did", "roles", "jti", "iat", "exp", "auth_time"]
 _RELOAD_EVERY = 10.0  # seconds: unknown kids reload the key table at most this often
 _CACHE_SIZE = 4096  # verified tokens remembered (about 1 KB each)
-_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -434,10 +434,12 @@ class SessionManager:
                     self._metrics.refreshes.labels("revoked").inc()
                     raise SessionRevoked()
                 if session.absolute_expires_at <= now:
-                    await tx.sessions.end(session.id, "expired", now)
+                    if await tx.sessions.end(session.id, "expired", now):
+                        await self._audit.sessions_revoked(tx, user.id, [session.id], "expired")
                     ended = "absolute"
                 elif token.state == "active" and token.expires_at <= now:
-                    await tx.sessions.end(session.id, "idle", now)
+                    if await tx.sessions.end(session.id, "idle", now):
+                        await self._audit.sessions_revoked(tx, user.id, [session.id], "idle")
                     ended = "idle"
                 elif token.state == "rotated":
                     assert token.used_at is not None
@@ -737,16 +739,9 @@ class SessionManager:
             await self._audit.untrust_devices(
                 tx, await tx.devices.links_of(claims.user_id), now, "all", keep=claims.device_id
             )
-            await self._audit.record(
-                self._audit.event(
-                    "session.revoked",
-                    "ok",
-                    user_id=claims.user_id,
-                    session_id=claims.session_id,
-                    details={"reason": "all", "count": len(ids)},
-                ),
-                tx,
-            )
+            # One event per ended session, each naming it (a single event with a count named the
+            # session that asked, which with keep_current is the one that lives on).
+            await self._audit.sessions_revoked(tx, claims.user_id, ids, "all")
         await self.after_revocations(ids)
         return len(ids)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Select, and_, delete, exists, or_, select, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 
 from iam_grpc.storage.sql.connection import SqlConnection
 from iam_grpc.storage.sql.tables import (
@@ -33,8 +33,20 @@ class SqlMaintenance:
         result = await self._c.execute(delete(table).where(column.in_(ids)))  # type: ignore[arg-type, attr-defined]
         return int(result.rowcount)
 
-    async def purge_refresh_tokens(self, used_before: datetime, batch: int) -> int:
-        """Rotated or revoked tokens used (or created) before the cut-off; tokens of ended sessions."""
+    async def purge_refresh_tokens(self, used_before: datetime, now: datetime, batch: int) -> int:
+        """Rotated or revoked tokens last used (or, never used, created) before the cut-off whose
+        session is over; tokens of ended sessions.
+
+        A rotated token is what recognises a replay (behaviour.md 1.5), so it is kept for as long
+        as its session can live, however old the cut-off: a thief who rotated the owner's token
+        shortly before the cut-off must still meet REFRESH_TOKEN_REUSED when the owner comes back,
+        not TOKEN_INVALID while the thief's chain lives on. Age is counted from the rotation
+        (``used_at``), not from the token's creation."""
+        touched = func.coalesce(refresh_tokens.c.used_at, refresh_tokens.c.created_at)
+        over = exists().where(
+            sessions.c.id == refresh_tokens.c.session_id,
+            or_(sessions.c.revoked_at.is_not(None), sessions.c.absolute_expires_at <= now),
+        )
         ended = exists().where(
             sessions.c.id == refresh_tokens.c.session_id, sessions.c.revoked_at.is_not(None)
         )
@@ -42,8 +54,8 @@ class SqlMaintenance:
             select(refresh_tokens.c.id)
             .where(
                 or_(
-                    and_(refresh_tokens.c.state != "active", refresh_tokens.c.created_at < used_before),
-                    and_(refresh_tokens.c.created_at < used_before, ended),
+                    and_(refresh_tokens.c.state != "active", touched < used_before, over),
+                    and_(touched < used_before, ended),
                 )
             )
             .limit(batch)
