@@ -52,6 +52,16 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def main_thread_cpu(pid: int) -> float:
+    """CPU seconds of a process's main thread (the event loop), from /proc/PID/task/PID. Python
+    does not name its threads for the OS, so the argon2 pool and grpc's poller are "the rest"."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def children(pid: int) -> list[int]:
     """Direct children of a process (pre-forked workers of ``iam-grpc serve``)."""
     found: list[int] = []

@@ -16,6 +16,7 @@ bench/chain_costs.py can price each piece on its own:
 - ``fused``: one interceptor whose wrapped handler is built once per method and cached;
 - ``fused+echo``: ``fused`` + the request-id echo (``send_initial_metadata`` before the answer,
   and ``set_trailing_metadata``);
+- ``fused+trailer``: ``fused`` + the request-id echo in trailing metadata only (a fresh uuid4);
 - ``fused+timeout``: ``fused`` + ``asyncio.timeout`` around the behaviour (a timer per call);
 - ``fused+context``: ``fused`` + a ContextVar set/reset and ``logger.contextualize`` with two
   fields;
@@ -31,7 +32,8 @@ bench/chain_costs.py can price each piece on its own:
 - ``iam-cached-noecho``: ``iam-cached`` with the request-id echo in trailing metadata only (no
   ``send_initial_metadata``, which costs a batch of its own in grpc's core);
 - ``iam-cached-noecho-drop-<Class>``: that, without the interceptor of that class (e.g.
-  ``AccessLogInterceptor``): what one interceptor's per-call work costs.
+  ``AccessLogInterceptor``): what one interceptor's per-call work costs;
+- ``iam-cached-noecho-keep-<Class>.<Class>...``: only the interceptors of those classes.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ VARIANTS = (
     "chain8",
     "fused",
     "fused+echo",
+    "fused+trailer",
     "fused+timeout",
     "fused+context",
     "fused+metrics",
@@ -128,6 +131,12 @@ class Fused(grpc.aio.ServerInterceptor):
                 context.set_trailing_metadata(echo)
                 return await inner(request, context)
 
+        elif extra == "trailer":
+
+            async def run(request: Any, context: Any) -> Any:
+                context.set_trailing_metadata((("x-request-id", str(uuid.uuid4())),))
+                return await inner(request, context)
+
         elif extra == "timeout":
 
             async def run(request: Any, context: Any) -> Any:
@@ -195,7 +204,7 @@ class Cached(grpc.aio.ServerInterceptor):
         return cached
 
 
-def iam_chain(echo: bool, drop: str = "") -> list[Any]:
+def iam_chain(echo: bool, drop: str = "", keep: str = "") -> list[Any]:
     import os
     import tempfile
 
@@ -213,7 +222,13 @@ def iam_chain(echo: bool, drop: str = "") -> list[Any]:
     if not echo:
         chain[0] = _trailing_echo_only()(settings.server.default_deadline)
     assert isinstance(chain[0], RequestContextInterceptor)
-    return [i for i in chain if drop not in {c.__name__ for c in type(i).__mro__}]
+    kept = set(keep.split(".")) if keep else None
+
+    def wanted(interceptor: Any) -> bool:
+        names = {c.__name__ for c in type(interceptor).__mro__}
+        return drop not in names and (kept is None or bool(kept & names))
+
+    return [i for i in chain if wanted(i)]
 
 
 def _trailing_echo_only() -> type:
@@ -266,7 +281,8 @@ def interceptors(variant: str) -> list[grpc.aio.ServerInterceptor]:
         return iam_chain(echo=True)
     if variant.startswith("iam-cached"):
         drop = variant.split("-drop-", 1)[1] if "-drop-" in variant else ""
-        return [Cached(iam_chain(echo="noecho" not in variant, drop=drop))]
+        keep = variant.split("-keep-", 1)[1] if "-keep-" in variant else ""
+        return [Cached(iam_chain(echo="noecho" not in variant, drop=drop, keep=keep))]
     if variant == "chain8":
         return [PerCallWrap() for _ in range(8)]
     return [Fused(variant.split("+", 1)[1] if "+" in variant else "")]
@@ -290,6 +306,8 @@ async def main(port: int, variant: str) -> None:
 
 if __name__ == "__main__":
     chosen = sys.argv[2] if len(sys.argv) > 2 else "plain"
-    if chosen not in VARIANTS and not chosen.startswith("iam-cached-noecho-drop-"):
+    if chosen not in VARIANTS and not chosen.startswith(
+        ("iam-cached-noecho-drop-", "iam-cached-noecho-keep-")
+    ):
         raise SystemExit(f"variant must be one of {', '.join(VARIANTS)}")
     asyncio.run(main(int(sys.argv[1]), chosen))

@@ -30,7 +30,8 @@ The figure reported is h2load's rate × the OK share (the smaller of the two whe
 
 The same /metrics deltas count what the issue fears under saturation: deny-list fallbacks to SQL,
 rate-limit store fallbacks, failed store probes and UNAVAILABLE answers; the server's log lines at
-WARNING and above during the run are counted from its stdout.
+WARNING and above during the run are counted from its stdout, and every worker's ``iam_serving``
+gauge is sampled twice a second (a NOT_SERVING while the stores are fine is a false outage).
 
 CPU: h2load's own user+system time (os.wait4), the server processes' (/proc/PID/stat, workers
 included) and the whole machine's (/proc/stat) over the same wall time; "others" is what neither
@@ -53,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -400,7 +402,26 @@ def measure(target: Target, seconds: float, connections: int, streams: int) -> d
     h2load(url, body, seconds=2.0, **shape)  # warm-up, not counted: connections, caches, pools
     before = {p: scrape(p) for p in server.metrics_ports}
     offset = server.log.stat().st_size if server.log else 0
-    result: LoadResult = h2load(url, body, seconds=seconds, server_pids=server.pids, **shape)
+    # Every worker's iam_serving gauge, twice a second during the run: a NOT_SERVING under load
+    # while the stores are healthy is a false outage.
+    serving: list[float] = []
+    running = threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            for port in server.metrics_ports:
+                with contextlib.suppress(OSError):
+                    serving.append(scrape(port).get(("iam_serving", ()), 1.0))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result: LoadResult = h2load(url, body, seconds=seconds, server_pids=server.pids, **shape)
+    finally:
+        running.clear()
+        watcher.join()
     after = {p: scrape(p) for p in server.metrics_ports}
     _, warnings = log_lines(server.log, offset)
     with_body = result.data_bytes / target.answer_bytes
@@ -438,12 +459,13 @@ def measure(target: Target, seconds: float, connections: int, streams: int) -> d
             ],
             denylist_fallbacks=delta(summed_before, summed_after, "iam_denylist_fallbacks_total"),
             ratelimit_fallbacks=delta(summed_before, summed_after, "iam_ratelimit_store_fallbacks_total"),
-            store_probe_failures=delta(summed_before, summed_after, "iam_store_failures_total"),
+            store_probe_failures=by_label(summed_before, summed_after, "iam_store_failures_total", "store"),
             unavailable=sum(
                 v
                 for k, v in by_label(summed_before, summed_after, "iam_rpc_total", "code").items()
                 if k == "UNAVAILABLE"
             ),
+            not_serving_samples=f"{sum(1 for v in serving if v != 1.0)}/{len(serving)}",
             sql_statements=delta(summed_before, summed_after, "iam_sql_statements_total"),
             key_reloads=delta(summed_before, summed_after, "iam_key_reloads_total"),
             warnings=warnings,
@@ -488,6 +510,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", default="", help="servers to run: bare,emb1,prod1,prod2 (default all)")
     parser.add_argument("--json", type=Path, help="also write every run's row here")
+    parser.add_argument("--methods", default="health,verify,authz", help="which of health,verify,authz")
     args = parser.parse_args()
     h2load_path()
     wanted = set(filter(None, args.only.split(","))) or {"bare", "emb1", "prod1", "prod2"}
@@ -509,7 +532,8 @@ def main() -> None:
                 if name in wanted:
                     url, prefix = stack.enter_context(own_database())
                     servers.append(start_iam(folder / name, name, production_env(url, prefix), workers))
-            targets = [t for s in servers for t in targets_for(s)]
+            methods = set(args.methods.split(","))
+            targets = [t for s in servers for t in targets_for(s) if t.key.split(".", 1)[1] in methods]
             for round_ in range(args.rounds):
                 for target in targets:
                     row = measure(target, args.seconds, args.connections, args.streams)
