@@ -1,7 +1,10 @@
 """Error mapping: the one place where an :class:`~iam_grpc.errors.IamError`
 becomes a gRPC status with ``google.rpc.Status`` details (``ErrorInfo`` always;
-``BadRequest`` and ``RetryInfo`` where they apply). Anything else is a bug:
-logged with its traceback, answered INTERNAL with the request id only."""
+``BadRequest`` and ``RetryInfo`` where they apply). ``NotImplementedError``,
+raised by a generated servicer base for an RPC of the protos that no servicer
+overrides yet, answers UNIMPLEMENTED like :class:`NotImplementedYet`. Anything
+else is a bug: logged with its traceback, answered INTERNAL with the request id
+only."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from iam_grpc.errors import (
     IamError,
     InternalError,
     InvalidArgument,
+    NotImplementedYet,
     RateLimited,
     ServerError,
 )
@@ -71,6 +75,9 @@ class ErrorMappingInterceptor(UnaryInterceptor):
                 await _abort(context, error)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
+            except NotImplementedError:
+                # the contract declares the RPC before its behaviour lands: not a bug of ours
+                await _abort(context, NotImplementedYet())
             except Exception:
                 log.exception("unexpected error")
                 await _abort(context, InternalError())

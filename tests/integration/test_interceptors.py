@@ -49,6 +49,13 @@ async def broken(request: auth_pb2.LoginRequest, context: Any) -> auth_pb2.Login
     raise KeyError("/secret/path SELECT * FROM users")
 
 
+async def declared(request: auth_pb2.LoginRequest, context: Any) -> auth_pb2.LoginResponse:
+    # what a generated servicer base does for an RPC its subclass does not override
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details("Method not implemented!")
+    raise NotImplementedError("Method not implemented!")
+
+
 async def budget(request: auth_pb2.LoginRequest, context: Any) -> auth_pb2.LoginResponse:
     left = remaining()
     call = current_call()
@@ -73,7 +80,13 @@ async def probe(
             request_deserializer=auth_pb2.LoginRequest.FromString,
             response_serializer=auth_pb2.LoginResponse.SerializeToString,
         )
-        for name, fn in (("Slow", slow), ("Broken", broken), ("Budget", budget), ("Echo", echo))
+        for name, fn in (
+            ("Slow", slow),
+            ("Broken", broken),
+            ("Declared", declared),
+            ("Budget", budget),
+            ("Echo", echo),
+        )
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(PROBE, handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
@@ -144,6 +157,28 @@ async def test_unexpected_exceptions_become_internal_with_the_request_id_only(
     logged = "".join(records)
     assert "probe-req-0001" in logged
     assert "KeyError" in logged
+
+
+async def test_a_declared_but_unimplemented_rpc_answers_unimplemented_not_internal(
+    probe: tuple[grpc.aio.Channel, Any],
+) -> None:
+    """An RPC the protos declare before its servicer lands (the generated base raises
+    NotImplementedError) answers UNIMPLEMENTED with ErrorInfo reason UNIMPLEMENTED, logged as no error."""
+    channel, _ = probe
+    records: list[str] = []
+    sink = logger.add(lambda message: records.append(str(message)), level="ERROR", format="{message}")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await rpc(channel, "Declared")(auth_pb2.LoginRequest(email="a@example.com"))
+    finally:
+        logger.remove(sink)
+    details = error_details(caught.value)
+    assert (details.code, details.reason, details.domain) == (
+        grpc.StatusCode.UNIMPLEMENTED,
+        "UNIMPLEMENTED",
+        "iam.v1",
+    )
+    assert records == []
 
 
 async def test_request_hooks_see_the_decoded_request_and_can_refuse(
