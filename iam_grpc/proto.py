@@ -4,21 +4,33 @@ from iam_grpc.proto import auth_pb2, auth_pb2_grpc
 """
 
 from iam_grpc._proto.iam.v1 import (
+    api_token_pb2,
+    api_token_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
     common_pb2,
+    event_pb2,
+    event_pb2_grpc,
     mfa_pb2,
     mfa_pb2_grpc,
     token_pb2,
     token_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
 )
 
 __all__ = [
+    "api_token_pb2",
+    "api_token_pb2_grpc",
     "auth_pb2",
     "auth_pb2_grpc",
     "common_pb2",
+    "event_pb2",
+    "event_pb2_grpc",
     "mfa_pb2",
     "mfa_pb2_grpc",
     "token_pb2",
     "token_pb2_grpc",
+    "user_pb2",
+    "user_pb2_grpc",
 ]

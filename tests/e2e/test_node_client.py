@@ -157,44 +157,44 @@ def test_node_client_over_mtls(tmp_path: Path, compiled: Path) -> None:
     assert summary.get("pass") == 2, output
 
 
-USER_PROTO = """syntax = "proto3";
+EXAMPLE_PROTO = """syntax = "proto3";
 
 package iam.v1;
 
-// Users.
-service UserService {
-  // The caller's profile.
-  rpc GetMe(GetMeRequest) returns (GetMeResponse);
+// A service that is not part of the contract.
+service ExampleService {
+  // Looks something up.
+  rpc LookUp(LookUpRequest) returns (LookUpResponse);
 }
 
-// GetMe input.
-message GetMeRequest {
+// LookUp input.
+message LookUpRequest {
   // The user's access token.
   string access_token = 1;
 }
 
-// GetMe result.
-message GetMeResponse {
+// LookUp result.
+message LookUpResponse {
   // The user's identifier.
   string user_id = 1;
 }
 """
 
-PROBE = """import { createIamClient, services, type GetMeResponse } from "./index.js";
+PROBE = """import { createIamClient, services, type LookUpResponse } from "./index.js";
 
 const iam = createIamClient({ address: "127.0.0.1:1" });
-const answer: Promise<GetMeResponse> = iam.user.getMe({ accessToken: "x" });
-const name: string = services.UserService.typeName;
-// @ts-expect-error: getMe takes a GetMeRequest, whose field is accessToken
-iam.user.getMe({ token: "x" });
+const answer: Promise<LookUpResponse> = iam.example.lookUp({ accessToken: "x" });
+const name: string = services.ExampleService.typeName;
+// @ts-expect-error: lookUp takes a LookUpRequest, whose field is accessToken
+iam.example.lookUp({ token: "x" });
 export { answer, name };
 """
 
 
 def test_a_service_added_to_the_protos_is_a_typed_client_after_regeneration(tmp_path: Path) -> None:
     """`make proto`'s TypeScript step on a copy of protos/ with a new service: the generated index
-    lists it and the package's own sources type-check a call through ``iam.user`` (and refuse a
-    wrong field: the ``@ts-expect-error`` line fails the check if ``iam.user`` were untyped)."""
+    lists it and the package's own sources type-check a call through ``iam.example`` (and refuse a
+    wrong field: the ``@ts-expect-error`` line fails the check if ``iam.example`` were untyped)."""
     spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
     assert spec is not None
     assert spec.loader is not None
@@ -202,15 +202,15 @@ def test_a_service_added_to_the_protos_is_a_typed_client_after_regeneration(tmp_
     spec.loader.exec_module(gen_proto)
     protos = tmp_path / "protos"
     shutil.copytree(ROOT / "protos", protos)
-    (protos / "iam" / "v1" / "user.proto").write_text(USER_PROTO)
+    (protos / "iam" / "v1" / "example.proto").write_text(EXAMPLE_PROTO)
     package = tmp_path / "node"
     shutil.copytree(NODE_PACKAGE / "src", package / "src", ignore=shutil.ignore_patterns("gen"))
     shutil.copy(NODE_PACKAGE / "tsconfig.json", package)
     (package / "node_modules").symlink_to(NODE_PACKAGE / "node_modules")
     gen_proto.generate_typescript(package / "src" / "gen", protos)
     index = (package / "src" / "gen" / "index.ts").read_text()
-    assert 'export * from "./iam/v1/user_pb.js";' in index
-    assert "  UserService,\n" in index
+    assert 'export * from "./iam/v1/example_pb.js";' in index
+    assert "  ExampleService,\n" in index
     (package / "src" / "probe.ts").write_text(PROBE)
     tsc = subprocess.run(
         [str(NODE_PACKAGE / "node_modules" / ".bin" / "tsc"), "--noEmit", "-p", str(package)],

@@ -55,7 +55,14 @@ test("signup, login, refresh and verify through the typed client", async () => {
 });
 
 test("every generated service has a client, named after it", () => {
-  assert.deepEqual(Object.keys(services).sort(), ["AuthService", "MfaService", "TokenService"]);
+  assert.deepEqual(Object.keys(services).sort(), [
+    "ApiTokenService",
+    "AuthService",
+    "EventService",
+    "MfaService",
+    "TokenService",
+    "UserService",
+  ]);
   for (const [name, service] of Object.entries(services)) {
     const key = name.charAt(0).toLowerCase() + name.slice(1, -"Service".length);
     const client = (iam as unknown as Record<string, Record<string, unknown>>)[key];

@@ -76,6 +76,26 @@ class AuthServiceStub:
                 request_serializer=iam_dot_v1_dot_auth__pb2.ConfirmEmailChangeRequest.SerializeToString,
                 response_deserializer=iam_dot_v1_dot_auth__pb2.ConfirmEmailChangeResponse.FromString,
                 _registered_method=True)
+        self.SignInWithIdToken = channel.unary_unary(
+                '/iam.v1.AuthService/SignInWithIdToken',
+                request_serializer=iam_dot_v1_dot_auth__pb2.SignInWithIdTokenRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_auth__pb2.SignInWithIdTokenResponse.FromString,
+                _registered_method=True)
+        self.LinkIdentity = channel.unary_unary(
+                '/iam.v1.AuthService/LinkIdentity',
+                request_serializer=iam_dot_v1_dot_auth__pb2.LinkIdentityRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_auth__pb2.LinkIdentityResponse.FromString,
+                _registered_method=True)
+        self.UnlinkIdentity = channel.unary_unary(
+                '/iam.v1.AuthService/UnlinkIdentity',
+                request_serializer=iam_dot_v1_dot_auth__pb2.UnlinkIdentityRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_auth__pb2.UnlinkIdentityResponse.FromString,
+                _registered_method=True)
+        self.RequestEmailVerification = channel.unary_unary(
+                '/iam.v1.AuthService/RequestEmailVerification',
+                request_serializer=iam_dot_v1_dot_auth__pb2.RequestEmailVerificationRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_auth__pb2.RequestEmailVerificationResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -149,6 +169,56 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignInWithIdToken(self, request, context):
+        """Signs in with an OpenID Connect ID token the BFF obtained from a
+        configured provider. The service verifies it itself: signature against
+        the provider's JWKS, `iss`, `aud` among the provider's client ids,
+        `exp`, `nonce`. The first sign-in of a new user creates the account and
+        answers a Session; an existing account with the same email is linked
+        only when the token says `email_verified` and the account's email is
+        verified. Answers like Login: a Session, or an MfaChallenge when the
+        device is new or the sign-in looks risky. Errors: ID_TOKEN_INVALID
+        (UNAUTHENTICATED: unknown provider, bad signature, wrong issuer,
+        audience or nonce, expired), ACCOUNT_LINK_REQUIRED (FAILED_PRECONDITION:
+        sign in another way, then LinkIdentity), INVALID_CREDENTIALS (the user
+        is disabled), ANOMALY_BLOCKED, RATE_LIMITED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkIdentity(self, request, context):
+        """Links another identity provider's account to the signed-in user, with
+        an ID token verified as in SignInWithIdToken. Errors: ID_TOKEN_INVALID,
+        IDENTITY_TAKEN (ALREADY_EXISTS: the identity is linked to another
+        user), REAUTH_REQUIRED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED,
+        RATE_LIMITED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlinkIdentity(self, request, context):
+        """Removes the signed-in user's identity of a provider. Refused when it
+        would leave the user no way to sign in. Unlinking a provider that is
+        not linked changes nothing and answers OK. Errors: LAST_SIGN_IN_METHOD
+        (FAILED_PRECONDITION), REAUTH_REQUIRED, TOKEN_INVALID, TOKEN_EXPIRED,
+        SESSION_REVOKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestEmailVerification(self, request, context):
+        """Emails the signed-in user a link of purpose "verify_email"; redeeming
+        it (MfaService.RedeemMagicLink) sets the user's email_verified. Answers
+        OK without sending when the address is already verified. Errors:
+        TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, RATE_LIMITED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +261,26 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ConfirmEmailChange,
                     request_deserializer=iam_dot_v1_dot_auth__pb2.ConfirmEmailChangeRequest.FromString,
                     response_serializer=iam_dot_v1_dot_auth__pb2.ConfirmEmailChangeResponse.SerializeToString,
+            ),
+            'SignInWithIdToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignInWithIdToken,
+                    request_deserializer=iam_dot_v1_dot_auth__pb2.SignInWithIdTokenRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_auth__pb2.SignInWithIdTokenResponse.SerializeToString,
+            ),
+            'LinkIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkIdentity,
+                    request_deserializer=iam_dot_v1_dot_auth__pb2.LinkIdentityRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_auth__pb2.LinkIdentityResponse.SerializeToString,
+            ),
+            'UnlinkIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlinkIdentity,
+                    request_deserializer=iam_dot_v1_dot_auth__pb2.UnlinkIdentityRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_auth__pb2.UnlinkIdentityResponse.SerializeToString,
+            ),
+            'RequestEmailVerification': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestEmailVerification,
+                    request_deserializer=iam_dot_v1_dot_auth__pb2.RequestEmailVerificationRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_auth__pb2.RequestEmailVerificationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,6 +501,114 @@ class AuthService:
             '/iam.v1.AuthService/ConfirmEmailChange',
             iam_dot_v1_dot_auth__pb2.ConfirmEmailChangeRequest.SerializeToString,
             iam_dot_v1_dot_auth__pb2.ConfirmEmailChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignInWithIdToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.AuthService/SignInWithIdToken',
+            iam_dot_v1_dot_auth__pb2.SignInWithIdTokenRequest.SerializeToString,
+            iam_dot_v1_dot_auth__pb2.SignInWithIdTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.AuthService/LinkIdentity',
+            iam_dot_v1_dot_auth__pb2.LinkIdentityRequest.SerializeToString,
+            iam_dot_v1_dot_auth__pb2.LinkIdentityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlinkIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.AuthService/UnlinkIdentity',
+            iam_dot_v1_dot_auth__pb2.UnlinkIdentityRequest.SerializeToString,
+            iam_dot_v1_dot_auth__pb2.UnlinkIdentityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestEmailVerification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.AuthService/RequestEmailVerification',
+            iam_dot_v1_dot_auth__pb2.RequestEmailVerificationRequest.SerializeToString,
+            iam_dot_v1_dot_auth__pb2.RequestEmailVerificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13iam/v1/common.proto\x12\x06iam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/rpc/error_details.proto\"[\n\rClientContext\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65pt_language\x18\x04 \x01(\t\"\xdd\x01\n\x07Session\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x35\n\x11\x61\x63\x63\x65ss_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x36\n\x12refresh_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x11\n\tdevice_id\x18\x07 \x01(\t\"u\n\x0cMfaChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\"b\n\x0bStepUpGrant\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\x0c\x45rrorDetails\x12)\n\nerror_info\x18\x01 \x01(\x0b\x32\x15.google.rpc.ErrorInfo\x12+\n\x0b\x62\x61\x64_request\x18\x02 \x01(\x0b\x32\x16.google.rpc.BadRequest\x12)\n\nretry_info\x18\x03 \x01(\x0b\x32\x15.google.rpc.RetryInfoBH\n\x12\x64\x65v.iamgrpc.iam.v1P\x01Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13iam/v1/common.proto\x12\x06iam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/rpc/error_details.proto\"[\n\rClientContext\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65pt_language\x18\x04 \x01(\t\"\xdd\x01\n\x07Session\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x35\n\x11\x61\x63\x63\x65ss_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x36\n\x12refresh_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x11\n\tdevice_id\x18\x07 \x01(\t\"\xa5\x01\n\x0cMfaChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x04 \x01(\t\x12\x10\n\x08\x63hannels\x18\x05 \x03(\t\x12\x1c\n\x14passkey_options_json\x18\x06 \x01(\t\"k\n\x08Identity\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12-\n\tlinked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x0bStepUpGrant\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\x0c\x45rrorDetails\x12)\n\nerror_info\x18\x01 \x01(\x0b\x32\x15.google.rpc.ErrorInfo\x12+\n\x0b\x62\x61\x64_request\x18\x02 \x01(\x0b\x32\x16.google.rpc.BadRequest\x12)\n\nretry_info\x18\x03 \x01(\x0b\x32\x15.google.rpc.RetryInfoBH\n\x12\x64\x65v.iamgrpc.iam.v1P\x01Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTCONTEXT']._serialized_end=187
   _globals['_SESSION']._serialized_start=190
   _globals['_SESSION']._serialized_end=411
-  _globals['_MFACHALLENGE']._serialized_start=413
-  _globals['_MFACHALLENGE']._serialized_end=530
-  _globals['_STEPUPGRANT']._serialized_start=532
-  _globals['_STEPUPGRANT']._serialized_end=630
-  _globals['_ERRORDETAILS']._serialized_start=633
-  _globals['_ERRORDETAILS']._serialized_end=778
+  _globals['_MFACHALLENGE']._serialized_start=414
+  _globals['_MFACHALLENGE']._serialized_end=579
+  _globals['_IDENTITY']._serialized_start=581
+  _globals['_IDENTITY']._serialized_end=688
+  _globals['_STEPUPGRANT']._serialized_start=690
+  _globals['_STEPUPGRANT']._serialized_end=788
+  _globals['_ERRORDETAILS']._serialized_start=791
+  _globals['_ERRORDETAILS']._serialized_end=936
 # @@protoc_insertion_point(module_scope)

@@ -11,13 +11,18 @@ INVALID_CREDENTIALS, EMAIL_TAKEN, PASSWORD_BREACHED, EMAIL_DOMAIN_REJECTED,
 TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, REFRESH_TOKEN_REUSED,
 ANOMALY_BLOCKED, SESSION_EXPIRED, RATE_LIMITED, CODE_INVALID,
 CHALLENGE_EXPIRED, LINK_USED, ROLE_REQUIRED, REAUTH_REQUIRED,
-CALLER_UNKNOWN, BACKEND_UNAVAILABLE, INTERNAL, UNIMPLEMENTED). Branch on
-the reason, never on the human-readable message.
+CALLER_UNKNOWN, BACKEND_UNAVAILABLE, INTERNAL, UNIMPLEMENTED, and from the
+second round USER_NOT_FOUND, TOKEN_LIMIT, SCOPE_REQUIRED, IP_NOT_ALLOWED,
+ID_TOKEN_INVALID, ACCOUNT_LINK_REQUIRED, CURSOR_EXPIRED,
+LAST_SIGN_IN_METHOD, TOTP_ALREADY_ENABLED, IDENTITY_TAKEN). Branch on the
+reason, never on the human-readable message.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.rpc import error_details_pb2 as _error_details_pb2
 import builtins as _builtins
 import sys
@@ -138,9 +143,10 @@ Global___Session: _TypeAlias = Session  # noqa: Y015
 
 @_typing.final
 class MfaChallenge(_message.Message):
-    """Returned instead of a Session when the service wants proof of the
-    mailbox. The user receives an email with a code and a link for the same
-    challenge; finish with MfaService.VerifyChallenge or RedeemMagicLink.
+    """Returned instead of a Session when the service wants a second factor.
+    With the "email" channel the user receives an email with a code and a link
+    for the same challenge; finish with MfaService.VerifyChallenge (any channel
+    the challenge lists) or RedeemMagicLink (email).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -149,6 +155,8 @@ class MfaChallenge(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    PASSKEY_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """Identifier of the challenge (`ch_` + 22 characters)."""
     reason: _builtins.str
@@ -157,10 +165,26 @@ class MfaChallenge(_message.Message):
     IMPOSSIBLE_TRAVEL, SECURITY_HOLD or STEP_UP.
     """
     channel: _builtins.str
-    """Delivery channel; currently always "email"."""
+    """The preferred channel, the first of `channels` ("email" when the user
+    has no other factor). Kept for clients written before `channels`.
+    """
+    passkey_options_json: _builtins.str
+    """WebAuthn request options (PublicKeyCredentialRequestOptions as JSON) for
+    `navigator.credentials.get()` when `channels` has "passkey"; empty
+    otherwise. Send the browser's answer as
+    VerifyChallengeRequest.passkey_assertion_json.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the code and links stop working."""
+
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every channel that can complete this challenge, preferred first: "totp"
+        (a code from the authenticator app, or a recovery code), "passkey" (an
+        assertion made with `passkey_options_json`), "email" (the code or link
+        from the email). E.g. ["totp", "email"].
+        """
 
     def __init__(
         self,
@@ -169,14 +193,55 @@ class MfaChallenge(_message.Message):
         reason: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         channel: _builtins.str = ...,
+        channels: _abc.Iterable[_builtins.str] | None = ...,
+        passkey_options_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "channel", b"channel", "expires_at", b"expires_at", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "channel", b"channel", "channels", b"channels", "expires_at", b"expires_at", "passkey_options_json", b"passkey_options_json", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MfaChallenge: _TypeAlias = MfaChallenge  # noqa: Y015
+
+@_typing.final
+class Identity(_message.Message):
+    """A sign-in method from another identity provider (OpenID Connect) linked
+    to a user: returned by AuthService.LinkIdentity and listed in
+    UserService's User.identities.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    LINKED_AT_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The configured provider name (a key of IAM_OIDC_PROVIDERS), e.g. "google"."""
+    subject: _builtins.str
+    """The provider's stable subject identifier (the ID token's `sub`)."""
+    email: _builtins.str
+    """The email address the provider reported when the identity was linked."""
+    @_builtins.property
+    def linked_at(self) -> _timestamp_pb2.Timestamp:
+        """When the identity was linked."""
+
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        email: _builtins.str = ...,
+        linked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["linked_at", b"linked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "linked_at", b"linked_at", "provider", b"provider", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Identity: _TypeAlias = Identity  # noqa: Y015
 
 @_typing.final
 class StepUpGrant(_message.Message):

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from iam_grpc._proto.iam.v1 import common_pb2 as iam_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10iam/v1/mfa.proto\x12\x06iam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13iam/v1/common.proto\"c\n\x16VerifyChallengeRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"m\n\x17VerifyChallengeResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x0f.iam.v1.SessionH\x00\x12$\n\x05grant\x18\x02 \x01(\x0b\x32\x13.iam.v1.StepUpGrantH\x00\x42\x08\n\x06result\"S\n\x16RedeemMagicLinkRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x12\n\nlink_token\x18\x02 \x01(\t\"~\n\x17RedeemMagicLinkResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x0f.iam.v1.SessionH\x00\x12$\n\x05grant\x18\x02 \x01(\x0b\x32\x13.iam.v1.StepUpGrantH\x00\x12\x0f\n\x07purpose\x18\x03 \x01(\tB\x08\n\x06result\"-\n\x17InspectMagicLinkRequest\x12\x12\n\nlink_token\x18\x01 \x01(\t\"k\n\x18InspectMagicLinkResponse\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06usable\x18\x03 \x01(\x08\"U\n\x16ResendChallengeRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\"a\n\x12StartStepUpRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\"@\n\x19\x43onsumeStepUpGrantRequest\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\"A\n\x1a\x43onsumeStepUpGrantResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t2\xf2\x03\n\nMfaService\x12R\n\x0fVerifyChallenge\x12\x1e.iam.v1.VerifyChallengeRequest\x1a\x1f.iam.v1.VerifyChallengeResponse\x12R\n\x0fRedeemMagicLink\x12\x1e.iam.v1.RedeemMagicLinkRequest\x1a\x1f.iam.v1.RedeemMagicLinkResponse\x12U\n\x10InspectMagicLink\x12\x1f.iam.v1.InspectMagicLinkRequest\x1a .iam.v1.InspectMagicLinkResponse\x12G\n\x0fResendChallenge\x12\x1e.iam.v1.ResendChallengeRequest\x1a\x14.iam.v1.MfaChallenge\x12?\n\x0bStartStepUp\x12\x1a.iam.v1.StartStepUpRequest\x1a\x14.iam.v1.MfaChallenge\x12[\n\x12\x43onsumeStepUpGrant\x12!.iam.v1.ConsumeStepUpGrantRequest\x1a\".iam.v1.ConsumeStepUpGrantResponseBH\n\x12\x64\x65v.iamgrpc.iam.v1P\x01Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10iam/v1/mfa.proto\x12\x06iam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13iam/v1/common.proto\"\x9a\x01\n\x16VerifyChallengeRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x15\n\rrecovery_code\x18\x04 \x01(\t\x12\x1e\n\x16passkey_assertion_json\x18\x05 \x01(\t\"m\n\x17VerifyChallengeResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x0f.iam.v1.SessionH\x00\x12$\n\x05grant\x18\x02 \x01(\x0b\x32\x13.iam.v1.StepUpGrantH\x00\x42\x08\n\x06result\"S\n\x16RedeemMagicLinkRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x12\n\nlink_token\x18\x02 \x01(\t\"~\n\x17RedeemMagicLinkResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x0f.iam.v1.SessionH\x00\x12$\n\x05grant\x18\x02 \x01(\x0b\x32\x13.iam.v1.StepUpGrantH\x00\x12\x0f\n\x07purpose\x18\x03 \x01(\tB\x08\n\x06result\"-\n\x17InspectMagicLinkRequest\x12\x12\n\nlink_token\x18\x01 \x01(\t\"k\n\x18InspectMagicLinkResponse\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06usable\x18\x03 \x01(\x08\"U\n\x16ResendChallengeRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\"a\n\x12StartStepUpRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\"@\n\x19\x43onsumeStepUpGrantRequest\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\"A\n\x1a\x43onsumeStepUpGrantResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x8d\x01\n\x07Passkey\x12\x12\n\npasskey_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x11\x45nrollTotpRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\"W\n\x12\x45nrollTotpResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x15\n\rsecret_base32\x18\x02 \x01(\t\x12\x13\n\x0botpauth_uri\x18\x03 \x01(\t\"v\n\x12\x43onfirmTotpRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x15\n\renrollment_id\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\"-\n\x13\x43onfirmTotpResponse\x12\x16\n\x0erecovery_codes\x18\x01 \x03(\t\"h\n\x12\x44isableTotpRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x15\n\rstep_up_grant\x18\x03 \x01(\t\"\x15\n\x13\x44isableTotpResponse\"^\n\x1fStartPasskeyRegistrationRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\"8\n StartPasskeyRegistrationResponse\x12\x14\n\x0coptions_json\x18\x01 \x01(\t\"\x86\x01\n FinishPasskeyRegistrationRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_json\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"E\n!FinishPasskeyRegistrationResponse\x12 \n\x07passkey\x18\x01 \x01(\x0b\x32\x0f.iam.v1.Passkey\"R\n\x13ListPasskeysRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\"9\n\x14ListPasskeysResponse\x12!\n\x08passkeys\x18\x01 \x03(\x0b\x32\x0f.iam.v1.Passkey\"g\n\x14\x44\x65letePasskeyRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x12\n\npasskey_id\x18\x03 \x01(\t\"\x17\n\x15\x44\x65letePasskeyResponse\"P\n\x18StartPasskeyLoginRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"G\n\x19StartPasskeyLoginResponse\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\"q\n\x19\x46inishPasskeyLoginRequest\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.iam.v1.ClientContext\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_json\x18\x03 \x01(\t\"\x88\x01\n\x1a\x46inishPasskeyLoginResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x0f.iam.v1.SessionH\x00\x12#\n\x03mfa\x18\x02 \x01(\x0b\x32\x14.iam.v1.MfaChallengeH\x00\x42\x08\n\x06resultJ\x04\x08\x03\x10\x04R\x11password_breached2\xf8\t\n\nMfaService\x12R\n\x0fVerifyChallenge\x12\x1e.iam.v1.VerifyChallengeRequest\x1a\x1f.iam.v1.VerifyChallengeResponse\x12R\n\x0fRedeemMagicLink\x12\x1e.iam.v1.RedeemMagicLinkRequest\x1a\x1f.iam.v1.RedeemMagicLinkResponse\x12U\n\x10InspectMagicLink\x12\x1f.iam.v1.InspectMagicLinkRequest\x1a .iam.v1.InspectMagicLinkResponse\x12G\n\x0fResendChallenge\x12\x1e.iam.v1.ResendChallengeRequest\x1a\x14.iam.v1.MfaChallenge\x12?\n\x0bStartStepUp\x12\x1a.iam.v1.StartStepUpRequest\x1a\x14.iam.v1.MfaChallenge\x12[\n\x12\x43onsumeStepUpGrant\x12!.iam.v1.ConsumeStepUpGrantRequest\x1a\".iam.v1.ConsumeStepUpGrantResponse\x12\x43\n\nEnrollTotp\x12\x19.iam.v1.EnrollTotpRequest\x1a\x1a.iam.v1.EnrollTotpResponse\x12\x46\n\x0b\x43onfirmTotp\x12\x1a.iam.v1.ConfirmTotpRequest\x1a\x1b.iam.v1.ConfirmTotpResponse\x12\x46\n\x0b\x44isableTotp\x12\x1a.iam.v1.DisableTotpRequest\x1a\x1b.iam.v1.DisableTotpResponse\x12m\n\x18StartPasskeyRegistration\x12\'.iam.v1.StartPasskeyRegistrationRequest\x1a(.iam.v1.StartPasskeyRegistrationResponse\x12p\n\x19\x46inishPasskeyRegistration\x12(.iam.v1.FinishPasskeyRegistrationRequest\x1a).iam.v1.FinishPasskeyRegistrationResponse\x12I\n\x0cListPasskeys\x12\x1b.iam.v1.ListPasskeysRequest\x1a\x1c.iam.v1.ListPasskeysResponse\x12L\n\rDeletePasskey\x12\x1c.iam.v1.DeletePasskeyRequest\x1a\x1d.iam.v1.DeletePasskeyResponse\x12X\n\x11StartPasskeyLogin\x12 .iam.v1.StartPasskeyLoginRequest\x1a!.iam.v1.StartPasskeyLoginResponse\x12[\n\x12\x46inishPasskeyLogin\x12!.iam.v1.FinishPasskeyLoginRequest\x1a\".iam.v1.FinishPasskeyLoginResponseBH\n\x12\x64\x65v.iamgrpc.iam.v1P\x01Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,64 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'iam.v1.mfa_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.iamgrpc.iam.v1P\001Z0github.com/iam-grpc/iam-grpc/gen/go/iam/v1;iamv1'
-  _globals['_VERIFYCHALLENGEREQUEST']._serialized_start=82
-  _globals['_VERIFYCHALLENGEREQUEST']._serialized_end=181
-  _globals['_VERIFYCHALLENGERESPONSE']._serialized_start=183
-  _globals['_VERIFYCHALLENGERESPONSE']._serialized_end=292
-  _globals['_REDEEMMAGICLINKREQUEST']._serialized_start=294
-  _globals['_REDEEMMAGICLINKREQUEST']._serialized_end=377
-  _globals['_REDEEMMAGICLINKRESPONSE']._serialized_start=379
-  _globals['_REDEEMMAGICLINKRESPONSE']._serialized_end=505
-  _globals['_INSPECTMAGICLINKREQUEST']._serialized_start=507
-  _globals['_INSPECTMAGICLINKREQUEST']._serialized_end=552
-  _globals['_INSPECTMAGICLINKRESPONSE']._serialized_start=554
-  _globals['_INSPECTMAGICLINKRESPONSE']._serialized_end=661
-  _globals['_RESENDCHALLENGEREQUEST']._serialized_start=663
-  _globals['_RESENDCHALLENGEREQUEST']._serialized_end=748
-  _globals['_STARTSTEPUPREQUEST']._serialized_start=750
-  _globals['_STARTSTEPUPREQUEST']._serialized_end=847
-  _globals['_CONSUMESTEPUPGRANTREQUEST']._serialized_start=849
-  _globals['_CONSUMESTEPUPGRANTREQUEST']._serialized_end=913
-  _globals['_CONSUMESTEPUPGRANTRESPONSE']._serialized_start=915
-  _globals['_CONSUMESTEPUPGRANTRESPONSE']._serialized_end=980
-  _globals['_MFASERVICE']._serialized_start=983
-  _globals['_MFASERVICE']._serialized_end=1481
+  _globals['_VERIFYCHALLENGEREQUEST']._serialized_start=83
+  _globals['_VERIFYCHALLENGEREQUEST']._serialized_end=237
+  _globals['_VERIFYCHALLENGERESPONSE']._serialized_start=239
+  _globals['_VERIFYCHALLENGERESPONSE']._serialized_end=348
+  _globals['_REDEEMMAGICLINKREQUEST']._serialized_start=350
+  _globals['_REDEEMMAGICLINKREQUEST']._serialized_end=433
+  _globals['_REDEEMMAGICLINKRESPONSE']._serialized_start=435
+  _globals['_REDEEMMAGICLINKRESPONSE']._serialized_end=561
+  _globals['_INSPECTMAGICLINKREQUEST']._serialized_start=563
+  _globals['_INSPECTMAGICLINKREQUEST']._serialized_end=608
+  _globals['_INSPECTMAGICLINKRESPONSE']._serialized_start=610
+  _globals['_INSPECTMAGICLINKRESPONSE']._serialized_end=717
+  _globals['_RESENDCHALLENGEREQUEST']._serialized_start=719
+  _globals['_RESENDCHALLENGEREQUEST']._serialized_end=804
+  _globals['_STARTSTEPUPREQUEST']._serialized_start=806
+  _globals['_STARTSTEPUPREQUEST']._serialized_end=903
+  _globals['_CONSUMESTEPUPGRANTREQUEST']._serialized_start=905
+  _globals['_CONSUMESTEPUPGRANTREQUEST']._serialized_end=969
+  _globals['_CONSUMESTEPUPGRANTRESPONSE']._serialized_start=971
+  _globals['_CONSUMESTEPUPGRANTRESPONSE']._serialized_end=1036
+  _globals['_PASSKEY']._serialized_start=1039
+  _globals['_PASSKEY']._serialized_end=1180
+  _globals['_ENROLLTOTPREQUEST']._serialized_start=1182
+  _globals['_ENROLLTOTPREQUEST']._serialized_end=1262
+  _globals['_ENROLLTOTPRESPONSE']._serialized_start=1264
+  _globals['_ENROLLTOTPRESPONSE']._serialized_end=1351
+  _globals['_CONFIRMTOTPREQUEST']._serialized_start=1353
+  _globals['_CONFIRMTOTPREQUEST']._serialized_end=1471
+  _globals['_CONFIRMTOTPRESPONSE']._serialized_start=1473
+  _globals['_CONFIRMTOTPRESPONSE']._serialized_end=1518
+  _globals['_DISABLETOTPREQUEST']._serialized_start=1520
+  _globals['_DISABLETOTPREQUEST']._serialized_end=1624
+  _globals['_DISABLETOTPRESPONSE']._serialized_start=1626
+  _globals['_DISABLETOTPRESPONSE']._serialized_end=1647
+  _globals['_STARTPASSKEYREGISTRATIONREQUEST']._serialized_start=1649
+  _globals['_STARTPASSKEYREGISTRATIONREQUEST']._serialized_end=1743
+  _globals['_STARTPASSKEYREGISTRATIONRESPONSE']._serialized_start=1745
+  _globals['_STARTPASSKEYREGISTRATIONRESPONSE']._serialized_end=1801
+  _globals['_FINISHPASSKEYREGISTRATIONREQUEST']._serialized_start=1804
+  _globals['_FINISHPASSKEYREGISTRATIONREQUEST']._serialized_end=1938
+  _globals['_FINISHPASSKEYREGISTRATIONRESPONSE']._serialized_start=1940
+  _globals['_FINISHPASSKEYREGISTRATIONRESPONSE']._serialized_end=2009
+  _globals['_LISTPASSKEYSREQUEST']._serialized_start=2011
+  _globals['_LISTPASSKEYSREQUEST']._serialized_end=2093
+  _globals['_LISTPASSKEYSRESPONSE']._serialized_start=2095
+  _globals['_LISTPASSKEYSRESPONSE']._serialized_end=2152
+  _globals['_DELETEPASSKEYREQUEST']._serialized_start=2154
+  _globals['_DELETEPASSKEYREQUEST']._serialized_end=2257
+  _globals['_DELETEPASSKEYRESPONSE']._serialized_start=2259
+  _globals['_DELETEPASSKEYRESPONSE']._serialized_end=2282
+  _globals['_STARTPASSKEYLOGINREQUEST']._serialized_start=2284
+  _globals['_STARTPASSKEYLOGINREQUEST']._serialized_end=2364
+  _globals['_STARTPASSKEYLOGINRESPONSE']._serialized_start=2366
+  _globals['_STARTPASSKEYLOGINRESPONSE']._serialized_end=2437
+  _globals['_FINISHPASSKEYLOGINREQUEST']._serialized_start=2439
+  _globals['_FINISHPASSKEYLOGINREQUEST']._serialized_end=2552
+  _globals['_FINISHPASSKEYLOGINRESPONSE']._serialized_start=2555
+  _globals['_FINISHPASSKEYLOGINRESPONSE']._serialized_end=2691
+  _globals['_MFASERVICE']._serialized_start=2694
+  _globals['_MFASERVICE']._serialized_end=3966
 # @@protoc_insertion_point(module_scope)

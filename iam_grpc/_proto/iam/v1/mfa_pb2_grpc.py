@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class MfaServiceStub:
-    """Completes email challenges raised by Login, Refresh and StartStepUp.
+    """Completes challenges raised by Login, Refresh, StartStepUp and the other
+    sign-in methods, and manages the user's second factors.
     """
 
     def __init__(self, channel):
@@ -66,16 +67,67 @@ class MfaServiceStub:
                 request_serializer=iam_dot_v1_dot_mfa__pb2.ConsumeStepUpGrantRequest.SerializeToString,
                 response_deserializer=iam_dot_v1_dot_mfa__pb2.ConsumeStepUpGrantResponse.FromString,
                 _registered_method=True)
+        self.EnrollTotp = channel.unary_unary(
+                '/iam.v1.MfaService/EnrollTotp',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.EnrollTotpRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.EnrollTotpResponse.FromString,
+                _registered_method=True)
+        self.ConfirmTotp = channel.unary_unary(
+                '/iam.v1.MfaService/ConfirmTotp',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.ConfirmTotpRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.ConfirmTotpResponse.FromString,
+                _registered_method=True)
+        self.DisableTotp = channel.unary_unary(
+                '/iam.v1.MfaService/DisableTotp',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.DisableTotpRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.DisableTotpResponse.FromString,
+                _registered_method=True)
+        self.StartPasskeyRegistration = channel.unary_unary(
+                '/iam.v1.MfaService/StartPasskeyRegistration',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyRegistrationRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyRegistrationResponse.FromString,
+                _registered_method=True)
+        self.FinishPasskeyRegistration = channel.unary_unary(
+                '/iam.v1.MfaService/FinishPasskeyRegistration',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyRegistrationRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyRegistrationResponse.FromString,
+                _registered_method=True)
+        self.ListPasskeys = channel.unary_unary(
+                '/iam.v1.MfaService/ListPasskeys',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.ListPasskeysRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.ListPasskeysResponse.FromString,
+                _registered_method=True)
+        self.DeletePasskey = channel.unary_unary(
+                '/iam.v1.MfaService/DeletePasskey',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.DeletePasskeyRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.DeletePasskeyResponse.FromString,
+                _registered_method=True)
+        self.StartPasskeyLogin = channel.unary_unary(
+                '/iam.v1.MfaService/StartPasskeyLogin',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyLoginRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyLoginResponse.FromString,
+                _registered_method=True)
+        self.FinishPasskeyLogin = channel.unary_unary(
+                '/iam.v1.MfaService/FinishPasskeyLogin',
+                request_serializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyLoginRequest.SerializeToString,
+                response_deserializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyLoginResponse.FromString,
+                _registered_method=True)
 
 
 class MfaServiceServicer:
-    """Completes email challenges raised by Login, Refresh and StartStepUp.
+    """Completes challenges raised by Login, Refresh, StartStepUp and the other
+    sign-in methods, and manages the user's second factors.
     """
 
     def VerifyChallenge(self, request, context):
-        """Completes a challenge with the code from the email, from the device
-        that raised it. Errors: CODE_INVALID (metadata attempts_left),
-        CHALLENGE_EXPIRED.
+        """Completes a challenge from the device that raised it, with exactly one
+        of: `code` (the email code, or a TOTP code when the challenge's channels
+        have "totp"), `recovery_code` (single use, "totp" channel) or
+        `passkey_assertion_json` ("passkey" channel). A TOTP code is accepted
+        once. Errors: CODE_INVALID (metadata attempts_left; also for a
+        recovery code or passkey assertion that does not verify),
+        CHALLENGE_EXPIRED, INVALID_ARGUMENT (none or several of the three, or a
+        channel the challenge does not allow).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,7 +137,9 @@ class MfaServiceServicer:
         """Redeems the magic link of an MFA or step-up email. On the challenge's
         own device it completes the challenge; on another device it only
         approves it (`result` empty) and the original device repeats its
-        Refresh or Login. Errors: CHALLENGE_EXPIRED, LINK_USED.
+        Refresh or Login. A link of purpose "verify_email" (from
+        AuthService.RequestEmailVerification) marks the address verified;
+        `result` stays empty. Errors: CHALLENGE_EXPIRED, LINK_USED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +185,101 @@ class MfaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollTotp(self, request, context):
+        """Starts TOTP enrollment for the signed-in user: a new secret, not yet in
+        use until ConfirmTotp. A pending enrollment replaces an earlier one.
+        Errors: TOTP_ALREADY_ENABLED (FAILED_PRECONDITION: disable it first),
+        REAUTH_REQUIRED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED,
+        RATE_LIMITED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmTotp(self, request, context):
+        """Turns TOTP on with a code from the authenticator app and answers 10
+        recovery codes, shown once (earlier recovery codes stop working).
+        Errors: CODE_INVALID (metadata attempts_left), CHALLENGE_EXPIRED
+        (enrollment unknown or expired), TOTP_ALREADY_ENABLED, TOKEN_INVALID,
+        TOKEN_EXPIRED, SESSION_REVOKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableTotp(self, request, context):
+        """Turns TOTP off and deletes its secret and recovery codes. Needs a
+        step-up grant for the action "disable-totp" from the same session.
+        Errors: CHALLENGE_EXPIRED (grant unknown, used or expired),
+        INVALID_ARGUMENT (grant for another action or session), TOKEN_INVALID,
+        TOKEN_EXPIRED, SESSION_REVOKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPasskeyRegistration(self, request, context):
+        """Starts registering a passkey for the signed-in user: WebAuthn creation
+        options for `navigator.credentials.create()`. Errors: REAUTH_REQUIRED,
+        TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, RATE_LIMITED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishPasskeyRegistration(self, request, context):
+        """Finishes a registration with the browser's answer. The ceremony's
+        challenge works once and briefly. Errors: INVALID_ARGUMENT (a
+        credential that does not verify: wrong origin, challenge, relying
+        party or format), CHALLENGE_EXPIRED, TOKEN_INVALID, TOKEN_EXPIRED,
+        SESSION_REVOKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPasskeys(self, request, context):
+        """The signed-in user's passkeys, newest first. Errors: TOKEN_INVALID,
+        TOKEN_EXPIRED, SESSION_REVOKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePasskey(self, request, context):
+        """Deletes one of the signed-in user's passkeys; refused when it is the
+        user's last way to sign in. A passkey that does not exist or belongs to
+        someone else changes nothing and answers OK. Errors:
+        LAST_SIGN_IN_METHOD (FAILED_PRECONDITION), REAUTH_REQUIRED,
+        TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPasskeyLogin(self, request, context):
+        """Starts a passwordless sign-in with a passkey: WebAuthn request options
+        for `navigator.credentials.get()`. With an empty email the options name
+        no credential (discoverable credentials). Answers the same shape
+        whether or not the email belongs to an account. Errors:
+        INVALID_ARGUMENT, RATE_LIMITED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishPasskeyLogin(self, request, context):
+        """Finishes a passkey sign-in with the browser's assertion (user
+        verification required). Answers like AuthService.Login: a Session, or
+        an MfaChallenge when the device or the sign-in looks risky. Errors:
+        INVALID_CREDENTIALS (an assertion that does not verify, an unknown
+        credential, a disabled user), CHALLENGE_EXPIRED (unknown, used or
+        expired challenge_id), ANOMALY_BLOCKED, RATE_LIMITED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MfaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +313,51 @@ def add_MfaServiceServicer_to_server(servicer, server):
                     request_deserializer=iam_dot_v1_dot_mfa__pb2.ConsumeStepUpGrantRequest.FromString,
                     response_serializer=iam_dot_v1_dot_mfa__pb2.ConsumeStepUpGrantResponse.SerializeToString,
             ),
+            'EnrollTotp': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollTotp,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.EnrollTotpRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.EnrollTotpResponse.SerializeToString,
+            ),
+            'ConfirmTotp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmTotp,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.ConfirmTotpRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.ConfirmTotpResponse.SerializeToString,
+            ),
+            'DisableTotp': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableTotp,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.DisableTotpRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.DisableTotpResponse.SerializeToString,
+            ),
+            'StartPasskeyRegistration': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPasskeyRegistration,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyRegistrationRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyRegistrationResponse.SerializeToString,
+            ),
+            'FinishPasskeyRegistration': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishPasskeyRegistration,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyRegistrationRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyRegistrationResponse.SerializeToString,
+            ),
+            'ListPasskeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPasskeys,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.ListPasskeysRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.ListPasskeysResponse.SerializeToString,
+            ),
+            'DeletePasskey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePasskey,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.DeletePasskeyRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.DeletePasskeyResponse.SerializeToString,
+            ),
+            'StartPasskeyLogin': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPasskeyLogin,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyLoginRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.StartPasskeyLoginResponse.SerializeToString,
+            ),
+            'FinishPasskeyLogin': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishPasskeyLogin,
+                    request_deserializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyLoginRequest.FromString,
+                    response_serializer=iam_dot_v1_dot_mfa__pb2.FinishPasskeyLoginResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'iam.v1.MfaService', rpc_method_handlers)
@@ -173,7 +367,8 @@ def add_MfaServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MfaService:
-    """Completes email challenges raised by Login, Refresh and StartStepUp.
+    """Completes challenges raised by Login, Refresh, StartStepUp and the other
+    sign-in methods, and manages the user's second factors.
     """
 
     @staticmethod
@@ -328,6 +523,249 @@ class MfaService:
             '/iam.v1.MfaService/ConsumeStepUpGrant',
             iam_dot_v1_dot_mfa__pb2.ConsumeStepUpGrantRequest.SerializeToString,
             iam_dot_v1_dot_mfa__pb2.ConsumeStepUpGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollTotp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/EnrollTotp',
+            iam_dot_v1_dot_mfa__pb2.EnrollTotpRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.EnrollTotpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmTotp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/ConfirmTotp',
+            iam_dot_v1_dot_mfa__pb2.ConfirmTotpRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.ConfirmTotpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableTotp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/DisableTotp',
+            iam_dot_v1_dot_mfa__pb2.DisableTotpRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.DisableTotpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPasskeyRegistration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/StartPasskeyRegistration',
+            iam_dot_v1_dot_mfa__pb2.StartPasskeyRegistrationRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.StartPasskeyRegistrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishPasskeyRegistration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/FinishPasskeyRegistration',
+            iam_dot_v1_dot_mfa__pb2.FinishPasskeyRegistrationRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.FinishPasskeyRegistrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPasskeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/ListPasskeys',
+            iam_dot_v1_dot_mfa__pb2.ListPasskeysRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.ListPasskeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePasskey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/DeletePasskey',
+            iam_dot_v1_dot_mfa__pb2.DeletePasskeyRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.DeletePasskeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPasskeyLogin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/StartPasskeyLogin',
+            iam_dot_v1_dot_mfa__pb2.StartPasskeyLoginRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.StartPasskeyLoginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishPasskeyLogin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/iam.v1.MfaService/FinishPasskeyLogin',
+            iam_dot_v1_dot_mfa__pb2.FinishPasskeyLoginRequest.SerializeToString,
+            iam_dot_v1_dot_mfa__pb2.FinishPasskeyLoginResponse.FromString,
             options,
             channel_credentials,
             insecure,
