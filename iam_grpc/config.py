@@ -198,19 +198,19 @@ class DatabaseSettings(_Group):
 
 class RedisSettings(_Group):
     url: MaskedUrl = ""  # empty: in-process ephemeral store
-    key_prefix: str = Field(default="iam:", min_length=1, max_length=64)
+    # no braces: a hash tag in the prefix would put every key in one Redis Cluster slot
+    key_prefix: str = Field(default="iam:", min_length=1, max_length=64, pattern=r"^[^{}]+$")
     socket_timeout: Duration = timedelta(milliseconds=250)
     connect_timeout: Duration = timedelta(seconds=1)
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        try:
-            _ = urlsplit(value).port
-        except ValueError:
-            raise ValueError("is not a valid URL (redis://[:password@]host:port/db)") from None
+        """One server, Sentinel or Cluster (iam_grpc.storage.redis_topology parses all three)."""
+        if value:
+            from iam_grpc.storage.redis_topology import parse_redis_url  # redis-py only when set
+
+            parse_redis_url(value)
         return value
 
 

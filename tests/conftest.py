@@ -24,6 +24,8 @@ import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.redis_topologies import LocalCluster, LocalSentinel
+
 MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "mysql+asyncmy://root@127.0.0.1:3306")
 REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = secrets.token_hex(4)
@@ -103,6 +105,42 @@ async def redis_prefix() -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
+    return REDIS_SERVER
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A three-node Redis Cluster of this test session (started on first use, about 3 s)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSentinel]:
+    """A Redis master, its replica and three sentinels of this test session (started on first use,
+    about 2 s). Tests that fail it over call ``settle()`` afterwards."""
+    sentinel = LocalSentinel(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        sentinel.start()
+        yield sentinel
+    finally:
+        sentinel.stop()
+
+
+# Every Redis deployment the Redis adapters are checked on, by the URL form that selects it.
+REDIS_TOPOLOGIES = ["redis", "redis-cluster", "redis-sentinel"]
+
+
+def topology_url(request: pytest.FixtureRequest, topology: str) -> str:
+    """``redis.url`` for one of :data:`REDIS_TOPOLOGIES` (starting its servers on first use)."""
+    if topology == "redis-cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    if topology == "redis-sentinel":
+        return str(request.getfixturevalue("redis_sentinel").url)
     return REDIS_SERVER
 
 
