@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -65,10 +66,14 @@ def _wait(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> No
         time.sleep(0.05)
 
 
-def cli(port: int, *args: str) -> str:
-    """One redis-cli command against 127.0.0.1:``port``; its output ('' when it fails)."""
+def cli(port: int, *args: str, tls: tuple[str, ...] = ()) -> str:
+    """One redis-cli command against 127.0.0.1:``port`` (``tls``: redis-cli's TLS options); its
+    output ('' when it fails)."""
     done = subprocess.run(
-        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *tls, *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     return done.stdout if done.returncode == 0 else ""
 
@@ -85,6 +90,7 @@ class _Server:
     folder: Path
     args: list[str]
     process: subprocess.Popen[bytes] | None = None
+    tls: tuple[str, ...] = ()  # how redis-cli reaches it
 
     def start(self) -> None:
         log = (self.folder / f"{self.port}.log").open("ab")
@@ -92,7 +98,10 @@ class _Server:
             self.process = subprocess.Popen(
                 [_binary(), *self.args], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT
             )
-        _wait(lambda: cli(self.port, "ping").strip() == "PONG", f"redis on port {self.port} did not answer")
+        _wait(
+            lambda: cli(self.port, "ping", tls=self.tls).strip() == "PONG",
+            f"redis on port {self.port} did not answer",
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -292,3 +301,66 @@ class LocalSentinel:
         for server in [*self.sentinels.values(), *self.servers.values()]:
             with contextlib.suppress(Exception):
                 server.stop()
+
+
+@dataclass
+class TlsRedis:
+    """Over TLS only (certificates for 127.0.0.1 from ``ca``, a trustme.CA): a one-node Redis
+    Cluster, and a master watched by one sentinel. Small, since what is checked is the TLS path."""
+
+    folder: Path
+    ca: Any
+    servers: list[_Server] = field(default_factory=list)
+    cluster_port: int = 0
+    sentinel_port: int = 0
+    master_port: int = 0
+
+    @property
+    def ca_file(self) -> Path:
+        return self.folder / "ca.pem"
+
+    def start(self) -> None:
+        cert = self.ca.issue_cert("127.0.0.1")
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        cert.cert_chain_pems[0].write_to_path(str(self.folder / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(self.folder / "key.pem"))
+        files = (
+            f"tls-cert-file {self.folder}/cert.pem\ntls-key-file {self.folder}/key.pem\n"
+            f"tls-ca-cert-file {self.ca_file}\ntls-auth-clients no\n"
+        )
+        tls = ("--tls", "--cacert", str(self.ca_file))
+        self.cluster_port, self.master_port, self.sentinel_port = free_ports(3, bus=True)
+        for port, extra in (
+            (self.cluster_port, "cluster-enabled yes\ntls-cluster yes\ncluster-config-file nodes-tls.conf\n"),
+            (self.master_port, ""),
+        ):
+            config = self.folder / f"redis-{port}.conf"
+            config.write_text(
+                f'port 0\ntls-port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
+                f"dir {self.folder}\n{files}{extra}"
+            )
+            self.servers.append(_Server(port, self.folder, [str(config)], tls=tls))
+            self.servers[-1].start()
+        cli(self.cluster_port, "cluster", "addslotsrange", "0", "16383", tls=tls)
+        _wait(
+            lambda: _info(cli(self.cluster_port, "cluster", "info", tls=tls)).get("cluster_state") == "ok",
+            "the TLS cluster node did not reach cluster_state:ok",
+        )
+        config = self.folder / f"sentinel-{self.sentinel_port}.conf"
+        config.write_text(
+            f"port 0\ntls-port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.folder}\n{files}"
+            f"tls-replication yes\nsentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} 1\n"
+        )
+        self.servers.append(_Server(self.sentinel_port, self.folder, [str(config), "--sentinel"], tls=tls))
+        self.servers[-1].start()
+        _wait(
+            lambda: (
+                cli(self.sentinel_port, "sentinel", "get-master-addr-by-name", MASTER_NAME, tls=tls).split()
+                == ["127.0.0.1", str(self.master_port)]
+            ),
+            "the TLS sentinel did not name the master",
+        )
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import trustme
 
 from iam_grpc.app import Application
 from iam_grpc.core.tokens.denylist import sid_key
@@ -33,7 +34,7 @@ from iam_grpc.testing import RunningService, running_service
 from tests.accounts_helper import NO_BURSTS, PASSWORD, client, new_email, signup
 from tests.conftest import Backend
 from tests.integration.test_tokens_shared import verify
-from tests.redis_topologies import LocalCluster, LocalSentinel, cli
+from tests.redis_topologies import LocalCluster, LocalSentinel, TlsRedis, cli
 from tests.sessions_helper import FIREFOX, NO_ANOMALY_CHECKS, new_session
 
 LONG = timedelta(seconds=60)
@@ -377,3 +378,39 @@ async def test_a_failover_to_a_replica_that_lost_writes_rebuilds_the_deny_list(
     finally:
         cli(replica, "config", "set", "replica-read-only", "yes")
         redis_sentinel.settle()
+
+
+# TLS -----------------------------------------------------------------------------------------------
+
+
+async def test_the_tls_forms_reach_a_cluster_and_a_sentinel_master(tmp_path: Path, redis_prefix: str) -> None:
+    """rediss+cluster:// and rediss+sentinel:// with the CA in the query work end to end (reads,
+    MGET, a script, ping, the server identity); the same servers without TLS cannot be reached."""
+    servers = TlsRedis(tmp_path, trustme.CA())
+    try:
+        servers.start()
+        tls = ("--tls", "--cacert", str(servers.ca_file))
+        for url, port in (
+            (f"rediss+cluster://127.0.0.1:{servers.cluster_port}", servers.cluster_port),
+            (f"rediss+sentinel://127.0.0.1:{servers.sentinel_port}/iam/0", servers.master_port),
+        ):
+            store = RedisEphemeral(f"{url}?ssl_ca_certs={servers.ca_file}", prefix=redis_prefix + "tls:")
+            try:
+                await store.set("{t}:a", b"1", LONG)
+                assert await store.incr("{t}:n", 2, LONG) == 2
+                assert await store.get_many(["{t}:a", "{t}:n", "{t}:none"]) == [b"1", b"2", None]
+                await store.ping()
+                server = cli(port, "info", "server", tls=tls)
+                assert f"run_id:{store.server_id}" in server
+            finally:
+                await store.close()
+            plain = RedisEphemeral(
+                url.replace("rediss+", "redis+"), connect_timeout=timedelta(milliseconds=300)
+            )
+            try:
+                with pytest.raises(BackendUnavailable):
+                    await plain.get("{t}:a")
+            finally:
+                await plain.close()
+    finally:
+        servers.stop()
