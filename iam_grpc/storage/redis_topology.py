@@ -305,7 +305,8 @@ class SentinelMaster(Topology):
         pool must not have moved meanwhile: writes taken by an old master in the seconds before
         the sentinels reconfigure it are lost, and a caller that must not lose them (the
         deny-list) hears so and tries again, on the new master."""
-        if mark is None or self._pool.master_address != mark:
+        master = self._pool.master_address  # None before the write: its connection was the first
+        if master is None or (mark is not None and master != mark):
             raise RedisConnectionError("the Redis master changed during the write")
         answers = await asyncio.gather(
             *(
@@ -318,7 +319,7 @@ class SentinelMaster(Topology):
             if isinstance(answer, BaseException) or not answer:
                 continue  # a sentinel that does not answer (or does not know the name) has no say
             host, port = answer
-            if (_text(host), int(port)) != mark:
+            if (_text(host), int(port)) != master:
                 raise RedisConnectionError("the sentinels name another Redis master")
 
     async def _watch_master(self) -> None:
