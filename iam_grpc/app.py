@@ -350,7 +350,7 @@ class Application:
         cache.listeners.append(lambda trusted: self.metrics.denylist_trusted.set(1 if trusted else 0))
         if self._redis is not None:
             # a restart or failover of Redis: the cache may lack entries until verified or rebuilt
-            self._redis.server_listeners.append(lambda _run_id: cache.lost("store server changed"))
+            self._redis.server_listeners.append(lambda _run_id: cache.server_changed())
         self.access = AccessTokens(
             self.keys,
             self.denylist,

@@ -16,13 +16,17 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from iam_grpc.storage.ports import DENY_TAG
+from iam_grpc.storage.redis_topology import connect
+from tests.redis_topologies import LocalCluster, LocalSentinel
 
 MYSQL_SERVER = os.environ.get("TEST_MYSQL_SERVER", "mysql+asyncmy://root@127.0.0.1:3306")
 REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -90,19 +94,63 @@ async def mysql_url() -> AsyncIterator[str]:
 async def redis_prefix() -> AsyncIterator[str]:
     """A Redis key prefix for this test session; its keys are deleted at the end."""
     prefix = f"iam_test_{RUN_ID}:"
-    client = aioredis.Redis.from_url(REDIS_SERVER)
-    await _wait_for(client.ping, "Redis at " + REDIS_SERVER)
+    # TEST_REDIS_URL may name a Sentinel or a Cluster too (the whole suite then runs on it)
+    topology = connect(
+        REDIS_SERVER,
+        socket_timeout=timedelta(seconds=5),
+        connect_timeout=timedelta(seconds=2),
+        health_check_interval=timedelta(seconds=10),
+        home_tag=DENY_TAG,
+    )
+    client = topology.client
+    await _wait_for(topology.ping, "Redis at " + REDIS_SERVER)
     try:
         yield prefix
     finally:
         keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
         if keys:
             await client.delete(*keys)
-        await client.aclose()
+        await topology.close()
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
+    return REDIS_SERVER
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A three-node Redis Cluster of this test session (started on first use, about 3 s)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSentinel]:
+    """A Redis master, its replica and three sentinels of this test session (started on first use,
+    about 2 s). Tests that fail it over call ``settle()`` afterwards."""
+    sentinel = LocalSentinel(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        sentinel.start()
+        yield sentinel
+    finally:
+        sentinel.stop()
+
+
+# Every Redis deployment the Redis adapters are checked on, by the URL form that selects it.
+REDIS_TOPOLOGIES = ["redis", "redis-cluster", "redis-sentinel"]
+
+
+def topology_url(request: pytest.FixtureRequest, topology: str) -> str:
+    """``redis.url`` for one of :data:`REDIS_TOPOLOGIES` (starting its servers on first use)."""
+    if topology == "redis-cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    if topology == "redis-sentinel":
+        return str(request.getfixturevalue("redis_sentinel").url)
     return REDIS_SERVER
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -55,12 +54,19 @@ class RedisSettings(SettingsGroup):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        try:
-            _ = urlsplit(value).port
-        except ValueError:
-            raise ValueError("is not a valid URL (redis://[:password@]host:port/db)") from None
+        """One server, Sentinel or Cluster (iam_grpc.storage.redis_topology parses all three)."""
+        if value:
+            from iam_grpc.storage.redis_topology import parse_redis_url  # redis-py only when set
+
+            parse_redis_url(value)
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_hash_tag(cls, value: str) -> str:
+        """A brace in the prefix would make it a hash tag: every key in one Redis Cluster slot."""
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain { or }")
         return value
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from iam_grpc.clock import Clock, SystemClock
 from iam_grpc.storage import sliding_window
+from iam_grpc.storage.ports import one_hash_tag
 from iam_grpc.storage.records import HitResult, LimitSpec
 
 __all__ = ["MemoryEphemeral", "MemoryLimiterStore"]
@@ -141,6 +142,7 @@ class MemoryEphemeral:
         return entry.value if entry else None
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        one_hash_tag(keys)  # as Redis Cluster would: a mistake shows in embedded mode too
         return [entry.value if (entry := self._live(key)) else None for key in keys]
 
     async def values(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -34,6 +34,7 @@ from iam_grpc.storage.records import (
 )
 
 __all__ = [
+    "DENY_TAG",
     "AuditLog",
     "Conflict",
     "Database",
@@ -52,7 +53,33 @@ __all__ = [
     "Transaction",
     "TransientMailError",
     "UserStore",
+    "hash_tag",
+    "one_hash_tag",
 ]
+
+DENY_TAG = "{deny}"
+"""The hash tag of every deny-list key and of its generation marker. One tag puts them in one
+slot, on one node of a Redis Cluster, so whatever loses entries (a restart, a failover) loses or
+changes the marker that vouches for them too; and a store's server identity (the run_id the
+marker names) is that node's."""
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` Redis Cluster hashes to pick its slot: the text between the first
+    ``{`` and the next ``}`` when that is not empty, else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def one_hash_tag(keys: Sequence[str]) -> None:
+    """Refuse (ValueError) keys of different hash tags where one command must take them all."""
+    tags = {hash_tag(key) for key in keys}
+    if len(tags) > 1:
+        raise ValueError("keys of one multi-key command must share a hash tag (Redis Cluster slots)")
 
 
 class Conflict(Exception):
@@ -499,7 +526,8 @@ class Ephemeral(Protocol):
 
         On Redis this is one MGET, which a Redis Cluster accepts only when every
         key maps to one slot: callers must give keys that share a hash tag (the
-        ``{...}`` part), as the hourly buckets of one risk subject do.
+        ``{...}`` part), as the hourly buckets of one risk subject do. Every store
+        refuses other keys with ValueError, so a mistake shows on any backend.
         """
         ...
 

@@ -1,6 +1,14 @@
-"""Redis ephemeral store (production). Atomic multi-step operations are Lua
-scripts, loaded once and run with EVALSHA (redis-py's ``Script`` retries with
+"""Redis ephemeral store (production), on one server, behind Sentinel or on a Redis Cluster
+(:mod:`iam_grpc.storage.redis_topology` builds the client the URL names). Atomic multi-step
+operations are Lua scripts, loaded once and run with EVALSHA (redis-py's ``Script`` retries with
 EVAL after a ``NOSCRIPT``, e.g. after a Redis restart).
+
+Every command and script is slot-safe, so a Cluster runs what one server runs: each script
+touches exactly one key (``KEYS[1]``) and reads no server clock (times come from the caller);
+MGET (:meth:`RedisEphemeral.get_many`) refuses keys of different hash tags on every topology,
+so a caller that would break a Cluster fails its tests on one server too; the pipelines of
+separate commands (``values``, ``exists``, ``set_many``) and DEL are split per node by the
+Cluster client, one round trip per node, in parallel. Nothing scans keys.
 
 Connection loss is handled in three layers: a command that meets a dead pooled
 connection (Redis restarted) reconnects and is sent once more (never after a
@@ -20,20 +28,24 @@ from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage import sliding_window
 from iam_grpc.storage.breaker import Breaker
+from iam_grpc.storage.ports import DENY_TAG, one_hash_tag
 from iam_grpc.storage.records import HitResult, LimitSpec
+from iam_grpc.storage.redis_topology import connect
 
 __all__ = ["RedisEphemeral", "RedisLimiterStore"]
 
 _BATCH = 1000  # commands per pipeline round trip in set_many
+# A server (or every node a cluster client knows) that cannot be reached. RedisClusterException is
+# what the cluster client raises when no seed node answers.
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
 _WAIT_PAUSE = 0.05  # between tries of set_many_waiting
 
 
@@ -87,7 +99,8 @@ def _ms(ttl: timedelta) -> int:
 
 
 class RedisEphemeral:
-    """The :class:`~iam_grpc.storage.ports.Ephemeral` port on Redis."""
+    """The :class:`~iam_grpc.storage.ports.Ephemeral` port on Redis: one server, Sentinel or
+    Cluster, as ``url`` says (:mod:`iam_grpc.storage.redis_topology`)."""
 
     def __init__(
         self,
@@ -99,56 +112,43 @@ class RedisEphemeral:
         health_check_interval: timedelta = timedelta(seconds=10),
     ) -> None:
         self._prefix = prefix
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
+        self._topology = connect(
             url,
-            socket_timeout=socket_timeout.total_seconds(),
-            socket_connect_timeout=connect_timeout.total_seconds(),
-            # A pooled connection idle this long is PINGed before use (and reconnected if dead).
-            health_check_interval=int(health_check_interval.total_seconds()),
-            # Once, at once, and only for a dead connection: a restarted Redis leaves every pooled
-            # connection dead, and the first command on each would fail without this.
-            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-            redis_connect_func=self._on_connect,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+            home_tag=DENY_TAG,
         )
+        self._client = self._topology.client
         self._cas = self._client.register_script(_COMPARE_AND_SET)
         self._delete_if = self._client.register_script(_DELETE_IF)
         self._incr = self._client.register_script(_INCR_WITH_TTL)
         self.breaker = Breaker("redis", self._probe)
-        self._server_id = ""
         self.server_listeners: list[Callable[[str], None]] = []
+        self._topology.listeners.append(self._server_changed)
 
-    async def _on_connect(self, connection: Any) -> None:
-        """Every new connection: the handshake, then the server's run_id (it changes when Redis
-        restarts or another server takes over), so lost data is suspected before any command."""
-        await connection.on_connect()
-        try:
-            await connection.send_command("INFO", "server", check_health=False)
-            raw = await connection.read_response()
-        except ResponseError:
-            return  # INFO renamed or refused: restarts are then noticed by the data itself
-        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        for line in text.splitlines():
-            if line.startswith("run_id:"):
-                self._seen_server(line.partition(":")[2].strip())
-                return
+    def _server_changed(self, run_id: str) -> None:
+        for listener in self.server_listeners:
+            listener(run_id)
 
-    def _seen_server(self, run_id: str) -> None:
-        previous, self._server_id = self._server_id, run_id
-        if previous and previous != run_id:
-            for listener in self.server_listeners:
-                listener(run_id)
+    @property
+    def topology(self) -> str:
+        """``single``, ``sentinel`` or ``cluster``."""
+        return self._topology.kind
 
     @property
     def server_id(self) -> str:
-        """The run_id of the Redis server last connected to ("" before the first connection)."""
-        return self._server_id
+        """The run_id of the Redis server holding the deny-list's slot ("" before the first
+        connection): the only server behind one URL or Sentinel, the primary serving the slot of
+        :data:`~iam_grpc.storage.ports.DENY_TAG` on a Cluster."""
+        return self._topology.server_id
 
     @property
     def prefix(self) -> str:
         return self._prefix
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> aioredis.Redis | RedisCluster:
         """The underlying client (for adapters that load their own scripts)."""
         return self._client
 
@@ -161,8 +161,9 @@ class RedisEphemeral:
         breaker is open."""
         self.breaker.allow()
         try:
+            await self._topology.ready()
             yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except _UNREACHABLE as exc:
             self.breaker.failed()
             raise BackendUnavailable() from exc
         except RedisError as exc:
@@ -172,8 +173,9 @@ class RedisEphemeral:
     async def ping(self) -> None:
         """A real round trip even while the breaker is open (the health probe asks the server)."""
         try:
-            await self._client.ping()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            await self._topology.ready()
+            await self._topology.ping()
+        except _UNREACHABLE as exc:
             self.breaker.failed()
             raise BackendUnavailable() from exc
         except RedisError as exc:
@@ -182,13 +184,14 @@ class RedisEphemeral:
 
     async def _probe(self) -> None:
         try:
-            await self._client.ping()
-        except (RedisError, OSError) as exc:
+            await self._topology.ready()
+            await self._topology.ping()
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise BackendUnavailable() from exc
 
     async def close(self) -> None:
         await self.breaker.close()
-        await self._client.aclose()
+        await self._topology.close()
 
     async def get(self, key: str) -> bytes | None:
         async with self.guard():
@@ -197,6 +200,7 @@ class RedisEphemeral:
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []  # MGET with no key is a Redis error, and there is nothing to ask
+        one_hash_tag(keys)
         async with self.guard():
             values = await self._client.mget([self.key(k) for k in keys])
         return [_bytes(value) for value in values]
@@ -220,10 +224,16 @@ class RedisEphemeral:
                 await self._set_batch(items[start : start + _BATCH], _ms(ttl))
 
     async def _set_batch(self, items: Sequence[tuple[str, bytes]], millis: int) -> None:
+        """One pipeline; behind Sentinel, confirmed to have reached the current master (a batch
+        is the deny-list's entries or its rebuild: lost at a failover, they would let a revoked
+        token through on replicas that already moved to the new master)."""
+        await self._topology.ready()
+        mark = self._topology.write_mark()
         async with self._client.pipeline(transaction=False) as pipe:
             for key, value in items:
                 pipe.set(self.key(key), value, px=millis)
             await pipe.execute()
+        await self._topology.confirm(mark)
 
     async def set_many_waiting(
         self, items: Sequence[tuple[str, bytes]], ttl: timedelta, *, within: timedelta
@@ -240,7 +250,7 @@ class RedisEphemeral:
                     await self._set_batch(items[done : done + _BATCH], millis)
                     done += _BATCH
                 return True
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except _UNREACHABLE as exc:
                 if _refused(exc):
                     return False  # nothing listens: Redis comes back empty or as another server
             except RedisError:
@@ -266,8 +276,9 @@ class RedisEphemeral:
 
     async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
         try:  # past the breaker: a breaker opened by slow answers must not end a lease
+            await self._topology.ready()
             return bool(await self._cas(keys=[self.key(key)], args=[expected, expected, _ms(ttl)]))
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise BackendUnavailable() from exc
 
     async def delete_if(self, key: str, expected: bytes) -> bool:

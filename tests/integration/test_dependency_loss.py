@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from iam_grpc.app import Application
+from iam_grpc.core.tokens.denylist import sid_key
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.ids import new_refresh_token
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, token_pb2, token_pb2_grpc
@@ -162,7 +163,7 @@ async def test_revoked_sessions_stay_revoked_when_redis_restarts_empty(
             sample(a.app, "iam_denylist_rebuilds_total") + sample(b.app, "iam_denylist_rebuilds_total") >= 1
         )
         assert a.app.ephemeral is not None
-        assert await a.app.ephemeral.exists([f"deny:sid:{{{ended.session_id}}}"]) == [True]
+        assert await a.app.ephemeral.exists([sid_key(ended.session_id)]) == [True]
 
 
 def redis_pid(port: int) -> int:

@@ -1,4 +1,5 @@
-"""Contract of the Ephemeral port, run against the in-process store and real Redis."""
+"""Contract of the Ephemeral port, run against the in-process store and real Redis: one server,
+a three-node Redis Cluster and a master behind Sentinel."""
 
 from __future__ import annotations
 
@@ -14,22 +15,22 @@ from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage.memory import MemoryEphemeral
 from iam_grpc.storage.ports import Ephemeral
 from iam_grpc.storage.redis import RedisEphemeral
+from tests.conftest import REDIS_TOPOLOGIES, topology_url
 from tests.served import free_port
 
 LONG = timedelta(seconds=60)
 SHORT = timedelta(seconds=1)
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"], loop_scope="session")
-async def store(
-    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
-) -> AsyncIterator[Ephemeral]:
+@pytest_asyncio.fixture(params=["memory", *REDIS_TOPOLOGIES], loop_scope="session")
+async def store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Ephemeral]:
     if request.param == "memory":
         memory = MemoryEphemeral(max_keys=1000)
         yield memory
         await memory.close()
         return
-    redis = RedisEphemeral(redis_url, prefix=redis_prefix + secrets.token_hex(4) + ":")
+    url = topology_url(request, request.param)
+    redis = RedisEphemeral(url, prefix=redis_prefix + secrets.token_hex(4) + ":")
     yield redis
     await redis.close()
 
@@ -185,6 +186,15 @@ async def test_get_many_returns_values_in_order_with_none_for_missing(store: Eph
     assert await store.get_many(["{many}:c", "{many}:b", "{many}:a", "{many}:c"]) == [b"3", None, b"1", b"3"]
 
 
+async def test_get_many_refuses_keys_of_different_hash_tags(store: Ephemeral) -> None:
+    """One MGET must stay in one Cluster slot: every store refuses a mix of hash tags, so a caller
+    that would fail on a Cluster fails on any backend."""
+    with pytest.raises(ValueError, match="hash tag"):
+        await store.get_many(["{a}:1", "{b}:1"])
+    with pytest.raises(ValueError, match="hash tag"):
+        await store.get_many(["plain-1", "plain-2"])
+
+
 async def test_get_many_of_no_keys_is_empty(store: Ephemeral) -> None:
     """Asking for nothing answers nothing (and is not an error)."""
     assert await store.get_many([]) == []
@@ -231,6 +241,29 @@ async def test_redis_down_is_backend_unavailable() -> None:
     with pytest.raises(BackendUnavailable):
         await dead.set_if_absent("x", b"1", LONG)
     await dead.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+cluster://127.0.0.1:{port},127.0.0.1:{port}", "redis+sentinel://127.0.0.1:{port}/iam"],
+    ids=["cluster", "sentinel"],
+)
+async def test_a_cluster_or_sentinel_that_does_not_answer_is_backend_unavailable(url: str) -> None:
+    """No seed node or no sentinel answers: BackendUnavailable, from commands and from ping."""
+    dead = RedisEphemeral(
+        url.format(port=free_port()),
+        connect_timeout=timedelta(milliseconds=200),
+        socket_timeout=timedelta(milliseconds=200),
+    )
+    try:
+        with pytest.raises(BackendUnavailable):
+            await dead.get("x")
+        with pytest.raises(BackendUnavailable):
+            await dead.set_many([("{x}:1", b"1")], LONG)
+        with pytest.raises(BackendUnavailable):
+            await dead.ping()
+    finally:
+        await dead.close()
 
 
 async def test_get_many_on_a_redis_that_is_down_is_backend_unavailable() -> None:

@@ -17,6 +17,7 @@ from iam_grpc.storage.memory import MemoryEphemeral, MemoryLimiterStore
 from iam_grpc.storage.ports import LimiterStore
 from iam_grpc.storage.records import LimitSpec
 from iam_grpc.storage.redis import RedisEphemeral, RedisLimiterStore
+from tests.conftest import REDIS_TOPOLOGIES, topology_url
 
 T0 = 1_800_000_000_000  # ms; a fixed "now" (2027) so buckets are deterministic
 SECOND, MINUTE, HOUR = 1000, 60_000, 3_600_000
@@ -36,16 +37,17 @@ def spec(*windows: str, strikes: int = 0, block: int = 0, block_max: int = 0) ->
     return group.spec
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"], loop_scope="session")
+@pytest_asyncio.fixture(params=["memory", *REDIS_TOPOLOGIES], loop_scope="session")
 async def pair(
-    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
+    request: pytest.FixtureRequest, redis_prefix: str
 ) -> AsyncIterator[tuple[LimiterStore, object]]:
     if request.param == "memory":
         memory = MemoryEphemeral(max_keys=10_000)
         yield MemoryLimiterStore(memory), memory
         await memory.close()
         return
-    redis = RedisEphemeral(redis_url, prefix=redis_prefix + secrets.token_hex(4) + ":")
+    url = topology_url(request, request.param)
+    redis = RedisEphemeral(url, prefix=redis_prefix + secrets.token_hex(4) + ":")
     yield RedisLimiterStore(redis), redis
     await redis.close()
 
@@ -286,10 +288,14 @@ async def test_both_stores_give_identical_answers(redis_url: str, redis_prefix: 
         await redis.close()
 
 
-async def test_every_redis_limit_key_expires(redis_url: str, redis_prefix: str) -> None:
-    """No rl: key ever lives without a TTL, blocked ones included (S11)."""
+@pytest.mark.parametrize("topology", REDIS_TOPOLOGIES)
+async def test_every_redis_limit_key_expires(
+    request: pytest.FixtureRequest, redis_prefix: str, topology: str
+) -> None:
+    """No rl: key ever lives without a TTL, blocked ones included (S11); on a Cluster the scan
+    covers every primary."""
     prefix = redis_prefix + "ttl" + secrets.token_hex(3) + ":"
-    redis = RedisEphemeral(redis_url, prefix=prefix)
+    redis = RedisEphemeral(topology_url(request, topology), prefix=prefix)
     store = RedisLimiterStore(redis)
     s = spec("1/1s", strikes=1, block=HOUR, block_max=24 * HOUR)
     try:
@@ -300,7 +306,7 @@ async def test_every_redis_limit_key_expires(redis_url: str, redis_prefix: str) 
             await store.refund(f"rl:{{g:{i}}}", s, T0, (0,), first.buckets or (T0 // SECOND,))
             await store.reset(f"rl:{{g:{i}}}", s, T0, (0,))
         keys = [key async for key in redis.client.scan_iter(match=prefix + "*")]
-        assert keys
+        assert len(keys) == 5  # one per limited key, found on whichever node holds it
         for key in keys:
             assert await redis.client.pttl(key) > 0
     finally:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sqlalchemy import text
 
 from iam_grpc.app import Application
+from iam_grpc.core.tokens.denylist import sid_key
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2, token_pb2, token_pb2_grpc
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.conftest import Backend
@@ -764,7 +765,7 @@ async def test_revocations_survive_a_flushed_store(
             auth_pb2.LogoutRequest(client=client(), refresh_token=session.refresh_token)
         )
     assert iam.app.ephemeral is not None
-    await iam.app.ephemeral.delete(f"deny:sid:{{{session.session_id}}}")
+    await iam.app.ephemeral.delete(sid_key(session.session_id))
     assert (
         await stub.VerifyAccessToken(token_pb2.VerifyAccessTokenRequest(access_token=session.access_token))
     ).session_id

@@ -96,6 +96,26 @@ async def test_a_marker_of_another_server_is_not_trusted() -> None:
     assert replica.rebuilds == 2
 
 
+async def test_a_replica_on_another_server_invalidates_a_marker_rebuilt_without_its_writes() -> None:
+    """After a failover, replica B reached the new master first and rebuilt it; replica A, still on
+    the old master until it noticed, wrote a revocation there (lost). When A notices the new
+    server it deletes B's marker, so B stops trusting the cache, and the rebuild has A's entry."""
+    store, source = MemoryEphemeral(), Source(["deny:sid:{a}"])
+    server = ["new-master"]
+    a, b = cache(store, source, server), cache(store, source, server)
+    await b.recover()  # B's rebuild on the new master
+    await a.recover()
+    source.entries.append("deny:sid:{late}")  # A's revocation: in SQL, its entry on the old master
+    source.gate = asyncio.Event()
+    a.server_changed()
+    await asyncio.sleep(0.01)
+    assert not b.accept(await store.get(GENERATION_KEY))  # B no longer trusts the cache
+    source.gate.set()
+    await until_trusted(a)
+    await until_trusted(b)
+    assert await store.exists(["deny:sid:{late}"]) == [True]
+
+
 async def test_replicas_wait_for_the_one_that_rebuilds() -> None:
     """While one replica holds the rebuild claim, another does not rebuild too: it trusts the
     cache once the first one's marker is there."""

@@ -1,6 +1,8 @@
-"""Revocation deny-lists (behaviour.md 1.2): ``deny:sid:{sid}`` for ended sessions,
-``deny:jti:{jti}`` for single access tokens and ``deny:kid:{kid}`` for withdrawn signing keys, in
-the ephemeral store, so revocations apply on every replica at once.
+"""Revocation deny-lists (behaviour.md 1.2): ``{deny}:sid:<sid>`` for ended sessions,
+``{deny}:jti:<jti>`` for single access tokens and ``{deny}:kid:<kid>`` for withdrawn signing keys,
+in the ephemeral store, so revocations apply on every replica at once. They and their generation
+marker share one hash tag (:data:`~iam_grpc.storage.ports.DENY_TAG`): one slot, so a check is one
+MGET on a Redis Cluster too, and whatever loses entries loses or changes their marker with them.
 
 SQL is the authority for all three: a session revocation commits ``sessions.revoked_at``, a token
 or key revocation a row of ``revocations`` (in the transaction of the change), and only then are
@@ -23,7 +25,7 @@ from iam_grpc.core.tokens.revocation_cache import GENERATION_KEY, RevocationCach
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
-from iam_grpc.storage.ports import Database, Ephemeral, Transaction
+from iam_grpc.storage.ports import DENY_TAG, Database, Ephemeral, Transaction
 
 __all__ = ["DenyList"]
 
@@ -33,15 +35,15 @@ _MARK = b"1"
 
 
 def sid_key(session_id: str) -> str:
-    return f"deny:sid:{{{session_id}}}"
+    return f"{DENY_TAG}:sid:{session_id}"
 
 
 def jti_key(jti: str) -> str:
-    return f"deny:jti:{{{jti}}}"
+    return f"{DENY_TAG}:jti:{jti}"
 
 
 def kid_key(kid: str) -> str:
-    return f"deny:kid:{{{kid}}}"
+    return f"{DENY_TAG}:kid:{kid}"
 
 
 _KEY_OF = {"jti": jti_key, "kid": kid_key}
@@ -138,7 +140,7 @@ class DenyList:
             epoch = cache.epoch
             keys = [sid_key(session_id), jti_key(jti), kid_key(kid) if kid else "", GENERATION_KEY]
             try:
-                found = await self._ephemeral.values([k for k in keys if k])
+                found = await self._ephemeral.get_many([k for k in keys if k])
             except BackendUnavailable:
                 pass  # this check reads SQL; the marker tells whether anything was lost
             else:

@@ -4,11 +4,12 @@ SQL is the authority for every revocation (``sessions.revoked_at`` and the ``rev
 table); the ephemeral store only caches it so a token check costs no SQL. A cache can lose data
 without anyone writing a revocation: Redis restarts empty or from an old snapshot, fails over to a
 replica that missed the last writes, is flushed, or a write of ours failed. A revoked token must
-never verify because of that, so the cache carries a **generation marker** (``deny:gen``) that
+never verify because of that, so the cache carries a **generation marker** (``{deny}:gen``) that
 only a complete rebuild writes, and every token check reads it in the same round trip as its
 entries:
 
-- ``ok:<server>:<nonce>``: complete for the Redis server whose run_id is ``<server>``;
+- ``ok:<server>:<nonce>``: complete for the Redis server whose run_id is ``<server>`` (on a Redis
+  Cluster, the primary serving the marker's slot, which holds every entry too);
 - ``rb:<nonce>``: a replica is rebuilding it (the claim expires if that replica dies);
 - missing: lost (restart, flush, or the end of its lease).
 
@@ -31,6 +32,12 @@ with a compare-and-set that fails if anyone invalidated the cache meanwhile (it 
 over). A replica whose own write still failed after waiting deletes the marker first, so every
 replica reads SQL until the rebuild that includes that revocation is done.
 
+A replica that finds itself on another server (:meth:`RevocationCache.server_changed`) deletes
+the marker too: until it noticed, it may have written entries to the old server, which a
+failover leaves answering for a while (Sentinel reconfigures an old master seconds later; a
+Cluster primary cut off from the majority takes writes until its node timeout), and another
+replica may already have rebuilt the new server's cache without them.
+
 A later per-worker in-memory copy can layer on this: it follows :attr:`listeners` (trust
 changes) and the marker, and loads the same entries (the ``load`` callable) before it serves.
 """
@@ -45,13 +52,13 @@ from datetime import timedelta
 
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
-from iam_grpc.storage.ports import Ephemeral
+from iam_grpc.storage.ports import DENY_TAG, Ephemeral
 
 __all__ = ["GENERATION_KEY", "RevocationCache"]
 
 log = component_logger("iam.denylist")
 
-GENERATION_KEY = "deny:gen"
+GENERATION_KEY = f"{DENY_TAG}:gen"  # in the entries' slot: lost or changed with them
 _VALID = b"ok:"
 _BUILDING = b"rb:"
 LEASE = timedelta(seconds=3)  # how long a valid marker lives unless a trusted replica extends it
@@ -112,6 +119,12 @@ class RevocationCache:
             log.bind(reason=reason).warning("deny-list cache untrusted; reading revocations from SQL")
             self._notify()
         self._recover_soon()
+
+    def server_changed(self) -> None:
+        """The store now answers from another server (a restart or a failover): untrusted, and the
+        marker is invalidated for every replica before the rebuild, since entries this replica
+        wrote before it noticed may have gone to the old server only."""
+        self.lost("store server changed", force=True)
 
     def accept(self, marker: bytes | None) -> bool:
         """Judge the marker read with a check's entries: True when the entries may be trusted."""
