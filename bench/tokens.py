@@ -239,7 +239,7 @@ async def anomaly_cost(rounds: int) -> dict[str, float]:
     """The anomaly evaluation's own cost per Refresh, in process on MariaDB + Redis: the same
     refreshes (one at a time) with the checks plugged in and taken out, timed, and the SQL
     statements each one ran."""
-    from iam_grpc.core.tokens.sessions import ClientInfo
+    from iam_grpc.core.client import ClientInfo
 
     async with mariadb_and_redis() as shared:
         with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ from iam_grpc.core.anomalies import CHECKS, AnomalyChecks, AnomalyPolicy
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import ChallengePolicy, Challenges, end_session_challenges
 from iam_grpc.core.cleanup import Cleanup, CleanupPolicy
+from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.common_passwords import CommonPasswords
 from iam_grpc.core.email_change import EmailChange
 from iam_grpc.core.email_domains import EmailDomainPolicy
@@ -47,7 +48,7 @@ from iam_grpc.core.risk import POINTS, RiskScores, limiter_hook
 from iam_grpc.core.signup import SignupFlow
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
-from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager, SessionPolicy
+from iam_grpc.core.tokens.sessions import SessionManager, SessionPolicy
 from iam_grpc.dependencies import Dependencies, ObservedTransport, ProbedDependency
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.geo import GeoLookup, geo_lookup

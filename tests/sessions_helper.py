@@ -7,7 +7,8 @@ from datetime import timedelta
 
 from iam_grpc.app import Application
 from iam_grpc.core.anomalies import CHECKS
-from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession
+from iam_grpc.core.client import ClientInfo
+from iam_grpc.core.tokens.sessions import IssuedSession
 from iam_grpc.ids import new_ulid
 from iam_grpc.storage.records import User
 

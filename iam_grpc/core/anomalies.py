@@ -40,6 +40,7 @@ from iam_grpc.core.mfa import MfaFlows
 from iam_grpc.core.observation import LearningPolicy, Observation, Observer, learned
 from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.core.risk import RiskScores
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.core.tokens.sessions import (
     AfterRotation,
     IssuedSession,
@@ -49,7 +50,6 @@ from iam_grpc.core.tokens.sessions import (
 )
 from iam_grpc.errors import AnomalyBlocked, BackendUnavailable
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Transaction
 from iam_grpc.storage.records import UserDevice
 
@@ -180,7 +180,7 @@ class AnomalyChecks:
         risk: RiskScores,
         limiter: RateLimiter,
         audit: AuditTrail,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         *,
         policy: AnomalyPolicy,
         learning: LearningPolicy,

@@ -21,6 +21,7 @@ from datetime import timedelta
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
+from iam_grpc.core.client import AgentParser, ClientInfo
 from iam_grpc.core.crypto import SecretMaterial, constant_time_equal
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import Links
@@ -28,12 +29,11 @@ from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.core.signup import EmailDomains
 from iam_grpc.core.tokens.access import AccessTokens
-from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager
+from iam_grpc.core.tokens.sessions import SessionManager
 from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import EmailTaken, InvalidArgument, LinkUsed, RateLimited, ReauthRequired, SessionRevoked
 from iam_grpc.logging import component_logger, mask_email
 from iam_grpc.storage.ports import Conflict, Database
-from iam_grpc.ua import UserAgentParser
 
 __all__ = ["EmailChange"]
 
@@ -53,7 +53,7 @@ class EmailChange:
         sessions: SessionManager,
         links: Links,
         mailer: Mailer,
-        agents: UserAgentParser,
+        agents: AgentParser,
         audit: AuditTrail,
         *,
         link_ttl: timedelta,

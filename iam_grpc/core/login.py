@@ -23,6 +23,7 @@ from typing import NoReturn
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenge, Challenges
+from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.devices import ever_trusted, is_trusted
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.fingerprint import travel_is_impossible
@@ -33,12 +34,12 @@ from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing, StoredPassword
 from iam_grpc.core.ratelimit import Permit, RateLimiter, ip_key, pair_key
 from iam_grpc.core.risk import POINTS, RiskScores
-from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession, SessionManager
+from iam_grpc.core.telemetry import CoreMetrics
+from iam_grpc.core.tokens.sessions import IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import BackendUnavailable, DeadlineExceeded, InvalidCredentials, RateLimited
 from iam_grpc.ids import DEVICE_ID
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Database
 from iam_grpc.storage.records import User, UserDevice
 
@@ -92,7 +93,7 @@ class LoginFlow:
         observer: Observer,
         risk: RiskScores,
         audit: AuditTrail,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         *,
         mfa_on_new_device: bool,
         risk_threshold: int,

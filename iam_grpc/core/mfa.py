@@ -26,6 +26,7 @@ from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge, Challenges
+from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.crypto import SealError, SecretMaterial, open_with_secret, seal_with_secret
 from iam_grpc.core.devices import is_trusted
 from iam_grpc.core.failpoints import Failpoints
@@ -35,7 +36,7 @@ from iam_grpc.core.observation import LearningPolicy, Observation, Observer, pro
 from iam_grpc.core.ratelimit import Permit, RateLimiter, ip_key
 from iam_grpc.core.risk import POINTS, RiskScores
 from iam_grpc.core.tokens.access import AccessTokens
-from iam_grpc.core.tokens.sessions import AfterRotation, ClientInfo, IssuedSession, SessionManager
+from iam_grpc.core.tokens.sessions import AfterRotation, IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations
 from iam_grpc.errors import (
     BackendUnavailable,

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.client import AgentParser, ClientInfo
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.password_rules import PasswordRules, queue_password_changed
 from iam_grpc.core.passwords import PasswordHashing, StoredPassword
 from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.core.tokens.access import AccessTokens
-from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager
+from iam_grpc.core.tokens.sessions import SessionManager
 from iam_grpc.core.validation import Violations
 from iam_grpc.errors import InvalidCredentials, SessionRevoked
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Database
-from iam_grpc.ua import UserAgentParser
 
 __all__ = ["PasswordChange"]
 
@@ -40,7 +40,7 @@ class PasswordChange:
         hashing: PasswordHashing,
         sessions: SessionManager,
         mailer: Mailer,
-        agents: UserAgentParser,
+        agents: AgentParser,
         audit: AuditTrail,
     ) -> None:
         self._db = db

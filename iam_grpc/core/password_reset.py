@@ -21,6 +21,7 @@ from datetime import timedelta
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
+from iam_grpc.core.client import AgentParser, ClientInfo
 from iam_grpc.core.crypto import SecretMaterial
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import Links
@@ -28,12 +29,11 @@ from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.password_rules import PasswordRules, queue_password_changed
 from iam_grpc.core.passwords import PasswordHashing
 from iam_grpc.core.ratelimit import RateLimiter, pair_key
-from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager
+from iam_grpc.core.tokens.sessions import SessionManager
 from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import BackendUnavailable, LinkUsed, RateLimited
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Database
-from iam_grpc.ua import UserAgentParser
 
 __all__ = ["PasswordReset"]
 
@@ -53,7 +53,7 @@ class PasswordReset:
         sessions: SessionManager,
         links: Links,
         mailer: Mailer,
-        agents: UserAgentParser,
+        agents: AgentParser,
         audit: AuditTrail,
         *,
         link_ttl: timedelta,

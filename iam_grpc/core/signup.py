@@ -15,12 +15,13 @@ from typing import Protocol
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.observation import LearningPolicy, Observer, learned
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing
 from iam_grpc.core.ratelimit import RateLimiter, pair_key
-from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession, SessionManager
+from iam_grpc.core.tokens.sessions import IssuedSession, SessionManager
 from iam_grpc.core.validation import Violations, check_email, check_name
 from iam_grpc.errors import EmailTaken
 from iam_grpc.ids import new_ulid

@@ -145,7 +145,7 @@ async def test_many_live_sessions_are_challenged(
     session = await account(iam)
     assert iam.app.db is not None
     assert iam.app.sessions is not None
-    from iam_grpc.core.tokens.sessions import ClientInfo
+    from iam_grpc.core.client import ClientInfo
 
     async with iam.app.db.transaction() as tx:
         user = await tx.users.get(session.user_id)

@@ -30,9 +30,9 @@ from email.message import EmailMessage
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.crypto import SealError, SecretMaterial
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import (
     Database,
     MailError,
@@ -57,7 +57,7 @@ class OutboxSender:
         renderer: MessageRenderer,
         material: SecretMaterial,
         clock: Clock,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         *,
         batch: int = 20,
         poll_interval: timedelta = timedelta(seconds=2),

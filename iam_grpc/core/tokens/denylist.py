@@ -19,10 +19,10 @@ from datetime import timedelta
 from typing import Literal
 
 from iam_grpc.clock import Clock
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.core.tokens.revocation_cache import GENERATION_KEY, RevocationCache
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Database, Ephemeral, Transaction
 
 __all__ = ["DenyList"]
@@ -53,7 +53,7 @@ class DenyList:
         ephemeral: Ephemeral,
         db: Database,
         clock: Clock,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         *,
         access_ttl: timedelta,
         leeway: timedelta,

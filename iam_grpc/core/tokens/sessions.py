@@ -21,6 +21,7 @@ from typing import Protocol
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.client import AgentParser, ClientInfo, ParsedAgent
 from iam_grpc.core.crypto import (
     SealError,
     SecretMaterial,
@@ -32,6 +33,7 @@ from iam_grpc.core.devices import baseline_of, is_trusted
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.ratelimit import RateLimiter, ip_key
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.core.tokens.access import AccessClaims, AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.errors import (
@@ -45,13 +47,10 @@ from iam_grpc.errors import (
 )
 from iam_grpc.ids import DEVICE_ID, REFRESH_TOKEN, new_device_id, new_refresh_token, new_ulid
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Database, Ephemeral, Transaction
 from iam_grpc.storage.records import Device, RefreshToken, SessionRecord, TokenContext, User, UserDevice
-from iam_grpc.ua import ParsedAgent, UserAgentParser
 
 __all__ = [
-    "ClientInfo",
     "IssuedSession",
     "RefreshCheck",
     "RefreshContext",
@@ -67,16 +66,6 @@ _POLL = 0.05
 _PENDING = b"pending:"  # the single-flight lock's value starts so (and the holder's own nonce
 # follows); a sealed result (2-byte key version, then nonce) never does
 _GRACE_PURPOSE = b"refresh-grace"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientInfo:
-    """The end user's request as the calling service described it (``ClientContext``)."""
-
-    ip: str
-    user_agent: str = ""
-    device_id: str = ""
-    accept_language: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +148,8 @@ class SessionManager:
         audit: AuditTrail,
         mailer: Mailer,
         limiter: RateLimiter,
-        agents: UserAgentParser,
-        metrics: Metrics,
+        agents: AgentParser,
+        metrics: CoreMetrics,
         failpoints: Failpoints,
         policy: SessionPolicy,
     ) -> None:
