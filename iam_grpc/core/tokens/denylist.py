@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Literal
+from typing import Literal, Self
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.telemetry import CoreMetrics
@@ -214,3 +214,10 @@ class DenyList:
 
     async def close(self) -> None:
         await self.cache.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
