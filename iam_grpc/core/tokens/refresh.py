@@ -41,7 +41,7 @@ from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Ephemeral, Transaction
 from iam_grpc.storage.records import RefreshToken, SessionRecord, TokenContext, User, UserDevice
 
-__all__ = ["RefreshCheck", "RefreshContext", "RefreshPolicy", "RefreshRotation", "Refusal"]
+__all__ = ["RefreshCheck", "RefreshContext", "RefreshPolicy", "RefreshRotation", "RefreshVerdict", "Refusal"]
 
 log = component_logger("iam.sessions")
 
