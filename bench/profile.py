@@ -71,7 +71,7 @@ WAITING = (
     "time_sleep",
 )
 # iam_grpc frames that only start the process (every sample has them)
-ENTRY = ("iam_grpc/process.py", "iam_grpc/cli.py", "iam_grpc/__main__.py", "bin/iam-grpc")
+ENTRY = ("iam_grpc/process.py", "iam_grpc/cli/", "iam_grpc/__main__.py", "bin/iam-grpc")
 LOOP = "event loop, and grpc's Cython/C when no native frames"
 # Plumbing: skipped when looking for the component that does the work.
 GENERIC = (

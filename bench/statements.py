@@ -130,10 +130,9 @@ async def run(env: dict[str, str], calls: int) -> list[dict[str, Any]]:
         app = Application(service_settings(Path(tmp), {**caller_env(), **env, "IAM_HTTP_LISTEN": ""}))
         await app.start()
         try:
-            assert app.db is not None
-            engines = [app.db.engine.sync_engine]
-            if getattr(app.db, "_inline", None) is not None:  # SQLite runs on its own sync engine
-                engines.append(app.db._inline)
+            engines = [app.components.db.engine.sync_engine]
+            if getattr(app.components.db, "_inline", None) is not None:  # SQLite runs on its own sync engine
+                engines.append(app.components.db._inline)
             for engine in engines:
                 event.listen(engine, "before_cursor_execute", on_statement)
                 event.listen(engine, "commit", on_commit)

@@ -181,7 +181,7 @@ async def verify_ratio(seconds: float, concurrency: int) -> dict[str, Any]:
             try:
                 (session,) = await sessions_for(app, [random_ip()])
                 fresh = [  # distinct tokens, for the guard's first sight of a token
-                    app.access.mint(
+                    app.components.access.mint(
                         user_id=session.user_id,
                         session_id=session.session_id,
                         device_id=session.device_id,
@@ -239,23 +239,33 @@ async def anomaly_cost(rounds: int) -> dict[str, float]:
     """The anomaly evaluation's own cost per Refresh, in process on MariaDB + Redis: the same
     refreshes (one at a time) with the checks plugged in and taken out, timed, and the SQL
     statements each one ran."""
-    from iam_grpc.core.tokens.sessions import ClientInfo
+    from iam_grpc.core.client import ClientInfo
+    from iam_grpc.wiring.accounts import build_refresh
 
     async with mariadb_and_redis() as shared:
         with tempfile.TemporaryDirectory() as tmp:
             app = await in_process_app(Path(tmp), shared)
             try:
-                checks = app.sessions.refresh_check
+                c = app.components
+                checked = c.refresh
+                # the same Refresh without the anomaly checks plugged in
+                unchecked = build_refresh(
+                    c.settings, c.stores, c.runtime, c.tokens, c.sessions, c.agents, c.risk, None
+                )
                 ips = [random_ip() for _ in range(rounds)]
                 results: dict[str, tuple[float, float]] = {}
-                for label, check in (("off", None), ("on", checks), ("off2", None), ("on2", checks)):
-                    app.sessions.refresh_check = check
+                for label, refresher in (
+                    ("off", unchecked),
+                    ("on", checked),
+                    ("off2", unchecked),
+                    ("on2", checked),
+                ):
                     sessions = await sessions_for(app, ips[: rounds // 4])
                     statements = app.metrics.sql_statements._value.get()
                     started = time.perf_counter()
                     for session, ip in zip(sessions, ips, strict=False):
                         client = ClientInfo(ip=ip, user_agent=UA, device_id=session.device_id)
-                        answer = await app.sessions.refresh(client, session.refresh_token)
+                        answer = await refresher.refresh(client, session.refresh_token)
                         if not hasattr(answer, "refresh_token"):
                             raise RuntimeError("challenged")
                     took = time.perf_counter() - started

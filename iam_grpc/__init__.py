@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING
 
-from iam_grpc.config import ConfigError, Settings, load_settings
+if TYPE_CHECKING:
+    from iam_grpc.app import Application
+    from iam_grpc.config import ConfigError, Settings, load_settings
 
 try:
     __version__ = _version("iam-grpc")
@@ -22,9 +25,14 @@ __all__ = ["Application", "ConfigError", "Settings", "__version__", "load_settin
 
 
 def __getattr__(name: str) -> object:
-    # The application pulls in grpc and the storage drivers: import it on first use.
+    # Imported on first use: the application pulls in grpc and the storage drivers, and the
+    # settings pydantic; a core module or the client library needs neither.
     if name == "Application":
         from iam_grpc.app import Application
 
         return Application
+    if name in ("ConfigError", "Settings", "load_settings"):
+        from iam_grpc import config
+
+        return getattr(config, name)
     raise AttributeError(name)

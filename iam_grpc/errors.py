@@ -1,6 +1,8 @@
-"""The error tree. Core code raises these; only the error-mapping interceptor
-turns them into gRPC statuses (code + ``google.rpc.Status`` details with an
-``ErrorInfo`` in domain ``iam.v1``).
+"""The error tree. Core code raises these; each carries a transport-neutral
+:class:`ErrorCode` and an ``ErrorInfo`` reason. Only the error-mapping
+interceptor (``iam_grpc.interceptors.errors``) turns them into gRPC statuses:
+the gRPC status code of the same name, with ``google.rpc.Status`` details
+holding an ``ErrorInfo`` in domain ``iam.v1``.
 
 ::
 
@@ -25,7 +27,7 @@ turns them into gRPC statuses (code + ``google.rpc.Status`` details with an
     │   ├── ReauthRequired          FAILED_PRECONDITION  REAUTH_REQUIRED
     │   ├── CallerUnknown           UNAUTHENTICATED      CALLER_UNKNOWN
     │   ├── CallerForbidden         PERMISSION_DENIED    CALLER_UNKNOWN
-    │   └── NotImplementedYet       UNIMPLEMENTED        UNIMPLEMENTED
+    │   └── NotImplementedYet       UNIMPLEMENTED        UNIMPLEMENTED (declared, not served yet)
     └── ServerError                 our side is at fault; details never shown
         ├── BackendUnavailable      UNAVAILABLE          BACKEND_UNAVAILABLE
         ├── DeadlineExceeded        DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
@@ -39,10 +41,9 @@ as the request id only).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import timedelta
-
-import grpc
 
 __all__ = [
     "DOMAIN",
@@ -56,6 +57,7 @@ __all__ = [
     "DeadlineExceeded",
     "EmailDomainRejected",
     "EmailTaken",
+    "ErrorCode",
     "FieldViolation",
     "IamError",
     "InternalError",
@@ -78,6 +80,22 @@ __all__ = [
 DOMAIN = "iam.v1"
 
 
+class ErrorCode(enum.Enum):
+    """The kind of failure, in transport-neutral terms. Each name is the gRPC status code the
+    error interceptor answers with (and the HTTP mapping of a gateway follows from it)."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
+    ALREADY_EXISTS = "already_exists"
+    PERMISSION_DENIED = "permission_denied"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    FAILED_PRECONDITION = "failed_precondition"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+    UNIMPLEMENTED = "unimplemented"
+
+
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
     """One bad field of a request: ``field`` is a dotted path such as ``client.ip``."""
@@ -89,7 +107,7 @@ class FieldViolation:
 class IamError(Exception):
     """Base of every error the service answers with on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: ErrorCode = ErrorCode.INTERNAL
     reason: str = "INTERNAL"
     message: str = "Internal error."
 
@@ -108,7 +126,7 @@ class ClientError(IamError):
 
 
 class InvalidArgument(ClientError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
     message = "The request has invalid fields."
 
@@ -122,55 +140,55 @@ class InvalidArgument(ClientError):
 
 
 class InvalidCredentials(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "INVALID_CREDENTIALS"
     message = "Wrong email or password."
 
 
 class EmailTaken(ClientError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = ErrorCode.ALREADY_EXISTS
     reason = "EMAIL_TAKEN"
     message = "This email address is already registered."
 
 
 class PasswordBreached(ClientError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_ARGUMENT
     reason = "PASSWORD_BREACHED"
     message = "This password appears in known data breaches; choose another."
 
 
 class EmailDomainRejected(ClientError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_ARGUMENT
     reason = "EMAIL_DOMAIN_REJECTED"
     message = "This email domain cannot receive mail or is not accepted."
 
 
 class TokenInvalid(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "TOKEN_INVALID"
     message = "The token is invalid."
 
 
 class TokenExpired(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "TOKEN_EXPIRED"
     message = "The token has expired."
 
 
 class SessionRevoked(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "SESSION_REVOKED"
     message = "The session has ended; sign in again."
 
 
 class RefreshTokenReused(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "REFRESH_TOKEN_REUSED"
     message = "The refresh token was already used; the session has been ended."
 
 
 class AnomalyBlocked(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "ANOMALY_BLOCKED"
     message = "The request was blocked as anomalous; sign in again."
 
@@ -179,7 +197,7 @@ class AnomalyBlocked(ClientError):
 
 
 class SessionExpired(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "SESSION_EXPIRED"
     message = "The session has expired; sign in again."
 
@@ -188,7 +206,7 @@ class SessionExpired(ClientError):
 
 
 class RateLimited(ClientError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.RESOURCE_EXHAUSTED
     reason = "RATE_LIMITED"
     message = "Too many requests; retry later."
 
@@ -200,7 +218,7 @@ class RateLimited(ClientError):
 
 
 class CodeInvalid(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "CODE_INVALID"
     message = "The code is not correct."
 
@@ -209,19 +227,19 @@ class CodeInvalid(ClientError):
 
 
 class ChallengeExpired(ClientError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.FAILED_PRECONDITION
     reason = "CHALLENGE_EXPIRED"
     message = "The challenge or link has expired or is no longer valid."
 
 
 class LinkUsed(ClientError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.FAILED_PRECONDITION
     reason = "LINK_USED"
     message = "The link has already been used."
 
 
 class RoleRequired(ClientError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = ErrorCode.PERMISSION_DENIED
     reason = "ROLE_REQUIRED"
     message = "A required role is missing."
 
@@ -230,25 +248,28 @@ class RoleRequired(ClientError):
 
 
 class ReauthRequired(ClientError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.FAILED_PRECONDITION
     reason = "REAUTH_REQUIRED"
     message = "This action needs a recent sign-in; complete a step-up challenge and retry."
 
 
 class CallerUnknown(ClientError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
     reason = "CALLER_UNKNOWN"
     message = "The calling service is not authenticated."
 
 
 class CallerForbidden(ClientError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = ErrorCode.PERMISSION_DENIED
     reason = "CALLER_UNKNOWN"
     message = "The calling service may not call this method."
 
 
 class NotImplementedYet(ClientError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+    """An RPC the contract declares whose servicer has not landed (the generated base raises
+    ``NotImplementedError``); the error interceptor answers it, never INTERNAL."""
+
+    code = ErrorCode.UNIMPLEMENTED
     reason = "UNIMPLEMENTED"
     message = "This method is not implemented yet."
 
@@ -269,18 +290,18 @@ class ServerError(IamError):
 
 
 class BackendUnavailable(ServerError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
     reason = "BACKEND_UNAVAILABLE"
     message = "A backend is unavailable; retry later."
 
 
 class DeadlineExceeded(ServerError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = ErrorCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
     message = "The deadline expired before the operation could finish."
 
 
 class InternalError(ServerError):
-    code = grpc.StatusCode.INTERNAL
+    code = ErrorCode.INTERNAL
     reason = "INTERNAL"
     message = "Internal error."

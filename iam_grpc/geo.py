@@ -23,7 +23,7 @@ import functools
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import geoip2.database
 import geoip2.errors
@@ -97,6 +97,12 @@ class GeoLookup:
         if not self._enabled:
             return _EMPTY
         return self._resolve(ip)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Unmap the files; later lookups answer empty rather than raise."""

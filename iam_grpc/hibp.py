@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Self
 from urllib.parse import urlsplit
 
 import h11
@@ -101,6 +101,25 @@ class BreachedPasswords(Protocol):
         """Release what the adapter holds."""
         ...
 
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close."""
+        ...
+
+
+class _Closing:
+    """``async with`` closes the adapter."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        return None
+
 
 def _sha1_hex(password: str) -> str:
     """Uppercase hex SHA-1 of the NFKC form: the corpus's key for the password as typed."""
@@ -109,7 +128,7 @@ def _sha1_hex(password: str) -> str:
     return hashlib.sha1(normalised, usedforsecurity=False).hexdigest().upper()
 
 
-class NoBreachCheck:
+class NoBreachCheck(_Closing):
     """Mode ``off``: the check is always skipped."""
 
     async def count(self, password: str) -> int | None:
@@ -200,7 +219,7 @@ def _endpoint(url: str) -> _Endpoint:
     return _Endpoint(parts.hostname, port, parts.netloc, path, tls)
 
 
-class OnlineRangeClient:
+class OnlineRangeClient(_Closing):
     """Mode ``online``: the k-anonymity range API, with a range cache and a fail-open policy.
 
     One short-lived HTTP/1.1 connection per range fetch (``Connection: close``):
@@ -363,7 +382,7 @@ class OnlineRangeClient:
             raise _RangeUnavailable("connect") from exc
 
 
-class OfflineRangeFile:
+class OfflineRangeFile(_Closing):
     """Mode ``offline``: a local ``SHA1HEX:COUNT`` file ordered by hash (the HIBP download).
 
     The file is opened per lookup, in a worker thread, and searched by

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 import h11
 
@@ -48,6 +49,13 @@ class OpsHttpServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self._host, self._port, reuse_address=True)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -3,11 +3,13 @@ health and reflection."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
@@ -24,29 +26,61 @@ from iam_grpc.interceptors.errors import ErrorMappingInterceptor
 from iam_grpc.interceptors.failpoints import FailpointInterceptor
 from iam_grpc.interceptors.ratelimit import RateLimitInterceptor
 from iam_grpc.metrics import Metrics
-from iam_grpc.services.auth import AuthService
+from iam_grpc.services.auth import AuthFlows, AuthService
 from iam_grpc.services.mfa import MfaService
 from iam_grpc.services.token import TokenService
 from iam_grpc.storage.ports import Ephemeral
-
-if TYPE_CHECKING:
-    from iam_grpc.app import Application
+from iam_grpc.wiring import Components
 
 __all__ = [
     "EXT_AUTHZ_SERVICE",
+    "SERVICES",
     "SERVICE_NAMES",
     "ListenError",
+    "Service",
     "build_server",
     "interceptor_chain",
     "served_services",
     "server_options",
 ]
 
-SERVICE_NAMES = (
-    auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
-    token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
-    mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name,
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """One service of ``iam.v1``: its full name (for health and reflection) and how its servicer
+    is registered over the components."""
+
+    name: str
+    register: Callable[[Components, grpc.aio.Server], None]
+
+
+def _auth(c: Components, server: grpc.aio.Server) -> None:
+    flows = AuthFlows(c.signup, c.login, c.password_reset, c.password_change, c.email_change)
+    # The protos declare RPCs before their servicers land; until then the generated base answers
+    # them (NotImplementedError, mapped to UNIMPLEMENTED). strict mypy flags these ignores as
+    # unused once every method of the service is implemented.
+    service = AuthService(c.sessions, flows)  # type: ignore[abstract]
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(service, server)
+
+
+def _token(c: Components, server: grpc.aio.Server) -> None:
+    token_pb2_grpc.add_TokenServiceServicer_to_server(
+        TokenService(c.access, c.sessions, c.refresh, c.keys), server
+    )
+
+
+def _mfa(c: Components, server: grpc.aio.Server) -> None:
+    service = MfaService(c.codes, c.magic_links, c.step_up)  # type: ignore[abstract]
+    mfa_pb2_grpc.add_MfaServiceServicer_to_server(service, server)
+
+
+SERVICES: tuple[Service, ...] = (
+    Service(auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name, _auth),
+    Service(token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name, _token),
+    Service(mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name, _mfa),
 )
+"""The services of ``iam.v1``: a new one is a servicer and one entry here."""
+SERVICE_NAMES = tuple(service.name for service in SERVICES)
 # Envoy's external authorization API (``ext_authz.enabled``); its messages are imported only then.
 EXT_AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 
@@ -124,40 +158,27 @@ def interceptor_chain(
     ]
 
 
-def build_server(app: Application, settings: Settings) -> tuple[grpc.aio.Server, int]:
-    """Create the server with every service registered and bind its port (returned)."""
-    hooks: list[RequestInterceptor] = []
-    if app.limiter is not None:
-        hooks.append(RateLimitInterceptor(app.limiter))
-    if app.failpoints.enabled:
-        hooks.append(FailpointInterceptor(app.failpoints))
+def build_server(components: Components, health: health_aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """Create the server with every service registered over ``components`` and bind its port
+    (returned)."""
+    settings = components.settings
+    hooks: list[RequestInterceptor] = [RateLimitInterceptor(components.limiter)]
+    if components.failpoints.enabled:
+        hooks.append(FailpointInterceptor(components.failpoints))
     server = grpc.aio.server(
         interceptors=interceptor_chain(
-            settings, app.metrics, hooks, audit=app.audit, ephemeral=app.ephemeral
+            settings, components.metrics, hooks, audit=components.audit, ephemeral=components.ephemeral
         ),
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )
-    assert app.sessions is not None
-    assert app.access is not None
-    assert app.keys is not None
-    assert app.flows is not None
-    # The protos declare RPCs before their servicers land; until then the generated base answers
-    # them (NotImplementedError, mapped to UNIMPLEMENTED). strict mypy flags these ignores as
-    # unused once every method of the service is implemented.
-    auth_service = AuthService(app.sessions, app.flows)  # type: ignore[abstract]
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(auth_service, server)
-    token_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(app.access, app.sessions, app.keys), server
-    )
-    assert app.mfa is not None
-    mfa_service = MfaService(app.mfa)  # type: ignore[abstract]
-    mfa_pb2_grpc.add_MfaServiceServicer_to_server(mfa_service, server)
+    for service in SERVICES:
+        service.register(components, server)
     if settings.ext_authz.enabled:
         from iam_grpc.services import ext_authz
 
-        ext_authz.add_to_server(app.access, settings.ext_authz.rules, server)
-    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+        ext_authz.add_to_server(components.access, settings.ext_authz.rules, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
         reflection.enable_server_reflection(
             (*served_services(settings), "grpc.health.v1.Health", reflection.SERVICE_NAME), server

@@ -9,33 +9,13 @@ field empty; it never fails a request.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
+
+from iam_grpc.core.client import ParsedAgent
 
 __all__ = ["ParsedAgent", "UserAgentParser"]
 
 _GENERIC = {"Other", "Generic", "Generic Smartphone", "Generic Feature Phone", "Generic Tablet", ""}
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedAgent:
-    browser_family: str | None = None
-    browser_major: str | None = None
-    browser_minor: str | None = None
-    os_family: str | None = None
-    os_major: str | None = None
-    device_family: str | None = None
-    device_brand: str | None = None
-    device_model: str | None = None
-    device_type: str | None = None  # bot, mobile, tablet, desktop, other
-
-    @property
-    def label(self) -> str:
-        """``Firefox on Ubuntu (desktop)``: what a user recognises in a session list."""
-        browser = self.browser_family or "Unknown browser"
-        system = self.os_family or "unknown system"
-        kind = f" ({self.device_type})" if self.device_type else ""
-        return f"{browser} on {system}{kind}"
 
 
 def _clean(value: str | None) -> str | None:

@@ -7,7 +7,8 @@ from datetime import timedelta
 
 from iam_grpc.app import Application
 from iam_grpc.core.anomalies import CHECKS
-from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession
+from iam_grpc.core.client import ClientInfo
+from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.ids import new_ulid
 from iam_grpc.storage.records import User
 
@@ -16,7 +17,6 @@ IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605
 
 
 async def new_user(app: Application, *, roles: tuple[str, ...] = ()) -> User:
-    assert app.db is not None
     now = app.clock.now()
     email = f"tok.{secrets.token_hex(5)}@example.com"
     user = User(
@@ -30,7 +30,7 @@ async def new_user(app: Application, *, roles: tuple[str, ...] = ()) -> User:
         created_at=now,
         updated_at=now,
     )
-    async with app.db.transaction() as tx:
+    async with app.components.db.transaction() as tx:
         await tx.users.insert(user)
         await tx.users.ensure_roles(["user", *roles], now)
         for role in ("user", *roles):
@@ -47,14 +47,12 @@ async def new_session(
     device_id: str = "",
 ) -> tuple[User, IssuedSession]:
     """A signed-in session, as Signup or Login will create it."""
-    assert app.db is not None
-    assert app.sessions is not None
     user = user or await new_user(app)
-    async with app.db.transaction() as tx:
-        issued, evicted = await app.sessions.open_session(
+    async with app.components.db.transaction() as tx:
+        issued, evicted = await app.components.sessions.open_session(
             tx, user, ClientInfo(ip=ip, user_agent=user_agent, device_id=device_id), trust_device=True
         )
-    await app.sessions.after_revocations(evicted)
+    await app.components.sessions.after_revocations(evicted)
     return user, issued
 
 

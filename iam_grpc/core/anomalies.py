@@ -1,9 +1,9 @@
 """Anomaly evaluation on Refresh (behaviour.md 3): checks 2-10 in order, the first hit decides.
 
-Check 1 (the token's own state) is the rotation logic of the session manager;
-this module plugs into its :class:`~iam_grpc.core.tokens.sessions.RefreshCheck`
-seam and runs inside the rotation's transaction, so what it reads and what the
-rotation writes are one unit. A hit answers with an email challenge
+Check 1 (the token's own state) is the rotation logic of Refresh; this module
+plugs into its :class:`~iam_grpc.core.tokens.refresh.RefreshCheck` seam and
+runs inside the rotation's transaction, so what it reads and what the rotation
+writes are one unit. A hit answers with an email challenge
 (``action = mfa``) or refuses (``action = block``, ANOMALY_BLOCKED naming the
 check); ``off`` skips the check. Every hit is an audit event with the compared
 values. A Refresh that passes every check teaches the device its network,
@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from iam_grpc.clock import Clock
-from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenge, Challenges
 from iam_grpc.core.crypto import constant_time_equal
 from iam_grpc.core.fingerprint import (
@@ -36,20 +34,15 @@ from iam_grpc.core.fingerprint import (
     recent_countries,
     travel_is_impossible,
 )
-from iam_grpc.core.mfa import MfaFlows
+from iam_grpc.core.mfa.completion import ChallengeCompletion
 from iam_grpc.core.observation import LearningPolicy, Observation, Observer, learned
-from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.core.risk import RiskScores
-from iam_grpc.core.tokens.sessions import (
-    AfterRotation,
-    IssuedSession,
-    RefreshContext,
-    Refusal,
-    SessionManager,
-)
+from iam_grpc.core.runtime import Runtime
+from iam_grpc.core.tokens.refresh import RefreshContext, RefreshVerdict, Refusal
+from iam_grpc.core.tokens.rotation import AfterRotation, IssuedSession
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.errors import AnomalyBlocked, BackendUnavailable
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Transaction
 from iam_grpc.storage.records import UserDevice
 
@@ -172,28 +165,22 @@ def _raised_by(pending: Challenge, context: RefreshContext, seen: Observation) -
 class AnomalyChecks:
     def __init__(
         self,
-        clock: Clock,
+        runtime: Runtime,
         challenges: Challenges,
-        mfa: MfaFlows,
-        sessions: SessionManager,
+        completion: ChallengeCompletion,
+        sessions: Sessions,
         observer: Observer,
         risk: RiskScores,
-        limiter: RateLimiter,
-        audit: AuditTrail,
-        metrics: Metrics,
         *,
         policy: AnomalyPolicy,
         learning: LearningPolicy,
     ) -> None:
-        self._clock = clock
+        self._run = runtime
         self._challenges = challenges
-        self._mfa = mfa
+        self._completion = completion
         self._sessions = sessions
         self._observer = observer
         self._risk = risk
-        self._limiter = limiter
-        self._audit = audit
-        self._metrics = metrics
         self._policy = policy
         self._learning = learning
         self._checks: tuple[tuple[str, Callable[[_Evaluation], Awaitable[_Hit | None]]], ...] = (
@@ -208,7 +195,7 @@ class AnomalyChecks:
             ("travel", self._travel),
         )
 
-    async def __call__(self, context: RefreshContext, tx: Transaction) -> object | None:
+    async def __call__(self, context: RefreshContext, tx: Transaction) -> RefreshVerdict:
         seen = self._observer.observe(context.client)
         try:
             pending = await self._challenges.pending_for_session(context.session.id)
@@ -216,12 +203,12 @@ class AnomalyChecks:
             # Fails open: the checks below run as if nothing were pending, and a hit still needs
             # the store for its challenge (BACKEND_UNAVAILABLE then); every one of them is decided
             # from SQL or by its own store rule, so no Refresh passes one it would not pass anyway.
-            self._metrics.store_fallbacks.labels("pending_challenge").inc()
+            self._run.metrics.store_fallbacks.labels("pending_challenge").inc()
             log.warning("pending challenge unreadable; evaluating the checks")
             pending = None
         if pending is not None and pending.kind == "refresh" and _raised_by(pending, context, seen):
             return await self._resume(pending, context, seen, tx)
-        evaluation = _Evaluation(context, seen, tx, self._clock.now())
+        evaluation = _Evaluation(context, seen, tx, self._run.clock.now())
         for name, check in self._checks:
             if self._policy.action(name) == "off":
                 continue
@@ -234,7 +221,7 @@ class AnomalyChecks:
 
     async def _resume(
         self, pending: Challenge, context: RefreshContext, seen: Observation, tx: Transaction
-    ) -> object:
+    ) -> Challenge | AfterRotation:
         """Step 6 of behaviour.md 1.5: the same challenge while pending; once approved from
         another device, rotate now with the MFA success applied (3.4)."""
         if pending.state == "pending":
@@ -242,11 +229,15 @@ class AnomalyChecks:
         done = await self._challenges.finish(pending.id)
         device_id = ""
         if done.reason == "NEW_DEVICE":
-            device = await self._sessions.resolve_device(tx, context.client, seen.agent, self._clock.now())
+            device = await self._sessions.resolve_device(
+                tx, context.client, seen.agent, self._run.clock.now()
+            )
             device_id = device.id
-        return self._mfa.after_rotation(done, context.client, seen, device_id)
+        return self._completion.after_rotation(done, context.client, seen, device_id)
 
-    async def _decide(self, hit: _Hit, evaluation: _Evaluation, pending: Challenge | None = None) -> object:
+    async def _decide(
+        self, hit: _Hit, evaluation: _Evaluation, pending: Challenge | None = None
+    ) -> Refusal | Challenge:
         """A hit: refuse (block), or challenge; with a refresh challenge already pending for the
         session (raised by another request for the same token), that one is answered again, so a
         session never has two and no second code is mailed (4.1)."""
@@ -254,9 +245,9 @@ class AnomalyChecks:
         action = hit.action or self._policy.action(hit.check)
         details = {"check": hit.check, "action": action, **hit.details}
         if action == "block":
-            self._metrics.anomaly_blocks.labels(hit.check).inc()
-            await self._audit.record(
-                self._audit.event(
+            self._run.metrics.anomaly_blocks.labels(hit.check).inc()
+            await self._run.audit.record(
+                self._run.audit.event(
                     "anomaly.blocked",
                     "fail",
                     user_id=context.user.id,
@@ -271,7 +262,7 @@ class AnomalyChecks:
                 context.session.id, "rotation_burst", evaluation.now
             ):
                 ended = context.session.id
-                await self._audit.sessions_revoked(tx, context.user.id, [ended], "rotation_burst")
+                await self._run.audit.sessions_revoked(tx, context.user.id, [ended], "rotation_burst")
             return Refusal(AnomalyBlocked(hit.check), ended_session=ended)
         reason = _REASON[hit.check]
         if pending is not None and not _same_token(pending, context):
@@ -279,8 +270,8 @@ class AnomalyChecks:
             await self._challenges.end(pending)
             pending = None
         if pending is not None:
-            await self._audit.record(
-                self._audit.event(
+            await self._run.audit.record(
+                self._run.audit.event(
                     "anomaly.challenge",
                     "info",
                     user_id=context.user.id,
@@ -291,7 +282,7 @@ class AnomalyChecks:
                 tx,
             )
             return pending
-        await self._limiter.ensure_not_blocked("code.user_fail", context.user.id)
+        await self._run.limiter.ensure_not_blocked("code.user_fail", context.user.id)
         challenge = await self._challenges.create(
             "refresh",
             context.user,
@@ -304,9 +295,9 @@ class AnomalyChecks:
             session_id=context.session.id,
             token_hash=context.token.token_hash,
         )
-        self._metrics.challenges.labels(reason).inc()
-        await self._audit.record(
-            self._audit.event(
+        self._run.metrics.challenges.labels(reason).inc()
+        await self._run.audit.record(
+            self._run.audit.event(
                 "anomaly.challenge",
                 "info",
                 user_id=context.user.id,
@@ -397,7 +388,7 @@ class AnomalyChecks:
         """7: the ip's or the device's risk points of the last 24 h reach the threshold."""
         score = await self._risk.score(ip=e.context.client.ip, device_id=e.context.session.device_id)
         if score is None:
-            self._metrics.store_fallbacks.labels("risk_score").inc()
+            self._run.metrics.store_fallbacks.labels("risk_score").inc()
             log.warning("risk score unavailable; the check is skipped")
             return None
         if score < self._policy.risk_threshold:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.call import current_call
@@ -77,6 +77,12 @@ class AuditTrail:
         """Wait for background records (shutdown)."""
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.drain()
 
     async def sessions_revoked(
         self, tx: Transaction, user_id: str, session_ids: list[str], reason: str

@@ -28,6 +28,7 @@ from typing import Any
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.audit import AuditTrail
+from iam_grpc.core.client import ParsedAgent
 from iam_grpc.core.crypto import SecretMaterial, constant_time_equal
 from iam_grpc.core.devices import COARSE_FIELDS
 from iam_grpc.core.links import IssuedLink, Links
@@ -37,7 +38,6 @@ from iam_grpc.ids import new_challenge_id
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Database, Ephemeral, Transaction
 from iam_grpc.storage.records import User
-from iam_grpc.ua import ParsedAgent
 
 __all__ = ["REASON_TEXT", "Challenge", "ChallengePolicy", "Challenges"]
 

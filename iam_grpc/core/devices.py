@@ -14,8 +14,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from iam_grpc.core.client import ParsedAgent
 from iam_grpc.storage.records import UserDevice
-from iam_grpc.ua import ParsedAgent
 
 __all__ = [
     "COARSE_FIELDS",

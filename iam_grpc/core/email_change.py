@@ -16,65 +16,56 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
-from iam_grpc.clock import Clock
-from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
+from iam_grpc.core.client import AgentParser, ClientInfo
 from iam_grpc.core.crypto import SecretMaterial, constant_time_equal
-from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import Links
-from iam_grpc.core.mail.mailer import Mailer
-from iam_grpc.core.ratelimit import RateLimiter
+from iam_grpc.core.runtime import Runtime
 from iam_grpc.core.signup import EmailDomains
 from iam_grpc.core.tokens.access import AccessTokens
-from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import EmailTaken, InvalidArgument, LinkUsed, RateLimited, ReauthRequired, SessionRevoked
 from iam_grpc.logging import component_logger, mask_email
-from iam_grpc.storage.ports import Conflict, Database
-from iam_grpc.ua import UserAgentParser
+from iam_grpc.storage.ports import Conflict
 
-__all__ = ["EmailChange"]
+__all__ = ["EmailChange", "EmailChangePolicy"]
 
 log = component_logger("iam.email_change")
+
+
+@dataclass(frozen=True, slots=True)
+class EmailChangePolicy:
+    link_ttl: timedelta  # links.email_change_ttl
+    max_auth_age: timedelta  # email_change.max_auth_age
+    response_floor: timedelta  # reset.response_floor
 
 
 class EmailChange:
     def __init__(
         self,
-        db: Database,
-        clock: Clock,
-        failpoints: Failpoints,
+        runtime: Runtime,
         material: SecretMaterial,
-        limiter: RateLimiter,
         access: AccessTokens,
         domains: EmailDomains,
-        sessions: SessionManager,
+        sessions: Sessions,
         links: Links,
-        mailer: Mailer,
-        agents: UserAgentParser,
-        audit: AuditTrail,
-        *,
-        link_ttl: timedelta,
-        max_auth_age: timedelta,
-        response_floor: timedelta,
+        agents: AgentParser,
+        policy: EmailChangePolicy,
     ) -> None:
-        self._db = db
-        self._failpoints = failpoints
-        self._clock = clock
+        self._run = runtime
         self._material = material
-        self._limiter = limiter
         self._access = access
         self._domains = domains
         self._sessions = sessions
         self._links = links
-        self._mailer = mailer
         self._agents = agents
-        self._audit = audit
-        self._link_ttl = link_ttl
-        self._max_auth_age = max_auth_age
-        self._floor = response_floor.total_seconds()
+        self._link_ttl = policy.link_ttl
+        self._max_auth_age = policy.max_auth_age
+        self._floor = policy.response_floor.total_seconds()
 
     def _address_hash(self, email_norm: str) -> str:
         return self._material.keyed_hash("email", email_norm)
@@ -90,13 +81,13 @@ class EmailChange:
         violations.raise_any()
         assert address is not None
         claims = await self._access.verify_from_device(access_token, client.device_id)
-        await self._limiter.hit("email_change.user", claims.user_id)
-        async with self._db.transaction(read_only=True) as tx:
+        await self._run.limiter.hit("email_change.user", claims.user_id)
+        async with self._run.db.transaction(read_only=True) as tx:
             session = await tx.sessions.get(claims.session_id)
             user = await tx.users.get(claims.user_id)
         if session is None or session.revoked_at is not None or user is None or user.status != "active":
             raise SessionRevoked()
-        if self._clock.now() - session.auth_at > self._max_auth_age:
+        if self._run.clock.now() - session.auth_at > self._max_auth_age:
             raise ReauthRequired()
         if address.norm == user.email_norm:
             raise InvalidArgument.one("new_email", "is already the account's address")
@@ -104,10 +95,10 @@ class EmailChange:
 
         agent = self._agents.parse(client.user_agent)
         try:
-            async with self._db.transaction() as tx:
+            async with self._run.db.transaction() as tx:
                 holder = await tx.users.get_by_email(address.norm)
                 if holder is not None:
-                    await self._mailer.queue(
+                    await self._run.mailer.queue(
                         tx,
                         "email_in_use",
                         holder.email,
@@ -126,7 +117,7 @@ class EmailChange:
                     nem=address.display,
                     oeh=self._address_hash(user.email_norm),
                 )
-                await self._mailer.queue(
+                await self._run.mailer.queue(
                     tx,
                     "email_change_confirm",
                     address.display,
@@ -137,7 +128,7 @@ class EmailChange:
                     ip=client.ip,
                     not_after=link.expires_at,
                 )
-                await self._mailer.queue(
+                await self._run.mailer.queue(
                     tx,
                     "email_change_requested",
                     user.email,
@@ -151,8 +142,8 @@ class EmailChange:
                     locale=user.locale,
                     ip=client.ip,
                 )
-                await self._audit.record(
-                    self._audit.event(
+                await self._run.audit.record(
+                    self._run.audit.event(
                         "email.change_requested",
                         "ok",
                         user_id=user.id,
@@ -180,9 +171,9 @@ class EmailChange:
         address = check_email(checked, "link_token", new_display)
         if address is None:
             raise LinkUsed()
-        now = self._clock.now()
+        now = self._run.clock.now()
         try:
-            async with self._db.transaction() as tx:
+            async with self._run.db.transaction() as tx:
                 user = await tx.users.get(claims.subject)
                 if (
                     user is None
@@ -204,8 +195,8 @@ class EmailChange:
                 ended = await tx.sessions.revoke_all(
                     user.id, "email_change", now, keep=str(claims.extra["sid"])
                 )
-                await self._audit.sessions_revoked(tx, user.id, ended, "email_change")
-                await self._mailer.queue(
+                await self._run.audit.sessions_revoked(tx, user.id, ended, "email_change")
+                await self._run.mailer.queue(
                     tx,
                     "email_changed",
                     user.email,
@@ -214,13 +205,13 @@ class EmailChange:
                     locale=user.locale,
                     ip=client.ip,
                 )
-                await self._audit.record(
-                    self._audit.event(
+                await self._run.audit.record(
+                    self._run.audit.event(
                         "email.changed", "ok", user_id=user.id, details={"sessions_ended": len(ended)}
                     ),
                     tx,
                 )
-                await self._failpoints.hit("email_change.before_commit")
+                await self._run.failpoints.hit("email_change.before_commit")
         except Conflict as conflict:
             if conflict.constraint == "users.email_norm":
                 raise EmailTaken() from None

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from iam_grpc.core.client import ParsedAgent
 from iam_grpc.core.devices import coarse_value
 from iam_grpc.core.ratelimit.keys import parse_ip
-from iam_grpc.ua import ParsedAgent
 
 __all__ = [
     "EARTH_RADIUS_KM",

@@ -20,29 +20,27 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import NoReturn
 
-from iam_grpc.clock import Clock
-from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenge, Challenges
+from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.devices import ever_trusted, is_trusted
-from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.fingerprint import travel_is_impossible
-from iam_grpc.core.mail.mailer import Mailer
-from iam_grpc.core.mfa import MfaFlows
+from iam_grpc.core.mail.notices import queue_new_device
+from iam_grpc.core.mfa.completion import ChallengeCompletion
 from iam_grpc.core.observation import LearningPolicy, Observation, Observer, learned
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing, StoredPassword
-from iam_grpc.core.ratelimit import Permit, RateLimiter, ip_key, pair_key
+from iam_grpc.core.ratelimit import Permit, ip_key, pair_key
 from iam_grpc.core.risk import POINTS, RiskScores
-from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession, SessionManager
+from iam_grpc.core.runtime import Runtime
+from iam_grpc.core.tokens.rotation import IssuedSession
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import BackendUnavailable, DeadlineExceeded, InvalidCredentials, RateLimited
 from iam_grpc.ids import DEVICE_ID
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
-from iam_grpc.storage.ports import Database
 from iam_grpc.storage.records import User, UserDevice
 
-__all__ = ["LoginFlow", "LoginResult"]
+__all__ = ["LoginFlow", "LoginPolicy", "LoginResult"]
 
 log = component_logger("iam.login")
 
@@ -76,48 +74,37 @@ class _Reservations:
             log.warning("could not give back login failure reservations")
 
 
+@dataclass(frozen=True, slots=True)
+class LoginPolicy:
+    mfa_on_new_device: bool  # login.mfa_on_new_device
+    risk_threshold: int  # anomaly.risk_threshold
+    travel_min_km: float  # anomaly.travel_min_km
+    travel_max_kmh: float  # anomaly.travel_max_kmh
+    learning: LearningPolicy
+
+
 class LoginFlow:
     def __init__(
         self,
-        db: Database,
-        clock: Clock,
-        failpoints: Failpoints,
-        limiter: RateLimiter,
+        runtime: Runtime,
         rules: PasswordRules,
         hashing: PasswordHashing,
-        sessions: SessionManager,
+        sessions: Sessions,
         challenges: Challenges,
-        mfa: MfaFlows,
-        mailer: Mailer,
+        completion: ChallengeCompletion,
         observer: Observer,
         risk: RiskScores,
-        audit: AuditTrail,
-        metrics: Metrics,
-        *,
-        mfa_on_new_device: bool,
-        risk_threshold: int,
-        travel_min_km: float,
-        travel_max_kmh: float,
-        learning: LearningPolicy,
+        policy: LoginPolicy,
     ) -> None:
-        self._metrics = metrics
-        self._mfa = mfa
-        self._observer = observer
-        self._risk = risk
-        self._risk_threshold = risk_threshold
-        self._travel = (travel_min_km, travel_max_kmh)
-        self._learning = learning
-        self._db = db
-        self._failpoints = failpoints
-        self._clock = clock
-        self._limiter = limiter
+        self._run = runtime
         self._rules = rules
         self._hashing = hashing
         self._sessions = sessions
         self._challenges = challenges
-        self._mailer = mailer
-        self._audit = audit
-        self._mfa_on_new_device = mfa_on_new_device
+        self._completion = completion
+        self._observer = observer
+        self._risk = risk
+        self._policy = policy
 
     async def login(
         self, client: ClientInfo, email_text: str, password: str, violations: Violations
@@ -135,7 +122,7 @@ class LoginFlow:
         # the client, one argon2 verification. A right password on a guarded account must not
         # take longer to refuse than a wrong one, nor an unknown address answer sooner.
         try:
-            async with self._db.transaction(read_only=True) as tx:
+            async with self._run.db.transaction(read_only=True) as tx:
                 user = await tx.users.get_by_email(email.norm)
                 links = await tx.devices.links_of(user.id if user is not None else "")
             seen = self._observer.observe(client)
@@ -144,7 +131,7 @@ class LoginFlow:
             # our load or our stores, never the user's failure: no password was judged
             await reserved.refund()
             raise
-        now = self._clock.now()
+        now = self._run.clock.now()
         trusted = is_trusted(_link_for(links, client.device_id), seen.agent, now, self._sessions.trust_idle)
         if not verified or user is None:
             await self._fail(client, user, "login.failure")
@@ -162,45 +149,45 @@ class LoginFlow:
             except BackendUnavailable:
                 # Nothing pending as far as can be known; the new challenge below needs the store
                 # too, so this Login answers BACKEND_UNAVAILABLE (challenges never fall back).
-                self._metrics.store_fallbacks.labels("pending_login").inc()
+                self._run.metrics.store_fallbacks.labels("pending_login").inc()
                 log.warning("pending login challenge unreadable")
                 pending = None
             if pending is not None and pending.state == "approved":
                 # approved from another device (4.5): this repeated login completes it
                 done = await self._challenges.finish(pending.id)
-                session = await self._mfa.complete_login(done, client, seen)
-                self._metrics.logins.labels("session").inc()
+                session = await self._completion.complete_login(done, client, seen)
+                self._run.metrics.logins.labels("session").inc()
                 return LoginResult(session, None, breached)
             challenge = pending or await self._challenge(user, client, seen, reason)
-            self._metrics.logins.labels("mfa").inc()
+            self._run.metrics.logins.labels("mfa").inc()
             return LoginResult(None, challenge, breached)
         session = await self._open(user, client, seen, trust=trusted or not ever_trusted(links), links=links)
-        self._metrics.logins.labels("session").inc()
+        self._run.metrics.logins.labels("session").inc()
         return LoginResult(session, None, breached)
 
     async def _reserve(self, ip: str, email_norm: str) -> _Reservations:
         """Step 3: burst and failure reservations; the account group only notes a guard."""
-        pair = await self._limiter.hit("login.pair", pair_key(ip, email_norm))
+        pair = await self._run.limiter.hit("login.pair", pair_key(ip, email_norm))
         try:
-            ip_fail = await self._limiter.hit("login.ip_fail", ip_key(ip))
+            ip_fail = await self._run.limiter.hit("login.ip_fail", ip_key(ip))
         except RateLimited:
             await pair.refund()  # refused before any attempt: the pair's failure point goes back
             raise
         account: Permit | None
         try:
-            await self._limiter.ensure_not_blocked("login.account", email_norm)
+            await self._run.limiter.ensure_not_blocked("login.account", email_norm)
         except RateLimited:
             account = None  # guarded: never an answer of its own (no lockout, no oracle)
         else:
             try:
-                account = await self._limiter.hit("login.account", email_norm)
+                account = await self._run.limiter.hit("login.account", email_norm)
             except RateLimited:
                 # The guard begins (15 min, doubling per repeat, at most 1 h). Its window is left
                 # one point short of full, so the guard ends with its block: the next attempt
                 # passes (the owner's, refunded on success), and one more failure renews the
                 # guard, doubled. Neither the owner's attempts on a window still full from the
                 # abuse (S10) nor a fresh allowance of guesses for the attacker.
-                await self._limiter.leave_one("login.account", email_norm)
+                await self._run.limiter.leave_one("login.account", email_norm)
                 account = None
         return _Reservations(pair, ip_fail, account)
 
@@ -213,19 +200,19 @@ class LoginFlow:
             else None
         )
         matched = await self._hashing.verify(stored, password)
-        self._metrics.password_verifications.inc()
+        self._run.metrics.password_verifications.inc()
         return matched and user is not None and user.status == "active"
 
     async def _fail(self, client: ClientInfo, user: User | None, kind: str) -> NoReturn:
         """Keep the reservations, record the attempt, answer like a wrong password."""
-        self._metrics.logins.labels("guarded" if kind == "login.guarded" else "failure").inc()
+        self._run.metrics.logins.labels("guarded" if kind == "login.guarded" else "failure").inc()
         ip_points, device_points = POINTS["failed_login"]
         await self._risk.add(
             ip=client.ip, device_id=client.device_id or None, ip_points=ip_points, device_points=device_points
         )
-        async with self._db.transaction() as tx:
-            await self._audit.record(
-                self._audit.event(kind, "fail", user_id=user.id if user else None, ip=client.ip), tx
+        async with self._run.db.transaction() as tx:
+            await self._run.audit.record(
+                self._run.audit.event(kind, "fail", user_id=user.id if user else None, ip=client.ip), tx
             )
         raise InvalidCredentials()
 
@@ -233,19 +220,19 @@ class LoginFlow:
         assert user.password_hash is not None
         if not self._hashing.needs_rehash(StoredPassword(user.password_hash, user.pepper_id or None)):
             return
-        await self._failpoints.hit("login.before_rehash")
+        await self._run.failpoints.hit("login.before_rehash")
         # Best effort: the password was right, so a busy hashing pool, a short deadline or a failed
         # write must not fail the login; the next login tries again.
         try:
             stored = await self._hashing.hash(password)
-            async with self._db.transaction() as tx:
+            async with self._run.db.transaction() as tx:
                 # Only over the credentials that were verified: a reset or change committed since
                 # must never be undone by writing the old password back.
                 rewritten = await tx.users.set_password(
                     user.id,
                     stored.phc,
                     stored.pepper_id or 0,
-                    self._clock.now(),
+                    self._run.clock.now(),
                     expect_credential_version=user.credential_version,
                     bump_version=False,
                 )
@@ -259,15 +246,15 @@ class LoginFlow:
         self, user: User, client: ClientInfo, seen: Observation, trusted: bool, links: list[UserDevice]
     ) -> str | None:
         """Step 9: the first matching reason, or None for a session without MFA."""
-        now = self._clock.now()
+        now = self._run.clock.now()
         if user.mfa_hold_until is not None and user.mfa_hold_until > now:
             return "SECURITY_HOLD"
-        if self._mfa_on_new_device and not trusted and ever_trusted(links):
+        if self._policy.mfa_on_new_device and not trusted and ever_trusted(links):
             return "NEW_DEVICE"
         score = await self._risk.score(ip=client.ip, device_id=client.device_id or None)
         if score is None:
-            self._metrics.store_fallbacks.labels("risk_score").inc()  # skipped, as on Refresh
-        elif score >= self._risk_threshold:
+            self._run.metrics.store_fallbacks.labels("risk_score").inc()  # skipped, as on Refresh
+        elif score >= self._policy.risk_threshold:
             return "SUSPICIOUS_ACTIVITY"
         if self._travelled_too_fast(links, seen, now):
             return "IMPOSSIBLE_TRAVEL"
@@ -290,18 +277,17 @@ class LoginFlow:
         assert latest.last_lat is not None
         assert latest.last_lon is not None
         assert latest.last_located_at is not None
-        min_km, max_kmh = self._travel
         return travel_is_impossible(
             (latest.last_lat, latest.last_lon, latest.last_accuracy_km),
             latest.last_located_at,
             current,
             now,
-            min_km=min_km,
-            max_kmh=max_kmh,
+            min_km=self._policy.travel_min_km,
+            max_kmh=self._policy.travel_max_kmh,
         )
 
     async def _challenge(self, user: User, client: ClientInfo, seen: Observation, reason: str) -> Challenge:
-        await self._limiter.ensure_not_blocked("code.user_fail", user.id)
+        await self._run.limiter.ensure_not_blocked("code.user_fail", user.id)
         challenge = await self._challenges.create(
             "login",
             user,
@@ -311,10 +297,10 @@ class LoginFlow:
             device_label=seen.agent.label,
             location=seen.location,
         )
-        self._metrics.challenges.labels(reason).inc()
-        async with self._db.transaction() as tx:
-            await self._audit.record(
-                self._audit.event(
+        self._run.metrics.challenges.labels(reason).inc()
+        async with self._run.db.transaction() as tx:
+            await self._run.audit.record(
+                self._run.audit.event(
                     "login.mfa_required",
                     "info",
                     user_id=user.id,
@@ -329,19 +315,19 @@ class LoginFlow:
     ) -> IssuedSession:
         """Step 10: the session, in one transaction with the bookkeeping and the audit row. A
         trusted device learns this network, country and place (6.4)."""
-        now = self._clock.now()
+        now = self._run.clock.now()
         notice = not trust and ever_trusted(links)  # only when the new-device rule is switched off
 
         def learn(link: UserDevice) -> UserDevice:
-            return learned(link, seen, client.ip, now, self._learning) if trust else link
+            return learned(link, seen, client.ip, now, self._policy.learning) if trust else link
 
-        async with self._db.transaction() as tx:
+        async with self._run.db.transaction() as tx:
             issued, evicted = await self._sessions.open_session(
                 tx, user, client, trust_device=trust, shape_link=learn
             )
             await tx.users.record_login(user.id, now)
-            await self._audit.record(
-                self._audit.event(
+            await self._run.audit.record(
+                self._run.audit.event(
                     "login.success",
                     "ok",
                     user_id=user.id,
@@ -351,22 +337,17 @@ class LoginFlow:
                 tx,
             )
             if notice:
-                await self._mailer.queue(
+                await queue_new_device(
+                    self._run.mailer,
                     tx,
-                    "new_device",
-                    user.email,
-                    params={
-                        "name": user.name,
-                        "device": seen.agent.label,
-                        "location": seen.location,
-                        "time_utc": now.strftime("%Y-%m-%d %H:%M"),
-                    },
-                    user_id=user.id,
-                    locale=user.locale,
+                    user,
+                    device=seen.agent.label,
+                    location=seen.location,
+                    now=now,
+                    device_id=issued.device_id,
                     ip=client.ip,
-                    dedupe_scope=issued.device_id,
                 )
-            await self._failpoints.hit("login.before_commit")
+            await self._run.failpoints.hit("login.before_commit")
         await self._sessions.after_revocations(evicted)
         log.bind(user_id=user.id).info("logged in")
         return issued

@@ -12,11 +12,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from iam_grpc.core.client import AgentParser, ClientInfo, ParsedAgent
 from iam_grpc.core.devices import baseline_of
 from iam_grpc.core.fingerprint import GeoInfo, learn_country, learn_network, raised_baseline
-from iam_grpc.core.tokens.sessions import ClientInfo
 from iam_grpc.storage.records import UserDevice
-from iam_grpc.ua import ParsedAgent, UserAgentParser
 
 __all__ = ["GeoSource", "LearningPolicy", "Observation", "Observer", "learned", "proven"]
 
@@ -39,7 +38,7 @@ class Observation:
 
 
 class Observer:
-    def __init__(self, agents: UserAgentParser, geo: GeoSource | None) -> None:
+    def __init__(self, agents: AgentParser, geo: GeoSource | None) -> None:
         self._agents = agents
         self._geo = geo
 

@@ -8,20 +8,16 @@ user and renews the current one's ``auth_at``.
 
 from __future__ import annotations
 
-from iam_grpc.clock import Clock
-from iam_grpc.core.audit import AuditTrail
-from iam_grpc.core.failpoints import Failpoints
-from iam_grpc.core.mail.mailer import Mailer
-from iam_grpc.core.password_rules import PasswordRules, queue_password_changed
+from iam_grpc.core.client import AgentParser, ClientInfo
+from iam_grpc.core.mail.notices import queue_password_changed
+from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing, StoredPassword
-from iam_grpc.core.ratelimit import RateLimiter
+from iam_grpc.core.runtime import Runtime
 from iam_grpc.core.tokens.access import AccessTokens
-from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations
 from iam_grpc.errors import InvalidCredentials, SessionRevoked
 from iam_grpc.logging import component_logger
-from iam_grpc.storage.ports import Database
-from iam_grpc.ua import UserAgentParser
 
 __all__ = ["PasswordChange"]
 
@@ -31,29 +27,19 @@ log = component_logger("iam.password")
 class PasswordChange:
     def __init__(
         self,
-        db: Database,
-        clock: Clock,
-        failpoints: Failpoints,
-        limiter: RateLimiter,
+        runtime: Runtime,
         access: AccessTokens,
         rules: PasswordRules,
         hashing: PasswordHashing,
-        sessions: SessionManager,
-        mailer: Mailer,
-        agents: UserAgentParser,
-        audit: AuditTrail,
+        sessions: Sessions,
+        agents: AgentParser,
     ) -> None:
-        self._db = db
-        self._failpoints = failpoints
-        self._clock = clock
-        self._limiter = limiter
+        self._run = runtime
         self._access = access
         self._rules = rules
         self._hashing = hashing
         self._sessions = sessions
-        self._mailer = mailer
         self._agents = agents
-        self._audit = audit
 
     async def change(
         self,
@@ -67,8 +53,8 @@ class PasswordChange:
         self._rules.check_shape(violations, "new_password", new_password)
         violations.raise_any()
         claims = await self._access.verify_from_device(access_token, client.device_id)
-        permit = await self._limiter.hit("change_password.user", claims.user_id)
-        async with self._db.transaction(read_only=True) as tx:
+        permit = await self._run.limiter.hit("change_password.user", claims.user_id)
+        async with self._run.db.transaction(read_only=True) as tx:
             user = await tx.users.get(claims.user_id)
         if user is None or user.status != "active":
             raise SessionRevoked()
@@ -86,8 +72,8 @@ class PasswordChange:
         await self._rules.ensure_not_breached(new_password)
         fresh = await self._hashing.hash(new_password)
 
-        now = self._clock.now()
-        async with self._db.transaction() as tx:
+        now = self._run.clock.now()
+        async with self._run.db.transaction() as tx:
             changed = await tx.users.set_password(
                 user.id,
                 fresh.phc,
@@ -98,10 +84,10 @@ class PasswordChange:
             if not changed:
                 raise InvalidCredentials()  # the password changed meanwhile (a reset, another change)
             ended = await tx.sessions.revoke_all(user.id, "password_change", now, keep=claims.session_id)
-            await self._audit.sessions_revoked(tx, user.id, ended, "password_change")
+            await self._run.audit.sessions_revoked(tx, user.id, ended, "password_change")
             await tx.sessions.set_auth(claims.session_id, now)
             await queue_password_changed(
-                self._mailer,
+                self._run.mailer,
                 tx,
                 user,
                 ip=client.ip,
@@ -109,8 +95,8 @@ class PasswordChange:
                 now=now,
                 how="change",
             )
-            await self._audit.record(
-                self._audit.event(
+            await self._run.audit.record(
+                self._run.audit.event(
                     "password.changed",
                     "ok",
                     user_id=user.id,
@@ -120,6 +106,6 @@ class PasswordChange:
                 ),
                 tx,
             )
-            await self._failpoints.hit("password_change.before_commit")
+            await self._run.failpoints.hit("password_change.before_commit")
         await self._sessions.after_revocations(ended)
         log.bind(user_id=user.id).info("password changed")

@@ -16,65 +16,57 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
-from iam_grpc.clock import Clock
-from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.call import current_call
+from iam_grpc.core.client import AgentParser, ClientInfo
 from iam_grpc.core.crypto import SecretMaterial
-from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.links import Links
-from iam_grpc.core.mail.mailer import Mailer
-from iam_grpc.core.password_rules import PasswordRules, queue_password_changed
+from iam_grpc.core.mail.notices import queue_password_changed
+from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing
-from iam_grpc.core.ratelimit import RateLimiter, pair_key
-from iam_grpc.core.tokens.sessions import ClientInfo, SessionManager
+from iam_grpc.core.ratelimit import pair_key
+from iam_grpc.core.runtime import Runtime
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import BackendUnavailable, LinkUsed, RateLimited
 from iam_grpc.logging import component_logger
-from iam_grpc.storage.ports import Database
-from iam_grpc.ua import UserAgentParser
 
-__all__ = ["PasswordReset"]
+__all__ = ["PasswordReset", "ResetPolicy"]
 
 log = component_logger("iam.reset")
+
+
+@dataclass(frozen=True, slots=True)
+class ResetPolicy:
+    link_ttl: timedelta  # links.password_reset_ttl
+    response_floor: timedelta  # reset.response_floor
+    untrust_devices: bool  # reset.untrust_devices
 
 
 class PasswordReset:
     def __init__(
         self,
-        db: Database,
-        clock: Clock,
-        failpoints: Failpoints,
+        runtime: Runtime,
         material: SecretMaterial,
-        limiter: RateLimiter,
         rules: PasswordRules,
         hashing: PasswordHashing,
-        sessions: SessionManager,
+        sessions: Sessions,
         links: Links,
-        mailer: Mailer,
-        agents: UserAgentParser,
-        audit: AuditTrail,
-        *,
-        link_ttl: timedelta,
-        response_floor: timedelta,
-        untrust_devices: bool,
+        agents: AgentParser,
+        policy: ResetPolicy,
     ) -> None:
-        self._db = db
-        self._failpoints = failpoints
-        self._clock = clock
+        self._run = runtime
         self._material = material
-        self._limiter = limiter
         self._rules = rules
         self._hashing = hashing
         self._sessions = sessions
         self._links = links
-        self._mailer = mailer
         self._agents = agents
-        self._audit = audit
-        self._link_ttl = link_ttl
-        self._floor = response_floor.total_seconds()
-        self._untrust = untrust_devices
+        self._link_ttl = policy.link_ttl
+        self._floor = policy.response_floor.total_seconds()
+        self._untrust = policy.untrust_devices
 
     # requesting -------------------------------------------------------------------------
 
@@ -95,23 +87,25 @@ class PasswordReset:
 
     async def _request(self, client: ClientInfo, email_norm: str) -> None:
         try:
-            await self._limiter.hit("reset_request.email", email_norm)
+            await self._run.limiter.hit("reset_request.email", email_norm)
         except RateLimited:
             log.info("password reset suppressed by the per-address limit")
             return
         email_h = self._material.keyed_hash("email", email_norm)
-        async with self._db.transaction() as tx:
+        async with self._run.db.transaction() as tx:
             user = await tx.users.get_by_email(email_norm)
             if user is None or user.status != "active":
-                await self._audit.record(
-                    self._audit.event("password.reset_requested", "info", details={"email_h": email_h[:16]}),
+                await self._run.audit.record(
+                    self._run.audit.event(
+                        "password.reset_requested", "info", details={"email_h": email_h[:16]}
+                    ),
                     tx,
                 )
                 return
             link = self._links.issue("password_reset", user.id, self._link_ttl, cv=user.credential_version)
             agent = self._agents.parse(client.user_agent)
             try:
-                await self._mailer.queue(
+                await self._run.mailer.queue(
                     tx,
                     "password_reset",
                     user.email,
@@ -129,8 +123,8 @@ class PasswordReset:
                 )
             except RateLimited:
                 log.bind(user_id=user.id).info("password reset email over the mail limits; not sent")
-            await self._audit.record(
-                self._audit.event(
+            await self._run.audit.record(
+                self._run.audit.event(
                     "password.reset_requested", "ok", user_id=user.id, details={"jti": link.jti}
                 ),
                 tx,
@@ -145,9 +139,9 @@ class PasswordReset:
         self._rules.check_shape(violations, "new_password", new_password)
         violations.raise_any()
         claims = self._links.read(link_token)  # bad signature or shape: INVALID_ARGUMENT, nothing counted
-        permit = await self._limiter.hit("reset.link", claims.jti)
+        permit = await self._run.limiter.hit("reset.link", claims.jti)
         claims = await self._links.verify(link_token, "password_reset")
-        async with self._db.transaction(read_only=True) as tx:
+        async with self._run.db.transaction(read_only=True) as tx:
             user = await tx.users.get(claims.subject)
         version = claims.extra["cv"]
         if user is None or user.status != "active" or user.credential_version != version:
@@ -159,8 +153,8 @@ class PasswordReset:
         await self._rules.ensure_not_breached(new_password)  # neither failure consumes the link
         stored = await self._hashing.hash(new_password)
 
-        now = self._clock.now()
-        async with self._db.transaction() as tx:
+        now = self._run.clock.now()
+        async with self._run.db.transaction() as tx:
             changed = await tx.users.set_password(
                 user.id,
                 stored.phc,
@@ -172,13 +166,13 @@ class PasswordReset:
             if not changed:
                 raise LinkUsed()  # another reset (or a change) won the race
             ended = await tx.sessions.revoke_all(user.id, "password_reset", now)
-            await self._audit.sessions_revoked(tx, user.id, ended, "password_reset")
+            await self._run.audit.sessions_revoked(tx, user.id, ended, "password_reset")
             if self._untrust:
-                await self._audit.untrust_devices(
+                await self._run.audit.untrust_devices(
                     tx, await tx.devices.links_of(user.id), now, "password_reset"
                 )
             await queue_password_changed(
-                self._mailer,
+                self._run.mailer,
                 tx,
                 user,
                 ip=client.ip,
@@ -186,13 +180,13 @@ class PasswordReset:
                 now=now,
                 how="reset",
             )
-            await self._audit.record(
-                self._audit.event(
+            await self._run.audit.record(
+                self._run.audit.event(
                     "password.reset", "ok", user_id=user.id, details={"sessions_ended": len(ended)}
                 ),
                 tx,
             )
-            await self._failpoints.hit("reset.before_commit")
+            await self._run.failpoints.hit("reset.before_commit")
         await permit.succeeded()
         await self._sessions.after_revocations(ended)
         await self._links.mark_used(claims)
@@ -201,7 +195,7 @@ class PasswordReset:
             ("login.pair", pair_key(client.ip, user.email_norm)),
         ):
             try:
-                await self._limiter.clear(group, key)
+                await self._run.limiter.clear(group, key)
             except BackendUnavailable:
                 log.bind(group=group).warning("could not clear a login limit after a reset")
         log.bind(user_id=user.id).info("password reset")

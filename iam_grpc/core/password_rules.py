@@ -9,17 +9,13 @@ ResetPassword and ChangePassword, and only an advisory flag at Login.
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
-from datetime import datetime
 from typing import Protocol
 
-from iam_grpc.core.mail.mailer import Mailer
 from iam_grpc.core.passwords import login_password_problems, new_password_problems
 from iam_grpc.core.validation import Violations
 from iam_grpc.errors import PasswordBreached
-from iam_grpc.storage.ports import Transaction
-from iam_grpc.storage.records import User
 
-__all__ = ["BreachedPasswords", "PasswordRules", "queue_password_changed"]
+__all__ = ["BreachedPasswords", "PasswordRules"]
 
 
 class BreachedPasswords(Protocol):
@@ -70,24 +66,3 @@ class PasswordRules:
     async def ensure_not_breached(self, password: str) -> None:
         if await self.is_breached(password):
             raise PasswordBreached()
-
-
-async def queue_password_changed(
-    mailer: Mailer, tx: Transaction, user: User, *, ip: str, device: str, now: datetime, how: str
-) -> None:
-    """The ``password_changed`` notice (a reset or a change), deduplicated per kind of change."""
-    await mailer.queue(
-        tx,
-        "password_changed",
-        user.email,
-        params={
-            "name": user.name,
-            "time_utc": now.strftime("%Y-%m-%d %H:%M"),
-            "device": device,
-            "location": "",
-        },
-        user_id=user.id,
-        locale=user.locale,
-        ip=ip,
-        dedupe_scope=how,
-    )

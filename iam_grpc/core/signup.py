@@ -9,26 +9,25 @@ final transaction, so a failure anywhere leaves nothing behind.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from iam_grpc.clock import Clock
-from iam_grpc.core.audit import AuditTrail
-from iam_grpc.core.failpoints import Failpoints
+from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.observation import LearningPolicy, Observer, learned
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing
-from iam_grpc.core.ratelimit import RateLimiter, pair_key
-from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession, SessionManager
+from iam_grpc.core.ratelimit import pair_key
+from iam_grpc.core.runtime import Runtime
+from iam_grpc.core.tokens.rotation import IssuedSession
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations, check_email, check_name
 from iam_grpc.errors import EmailTaken
 from iam_grpc.ids import new_ulid
 from iam_grpc.logging import component_logger
-from iam_grpc.storage.ports import Conflict, Database
+from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.records import User
 
-__all__ = ["EmailDomains", "SignupFlow", "SignupForm"]
+__all__ = ["EmailDomains", "SignupFlow", "SignupForm", "SignupPolicy"]
 
 log = component_logger("iam.signup")
 
@@ -48,35 +47,30 @@ class SignupForm:
     terms_accepted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SignupPolicy:
+    default_roles: tuple[str, ...]  # roles.default
+    learning: LearningPolicy
+
+
 class SignupFlow:
     def __init__(
         self,
-        db: Database,
-        clock: Clock,
-        failpoints: Failpoints,
-        limiter: RateLimiter,
+        runtime: Runtime,
         rules: PasswordRules,
-        domains: EmailDomains,
         hashing: PasswordHashing,
-        sessions: SessionManager,
-        audit: AuditTrail,
+        domains: EmailDomains,
+        sessions: Sessions,
         observer: Observer,
-        *,
-        default_roles: Sequence[str],
-        learning: LearningPolicy,
+        policy: SignupPolicy,
     ) -> None:
-        self._observer = observer
-        self._learning = learning
-        self._db = db
-        self._failpoints = failpoints
-        self._clock = clock
-        self._limiter = limiter
+        self._run = runtime
         self._rules = rules
-        self._domains = domains
         self._hashing = hashing
+        self._domains = domains
         self._sessions = sessions
-        self._audit = audit
-        self._default_roles = tuple(default_roles)
+        self._observer = observer
+        self._policy = policy
 
     async def signup(self, client: ClientInfo, form: SignupForm, violations: Violations) -> IssuedSession:
         """Steps 2-8 (the caller check and ``signup.ip`` ran in the interceptors).
@@ -95,16 +89,16 @@ class SignupFlow:
         violations.raise_any()
         assert email is not None
 
-        await self._limiter.hit("signup.pair", pair_key(client.ip, email.norm))
-        await self._limiter.hit("signup.email", email.norm)
+        await self._run.limiter.hit("signup.pair", pair_key(client.ip, email.norm))
+        await self._run.limiter.hit("signup.email", email.norm)
         if client.device_id:
-            await self._limiter.hit("signup.device", client.device_id)
+            await self._run.limiter.hit("signup.device", client.device_id)
 
         await self._domains.check(email.domain_ascii)
         await self._rules.ensure_not_breached(form.password)
         stored = await self._hashing.hash(form.password)
 
-        now = self._clock.now()
+        now = self._run.clock.now()
         user = User(
             id=new_ulid(now),
             email=email.display,
@@ -119,9 +113,9 @@ class SignupFlow:
             updated_at=now,
         )
         try:
-            async with self._db.transaction() as tx:
+            async with self._run.db.transaction() as tx:
                 await tx.users.insert(user)
-                for role in self._default_roles:
+                for role in self._policy.default_roles:
                     await tx.users.grant_role(user.id, role, "signup", now)
                 seen = self._observer.observe(client)
                 issued, evicted = await self._sessions.open_session(
@@ -130,10 +124,10 @@ class SignupFlow:
                     client,
                     trust_device=True,
                     # first sight of the device: its network, country and place (6.2)
-                    shape_link=lambda link: learned(link, seen, client.ip, now, self._learning),
+                    shape_link=lambda link: learned(link, seen, client.ip, now, self._policy.learning),
                 )
-                await self._audit.record(
-                    self._audit.event(
+                await self._run.audit.record(
+                    self._run.audit.event(
                         "user.signup",
                         "ok",
                         user_id=user.id,
@@ -142,7 +136,7 @@ class SignupFlow:
                     ),
                     tx,
                 )
-                await self._failpoints.hit("signup.before_commit")
+                await self._run.failpoints.hit("signup.before_commit")
         except Conflict as conflict:
             if conflict.constraint == "users.email_norm":
                 raise EmailTaken() from None

@@ -9,17 +9,20 @@ only."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from iam_grpc.core.call import current_call
 from iam_grpc.errors import (
     DOMAIN,
     DeadlineExceeded,
+    ErrorCode,
     IamError,
     InternalError,
     InvalidArgument,
@@ -30,9 +33,18 @@ from iam_grpc.errors import (
 from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor
 from iam_grpc.logging import component_logger
 
-__all__ = ["ErrorMappingInterceptor", "to_status"]
+__all__ = ["GRPC_CODES", "ErrorMappingInterceptor", "grpc_code", "to_status"]
 
 log = component_logger("iam.errors")
+
+GRPC_CODES: Mapping[ErrorCode, grpc.StatusCode] = MappingProxyType(
+    {code: grpc.StatusCode[code.name] for code in ErrorCode}
+)
+"""Each transport-neutral code answers as the gRPC status code of the same name."""
+
+
+def grpc_code(error: IamError) -> grpc.StatusCode:
+    return GRPC_CODES[error.code]
 
 
 def to_status(error: IamError, request_id: str | None = None) -> status_pb2.Status:
@@ -55,7 +67,7 @@ def to_status(error: IamError, request_id: str | None = None) -> status_pb2.Stat
         delay = duration_pb2.Duration()
         delay.FromTimedelta(error.retry_after)
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=message)
+    status = status_pb2.Status(code=grpc_code(error).value[0], message=message)
     for detail in details:
         status.details.add().Pack(detail)
     return status
@@ -90,7 +102,7 @@ async def _abort(context: Context, error: IamError) -> None:
     call = current_call()
     request_id = call.request_id if call else None
     if call is not None:
-        call.code = error.code.name
+        call.code = grpc_code(error).name
         call.reason = error.reason
     status = rpc_status.to_status(to_status(error, request_id))
     trailing = tuple(status.trailing_metadata)

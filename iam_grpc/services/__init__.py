@@ -1,5 +1,5 @@
 """Servicers: decode the request, call one core function, encode the reply.
 
-RPCs whose behaviour is not built yet answer UNIMPLEMENTED with an ErrorInfo
-(reason ``UNIMPLEMENTED``) through the normal error mapping.
+Errors are raised as :mod:`iam_grpc.errors` and answered by the error-mapping
+interceptor; every RPC of ``iam.v1`` is served.
 """

@@ -12,7 +12,7 @@ from iam_grpc.core.login import LoginFlow
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
 from iam_grpc.core.signup import SignupFlow, SignupForm
-from iam_grpc.core.tokens.sessions import SessionManager
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.services.convert import client_info, session_message, timestamp
@@ -45,7 +45,7 @@ def _note_user(user_id: str) -> None:
 
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, sessions: SessionManager, flows: AuthFlows) -> None:
+    def __init__(self, sessions: Sessions, flows: AuthFlows) -> None:
         self._sessions = sessions
         self._flows = flows
 

@@ -8,8 +8,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from iam_grpc._proto.iam.v1 import common_pb2
 from iam_grpc.core.call import current_call
+from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.ratelimit.keys import parse_ip
-from iam_grpc.core.tokens.sessions import ClientInfo, IssuedSession
+from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.core.validation import ClientRules, Violations, clean_user_agent, first_language_tag
 
 __all__ = ["client_info", "session_message", "timestamp"]

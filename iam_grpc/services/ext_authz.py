@@ -37,8 +37,9 @@ from google.rpc import code_pb2, status_pb2
 from iam_grpc.config import ExtAuthzRule
 from iam_grpc.core.call import current_call
 from iam_grpc.core.tokens.access import AccessClaims, AccessTokens
-from iam_grpc.errors import IamError, InternalError, ServerError, TokenInvalid
+from iam_grpc.errors import ErrorCode, IamError, InternalError, ServerError, TokenInvalid
 from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor
+from iam_grpc.interceptors.errors import grpc_code
 from iam_grpc.logging import component_logger
 
 __all__ = [
@@ -178,8 +179,8 @@ def allowed(claims: AccessClaims, headers: Mapping[str, str]) -> external_auth_p
 def refused(error: IamError) -> external_auth_pb2.CheckResponse:
     """The answer for an error: a denial (401 or 403) when it is a decision about the request,
     otherwise a failed check that Envoy handles by its ``failure_mode_allow`` / ``status_on_error``."""
-    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
-    if error.code is grpc.StatusCode.UNAUTHENTICATED:
+    status = status_pb2.Status(code=grpc_code(error).value[0], message=error.message)
+    if error.code is ErrorCode.UNAUTHENTICATED:
         return external_auth_pb2.CheckResponse(
             status=status,
             denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -188,7 +189,7 @@ def refused(error: IamError) -> external_auth_pb2.CheckResponse:
                 body=error.message,
             ),
         )
-    if error.code is grpc.StatusCode.PERMISSION_DENIED:
+    if error.code is ErrorCode.PERMISSION_DENIED:
         return external_auth_pb2.CheckResponse(
             status=status,
             denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -205,7 +206,7 @@ def _answer_error(error: IamError) -> external_auth_pb2.CheckResponse:
     """Record the outcome for the access log and metrics, and answer it in the message."""
     call = current_call()
     if call is not None:
-        call.code = error.code.name
+        call.code = grpc_code(error).name
         call.reason = error.reason
     if isinstance(error, ServerError):
         log.bind(reason=error.reason, **error.cause()).warning("check failed on our side")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from iam_grpc._proto.iam.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
-from iam_grpc.core.mfa import MfaFlows, Outcome
+from iam_grpc.core.mfa.codes import ChallengeCodes
+from iam_grpc.core.mfa.completion import Outcome
+from iam_grpc.core.mfa.magic_links import MagicLinks
+from iam_grpc.core.mfa.step_up import StepUp
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.services.auth import challenge_message
@@ -23,15 +26,17 @@ def _grant(outcome: Outcome) -> common_pb2.StepUpGrant | None:
 
 
 class MfaService(mfa_pb2_grpc.MfaServiceServicer):
-    def __init__(self, flows: MfaFlows) -> None:
-        self._flows = flows
+    def __init__(self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp) -> None:
+        self._codes = codes
+        self._links = links
+        self._step_up = step_up
 
     async def VerifyChallenge(
         self, request: mfa_pb2.VerifyChallengeRequest, context: Ctx
     ) -> mfa_pb2.VerifyChallengeResponse:
         violations = Violations()
         client = client_info(request.client, violations)
-        outcome = await self._flows.verify(client, request.challenge_id, request.code, violations)
+        outcome = await self._codes.verify(client, request.challenge_id, request.code, violations)
         if outcome.session is not None:
             return mfa_pb2.VerifyChallengeResponse(session=session_message(outcome.session))
         return mfa_pb2.VerifyChallengeResponse(grant=_grant(outcome))
@@ -41,7 +46,7 @@ class MfaService(mfa_pb2_grpc.MfaServiceServicer):
     ) -> mfa_pb2.RedeemMagicLinkResponse:
         violations = Violations()
         client = client_info(request.client, violations)
-        outcome, purpose = await self._flows.redeem(client, request.link_token, violations)
+        outcome, purpose = await self._links.redeem(client, request.link_token, violations)
         if outcome.session is not None:
             return mfa_pb2.RedeemMagicLinkResponse(session=session_message(outcome.session), purpose=purpose)
         if outcome.grant is not None:
@@ -51,7 +56,7 @@ class MfaService(mfa_pb2_grpc.MfaServiceServicer):
     async def InspectMagicLink(
         self, request: mfa_pb2.InspectMagicLinkRequest, context: Ctx
     ) -> mfa_pb2.InspectMagicLinkResponse:
-        found = await self._flows.inspect(request.link_token)
+        found = await self._links.inspect(request.link_token)
         answer = mfa_pb2.InspectMagicLinkResponse(purpose=found.purpose, usable=found.usable)
         if found.expires_at is not None:
             answer.expires_at.CopyFrom(timestamp(found.expires_at))
@@ -62,16 +67,16 @@ class MfaService(mfa_pb2_grpc.MfaServiceServicer):
     ) -> common_pb2.MfaChallenge:
         violations = Violations()
         client = client_info(request.client, violations)
-        return challenge_message(await self._flows.resend(client, request.challenge_id, violations))
+        return challenge_message(await self._codes.resend(client, request.challenge_id, violations))
 
     async def StartStepUp(self, request: mfa_pb2.StartStepUpRequest, context: Ctx) -> common_pb2.MfaChallenge:
         violations = Violations()
         client = client_info(request.client, violations)
-        challenge = await self._flows.start_step_up(client, request.access_token, request.action, violations)
+        challenge = await self._step_up.start(client, request.access_token, request.action, violations)
         return challenge_message(challenge)
 
     async def ConsumeStepUpGrant(
         self, request: mfa_pb2.ConsumeStepUpGrantRequest, context: Ctx
     ) -> mfa_pb2.ConsumeStepUpGrantResponse:
-        user_id, session_id = await self._flows.consume_grant(request.grant_token, request.action)
+        user_id, session_id = await self._step_up.consume(request.grant_token, request.action)
         return mfa_pb2.ConsumeStepUpGrantResponse(user_id=user_id, session_id=session_id)

@@ -9,9 +9,10 @@ from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.tokens.access import AccessTokens
-from iam_grpc.core.tokens.sessions import IssuedSession, SessionManager
+from iam_grpc.core.tokens.refresh import RefreshRotation
+from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations, check_roles
-from iam_grpc.errors import InternalError, InvalidArgument
+from iam_grpc.errors import InvalidArgument
 from iam_grpc.ids import ULID_RE
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.services.auth import challenge_message
@@ -22,23 +23,23 @@ __all__ = ["TokenService"]
 
 
 class TokenService(token_pb2_grpc.TokenServiceServicer):
-    def __init__(self, access: AccessTokens, sessions: SessionManager, keys: KeyRing) -> None:
+    def __init__(
+        self, access: AccessTokens, sessions: Sessions, refresh: RefreshRotation, keys: KeyRing
+    ) -> None:
         self._access = access
         self._sessions = sessions
+        self._refresh = refresh
         self._keys = keys
 
     async def Refresh(self, request: token_pb2.RefreshRequest, context: Ctx) -> token_pb2.RefreshResponse:
         violations = Violations()
         client = client_info(request.client, violations)
         violations.raise_any()
-        answer = await self._sessions.refresh(client, request.refresh_token)
-        if isinstance(answer, IssuedSession):
-            _note_user(answer.user_id)
-            return token_pb2.RefreshResponse(session=session_message(answer))
+        answer = await self._refresh.refresh(client, request.refresh_token)
+        _note_user(answer.user_id)
         if isinstance(answer, Challenge):
-            _note_user(answer.user_id)
             return token_pb2.RefreshResponse(mfa=challenge_message(answer))
-        raise InternalError()
+        return token_pb2.RefreshResponse(session=session_message(answer))
 
     async def VerifyAccessToken(
         self, request: token_pb2.VerifyAccessTokenRequest, context: Ctx

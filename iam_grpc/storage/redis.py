@@ -25,7 +25,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Self
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -192,6 +192,12 @@ class RedisEphemeral:
     async def close(self) -> None:
         await self.breaker.close()
         await self._topology.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def get(self, key: str) -> bytes | None:
         async with self.guard():

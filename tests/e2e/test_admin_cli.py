@@ -53,8 +53,7 @@ async def test_disabling_a_user_ends_every_session_at_once(
                     action="export",
                 )
             )
-        assert iam.app.challenges is not None
-        pending = await iam.app.challenges.get(step_up.challenge_id)
+        pending = await iam.app.components.challenges.get(step_up.challenge_id)
         assert pending is not None
         assert pending.state == "pending"
         result = await cli(environ, "users", "disable", user.email.upper())
@@ -67,12 +66,11 @@ async def test_disabling_a_user_ends_every_session_at_once(
                     token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token)
                 )
         assert error_details(refused.value).reason == "SESSION_REVOKED"
-        ended = await iam.app.challenges.get(step_up.challenge_id)
+        ended = await iam.app.components.challenges.get(step_up.challenge_id)
         assert ended is not None
         assert ended.state == "failed"
-        assert await iam.app.challenges.pending_for_session(session.session_id, "step_up") is None
-        assert iam.app.db is not None
-        async with iam.app.db.transaction() as tx:
+        assert await iam.app.components.challenges.pending_for_session(session.session_id, "step_up") is None
+        async with iam.app.components.db.transaction() as tx:
             events = await tx.audit.recent(user_id=user.id, type_prefix="session.revoked")
         # every ended session is named with its reason (9.6)
         assert [(event.session_id, event.details.get("reason")) for event in events] == [
@@ -131,8 +129,7 @@ async def test_keys_can_be_listed_and_rotated(shared_own_database: Backend, tmp_
         assert emergency.returncode == 0, emergency.stderr
         assert await reason(iam, session.access_token) == "TOKEN_INVALID"
         assert (await cli(environ, "keys", "rotate", "--revoke", "nope")).returncode == 1
-        assert iam.app.db is not None
-        async with iam.app.db.transaction() as tx:
+        async with iam.app.components.db.transaction() as tx:
             events = [e.type for e in await tx.audit.recent(type_prefix="keys.")]
         assert events.count("keys.created") == 2
         assert events.count("keys.revoked") == 1

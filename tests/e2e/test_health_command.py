@@ -87,7 +87,7 @@ async def test_not_serving_exits_1(tmp_path: Path) -> None:
     port = free_port()
     env = {"IAM_GRPC_LISTEN": f"127.0.0.1:{port}"}
     async with running_service(tmp_path / "data", env) as running:
-        await running.app.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await running.app.readiness.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         assert await health(env, cwd=tmp_path) == (1, "NOT_SERVING", "")
 
 

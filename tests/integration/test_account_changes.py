@@ -178,8 +178,7 @@ async def test_an_email_change_is_confirmed_by_the_new_mailbox(
     assert await refresh_reason(iam, current) == "OK"
     login = auth_pb2.LoginRequest(client=client(device_id=current.device_id), email=new, password=PASSWORD)
     assert (await stub.Login(login)).WhichOneof("result") == "session"
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(current.user_id)
     assert user is not None
     assert (user.email_norm, user.email_verified_at is not None) == (new, True)
@@ -243,8 +242,7 @@ async def test_an_email_change_needs_a_recent_sign_in(
     async with running_service(tmp_path, env) as iam, iam.channel() as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         session = await signup(stub)
-        assert iam.app.db is not None
-        async with iam.app.db.transaction() as tx:
+        async with iam.app.components.db.transaction() as tx:
             await tx.sessions.set_auth(session.session_id, iam.app.clock.now() - timedelta(seconds=5))
         code, details = await failure(request_change(stub, session, new_email()))
         assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "REAUTH_REQUIRED")

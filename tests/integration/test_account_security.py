@@ -182,8 +182,7 @@ async def registered_long_ago(iam: RunningService, stub: auth_pb2_grpc.AuthServi
     counted, the registration would use one of the address's three daily signups, and the third
     probe would already be refused (scope email) before the pair bound is reached."""
     await signup(stub, email, context=client(ip=next_ip()))
-    assert iam.app.limiter is not None
-    await iam.app.limiter.clear("signup.email", email_key(email))
+    await iam.app.components.limiter.clear("signup.email", email_key(email))
 
 
 async def next_buckets(iam: RunningService, count: int) -> None:
@@ -278,8 +277,7 @@ async def test_markup_in_a_name_is_stored_verbatim_escaped_in_html_and_never_pun
     sign up again and log in, and the new access token verifies."""
     ip, email = next_ip(), new_email()
     session = await signup(stub, email, name=MARKUP_NAME, last_name="O'Connor", context=client(ip=ip))
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(session.user_id)
     assert user is not None
     assert (user.name, user.last_name) == (MARKUP_NAME, "O'Connor")

@@ -126,8 +126,7 @@ async def test_a_device_unseen_for_three_days_is_challenged(
 ) -> None:
     """anomaly.idle_after = 72 h, measured from the device link's last_seen_at."""
     session = await account(iam)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         link = await tx.devices.get_link(session.user_id, session.device_id)
         assert link is not None
         await tx.devices.save_link(replace(link, last_seen_at=iam.app.clock.now() - timedelta(hours=hours)))
@@ -143,16 +142,14 @@ async def test_many_live_sessions_are_challenged(
 ) -> None:
     """More than anomaly.max_sessions = 5 live sessions and no recent MFA on this one."""
     session = await account(iam)
-    assert iam.app.db is not None
-    assert iam.app.sessions is not None
-    from iam_grpc.core.tokens.sessions import ClientInfo
+    from iam_grpc.core.client import ClientInfo
 
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(session.user_id)
     assert user is not None
     for _ in range(extra_sessions):
-        async with iam.app.db.transaction() as tx:
-            await iam.app.sessions.open_session(
+        async with iam.app.components.db.transaction() as tx:
+            await iam.app.components.sessions.open_session(
                 tx,
                 user,
                 ClientInfo(ip=BERLIN_IP, user_agent=FIREFOX, device_id=session.device_id),
@@ -172,8 +169,7 @@ async def test_a_burst_of_rotations_blocks_and_ends_the_session(
     rotation_burst and the session is over, whether the session was signed in just now or an hour
     ago (the sign-in's own token is not a rotation)."""
     session = await account(iam)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.connection.execute(
             update(refresh_tokens)
             .where(refresh_tokens.c.session_id == session.session_id)
@@ -216,8 +212,7 @@ async def test_a_risky_address_is_challenged(iam: RunningService, points: int, r
     """Risk points of the ip within 24 h at anomaly.risk_threshold = 25."""
     session = await account(iam)
     risky = f"192.0.2.{100 + points}"
-    assert iam.app.risk is not None
-    await iam.app.risk.add(ip=risky, ip_points=points)
+    await iam.app.components.risk.add(ip=risky, ip_points=points)
     assert challenged(await refresh(iam, session, ip=risky)) == reason
 
 
@@ -317,10 +312,8 @@ async def test_every_hit_is_audited_with_its_inputs(iam: RunningService) -> None
     """An anomaly.challenge event names the check, the reason and the compared values, no secrets."""
     session = await account(iam)
     answer = await refresh(iam, session, ip=NEW_YORK_IP)
-    assert iam.app.db is not None
-    assert iam.app.audit is not None
-    await iam.app.audit.drain()
-    async with iam.app.db.transaction() as tx:
+    await iam.app.components.audit.drain()
+    async with iam.app.components.db.transaction() as tx:
         events = await tx.audit.recent(user_id=session.user_id, type_prefix="anomaly.")
     (event,) = events
     assert event.details["check"] == "network"

@@ -302,10 +302,8 @@ async def run_flow(iam: RunningService, mailbox: Mailbox, flow: Flow) -> dict[st
 
 async def trail(iam: RunningService, user_id: str) -> list[AuditEvent]:
     """The user's audit events, oldest first, once background records are written."""
-    assert iam.app.db is not None
-    assert iam.app.audit is not None
-    await iam.app.audit.drain()
-    async with iam.app.db.transaction(read_only=True) as tx:
+    await iam.app.components.audit.drain()
+    async with iam.app.components.db.transaction(read_only=True) as tx:
         events = await tx.audit.recent(user_id=user_id, limit=1000)
     return sorted(events, key=lambda e: e.id or 0)
 
@@ -402,10 +400,8 @@ async def test_a_reset_request_for_an_unknown_address_is_audited_by_hash_only(
             auth_pb2.RequestPasswordResetRequest(client=client(ip=LAPTOP_IP), email=address),
             metadata=(("x-request-id", request_id),),
         )
-        assert iam.app.db is not None
-        assert iam.app.audit is not None
-        await iam.app.audit.drain()
-        async with iam.app.db.transaction(read_only=True) as tx:
+        await iam.app.components.audit.drain()
+        async with iam.app.components.db.transaction(read_only=True) as tx:
             recent = await tx.audit.recent(type_prefix="password.reset_requested", limit=1000)
     (event,) = [e for e in recent if e.request_id == request_id]
     assert (event.user_id, event.ip) == (None, LAPTOP_IP)

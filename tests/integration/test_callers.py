@@ -245,15 +245,13 @@ async def test_mtls_refuses_missing_or_foreign_certificates(
 
 async def test_denials_are_audited_at_most_once_a_minute_per_peer(keyed: RunningService) -> None:
     """caller.denied lands in the audit table, but repeated refusals of one peer do not multiply rows."""
-    assert keyed.app.db is not None
-    async with keyed.app.db.transaction() as tx:
+    async with keyed.app.components.db.transaction() as tx:
         before = len(await tx.audit.recent(type_prefix="caller.denied", limit=1000))
     async with keyed.channel() as channel:
         for _ in range(5):
             await login_outcome(channel, SVC_KEY)  # svc may not call Login
-    assert keyed.app.audit is not None
-    await keyed.app.audit.drain()
-    async with keyed.app.db.transaction() as tx:
+    await keyed.app.components.audit.drain()
+    async with keyed.app.components.db.transaction() as tx:
         events = await tx.audit.recent(type_prefix="caller.denied", limit=1000)
     method_denials = [e for e in events if e.details.get("reason") == "method"]
     assert len(events) - before <= 1

@@ -52,11 +52,9 @@ async def test_a_pass_that_outlived_its_lock_leaves_the_next_holders_lock_alone(
     finishes it releases nothing of B's: B's lock is still there, and a third pass is skipped."""
     environ = {**own_database.isolated(), "IAM_CLEANUP__INTERVAL": "1h"}
     async with running_service(tmp_path, environ) as iam:
-        assert iam.app.cleanup is not None
-        assert iam.app.ephemeral is not None
-        store = iam.app.ephemeral
+        store = iam.app.components.ephemeral
         async with database_held(own_database, tmp_path):
-            first = asyncio.create_task(iam.app.cleanup.run())
+            first = asyncio.create_task(iam.app.components.cleanup.run())
             for _ in range(100):  # until A holds the lock and waits on the database
                 if await store.get(LOCK_KEY) is not None:
                     break
@@ -70,4 +68,4 @@ async def test_a_pass_that_outlived_its_lock_leaves_the_next_holders_lock_alone(
         counts = await asyncio.wait_for(first, 30)
         assert set(counts) >= {"refresh_tokens", "sessions"}  # A's pass did run
         assert await store.get(LOCK_KEY) == b"replica B"
-        assert await iam.app.cleanup.run() == {}  # B's lock still keeps others out
+        assert await iam.app.components.cleanup.run() == {}  # B's lock still keeps others out

@@ -1,4 +1,4 @@
-"""iam_grpc.client protecting a sample service against a real iam-grpc (issue 5)."""
+"""iam_grpc.client protecting a sample service against a real iam-grpc."""
 
 from __future__ import annotations
 
@@ -56,8 +56,7 @@ async def test_unknown_kids_refetch_the_jwks_at_most_once_per_interval(iam: Runn
         _, session = await new_session(iam.app)
         await guard.verify(session.access_token)
         assert guard.fetches == 1
-        assert iam.app.keys is not None
-        key = iam.app.keys.signing_key()
+        key = iam.app.components.keys.signing_key()
         assert key is not None
         claims = jwt.decode(session.access_token, options={"verify_signature": False})
         for _ in range(20):
@@ -74,8 +73,7 @@ async def test_expired_tokens_are_reported_as_expired(iam: RunningService) -> No
     async with IamClient(iam.address) as client:
         guard = TokenGuard(client, leeway=timedelta(0))
         _, session = await new_session(iam.app)
-        assert iam.app.keys is not None
-        key = iam.app.keys.signing_key()
+        key = iam.app.components.keys.signing_key()
         assert key is not None
         claims = {
             **jwt.decode(session.access_token, options={"verify_signature": False}),
@@ -109,8 +107,7 @@ async def test_cached_tokens_still_lose_their_key_and_their_time(iam: RunningSer
         assert withdrawn.value.reason == "TOKEN_INVALID"
 
         document["keys"] = list(json.loads(published)["keys"])
-        assert iam.app.keys is not None
-        key = iam.app.keys.signing_key()
+        key = iam.app.components.keys.signing_key()
         assert key is not None
         claims = {
             **jwt.decode(session.access_token, options={"verify_signature": False}),

@@ -44,15 +44,13 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 async def outbox_rows(app: Application, to: str) -> list[OutboxMessage]:
     """Every outbox row addressed to ``to``, oldest first."""
-    assert app.db is not None
-    async with app.db.transaction() as tx:
+    async with app.components.db.transaction() as tx:
         rows = await tx.outbox.list(limit=1000)
     return sorted((r for r in rows if r.recipient == to), key=lambda r: r.id or 0)
 
 
 async def outbox_row(app: Application, message_id: int) -> OutboxMessage:
-    assert app.db is not None
-    async with app.db.transaction() as tx:
+    async with app.components.db.transaction() as tx:
         found = await tx.outbox.get(message_id)
     assert found is not None
     return found

@@ -157,13 +157,11 @@ async def test_revoked_sessions_stay_revoked_when_redis_restarts_empty(
                 assert await verify(on_b, alive.access_token) == "OK"
             assert set(seen) == {"SESSION_REVOKED"}, seen
         for replica in (a, b):
-            assert replica.app.denylist is not None
-            assert replica.app.denylist.cache.trusted  # rebuilt (by one) and verified (by both)
+            assert replica.app.components.denylist.cache.trusted  # rebuilt (by one) and verified (by both)
         assert (
             sample(a.app, "iam_denylist_rebuilds_total") + sample(b.app, "iam_denylist_rebuilds_total") >= 1
         )
-        assert a.app.ephemeral is not None
-        assert await a.app.ephemeral.exists([sid_key(ended.session_id)]) == [True]
+        assert await a.app.components.ephemeral.exists([sid_key(ended.session_id)]) == [True]
 
 
 def redis_pid(port: int) -> int:
@@ -254,8 +252,7 @@ async def test_roles_revoke_now_is_durable_through_redis_loss(
                 token_pb2.VerifyAccessTokenRequest(access_token=fresh.session.access_token)
             )
             assert list(answer.roles) == ["user"]
-        assert iam.app.db is not None
-        async with iam.app.db.transaction(read_only=True) as tx:
+        async with iam.app.components.db.transaction(read_only=True) as tx:
             recorded = await tx.revocations.active(iam.app.clock.now())
         assert ("jti", _jti(session.access_token)) in recorded
 
@@ -432,8 +429,7 @@ async def test_a_retried_logout_writes_the_deny_list_again(backend: Backend, tmp
     a Logout of an already-revoked session wrote nothing."""
     async with running_service(tmp_path, backend.isolated()) as iam, iam.channel() as channel:
         _, session = await new_session(iam.app)
-        assert iam.app.db is not None
-        async with iam.app.db.transaction() as tx:  # the commit of the Logout whose replica died
+        async with iam.app.components.db.transaction() as tx:  # the commit of the Logout whose replica died
             assert await tx.sessions.revoke(session.session_id, "logout", iam.app.clock.now())
         assert await verify(channel, session.access_token) == "OK"  # the cache never heard of it
         await auth_pb2_grpc.AuthServiceStub(channel).Logout(

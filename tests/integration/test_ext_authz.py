@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from iam_grpc.app import Application
 from iam_grpc.config import ConfigError, load_settings
-from iam_grpc.core.tokens.sessions import IssuedSession
+from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.proto import token_pb2, token_pb2_grpc
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.conftest import Backend
@@ -147,8 +147,7 @@ def assert_forbidden(answer: external_auth_pb2.CheckResponse) -> None:
 
 def expired_token(app: Application, session: IssuedSession) -> str:
     """A token signed with the service's real key whose lifetime (and leeway) ended a while ago."""
-    assert app.keys is not None
-    key = app.keys.signing_key()
+    key = app.components.keys.signing_key()
     assert key is not None
     past = int(time.time()) - 3600
     claims = {
@@ -201,8 +200,7 @@ async def test_a_user_without_roles_gets_no_roles_header_and_the_clients_is_remo
     """S64 with an empty role list: x-iam-roles is not set (Envoy drops empty values), so the
     client's copy is removed instead of passing through."""
     user = await new_user(iam.app)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.revoke_role(user.id, "user")
     _, session = await new_session(iam.app, user)
     answer = await check(channel, "/orders", {**bearer(session), "x-iam-roles": "admin"})
@@ -820,8 +818,7 @@ async def test_s64_through_envoy_a_user_without_roles_cannot_claim_any(
 ) -> None:
     """S64: with no roles in the token, a client's x-iam-roles: admin does not reach the upstream."""
     user = await new_user(iam.app)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.revoke_role(user.id, "user")
     _, session = await new_session(iam.app, user)
     before = len(envoy.upstream.requests)

@@ -375,8 +375,9 @@ async def account(iam: RunningService, channel: grpc.aio.Channel, mailbox: Mailb
 
 async def sql_statements(iam: RunningService) -> float:
     """``iam_sql_statements_total`` as the ops listener's GET /metrics reports it."""
-    assert iam.app.audit is not None
-    await iam.app.audit.drain()  # audit writes a call left running in the background are the call's
+    await (
+        iam.app.components.audit.drain()
+    )  # audit writes a call left running in the background are the call's
     assert iam.http_port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", iam.http_port)
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: iam\r\nConnection: close\r\n\r\n")

@@ -82,8 +82,7 @@ class Account:
 async def account(iam: RunningService, user_id: str) -> Account:
     """The stored account; every live session must hold a live refresh token (no session without
     its token)."""
-    assert iam.app.db is not None
-    async with iam.app.db.transaction(read_only=True) as tx:
+    async with iam.app.components.db.transaction(read_only=True) as tx:
         user = await tx.users.get(user_id)
         live = await tx.sessions.list_live(user_id, iam.app.clock.now())
         for session in live:
@@ -149,8 +148,7 @@ async def signup_flow(iam: RunningService, stub: auth_pb2_grpc.AuthServiceStub, 
         client=client(), email=email, password=PASSWORD, name="Ada", last_name="Lovelace", terms_accepted=True
     )
     await fails_clearly(iam, "signup.before_commit", lambda: stub.Signup(request, timeout=DEADLINE))
-    assert iam.app.db is not None
-    async with iam.app.db.transaction(read_only=True) as tx:
+    async with iam.app.components.db.transaction(read_only=True) as tx:
         assert await tx.users.get_by_email(email) is None
     session = (await stub.Signup(request, timeout=DEADLINE)).session
     after = await account(iam, session.user_id)
@@ -318,12 +316,12 @@ async def test_mysql_down_fails_calls_clearly_and_health_follows(
         assert (code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
         assert time.monotonic() - started < DEADLINE
         for _ in range(2):
-            await running.app.probe_once()
+            await running.app.readiness.probe_once()
             assert await health_of(running.address) == serving
-        await running.app.probe_once()
+        await running.app.readiness.probe_once()
         assert await health_of(running.address) == not_serving
 
         forwarder.restore()
-        await running.app.probe_once()
+        await running.app.readiness.probe_once()
         assert await health_of(running.address) == serving
         assert (await login(stub, email, session.device_id)).WhichOneof("result") == "session"

@@ -43,8 +43,7 @@ async def test_planned_rotation_publishes_first_and_retires_after_the_overlap(
     """The JWKS lists the new key before any token carries it; old-key tokens verify until unpublished, then fail."""
     async with running_service(tmp_path, {**own_database.environ, **SHORT}) as iam, iam.channel() as channel:
         stub = token_pb2_grpc.TokenServiceStub(channel)
-        assert iam.app.keys is not None
-        old = iam.app.keys.signing_key()
+        old = iam.app.components.keys.signing_key()
         assert old is not None
         _, before = await new_session(iam.app)
         now = int(time.time())
@@ -54,7 +53,7 @@ async def test_planned_rotation_publishes_first_and_retires_after_the_overlap(
             algorithm="ES256",
             headers={"kid": old.row.kid, "typ": "at+jwt"},
         )
-        new = await iam.app.keys.rotate()
+        new = await iam.app.components.keys.rotate()
         published = {
             k["kid"] for k in json.loads((await stub.GetJwks(token_pb2.GetJwksRequest())).jwks_json)["keys"]
         }
@@ -65,9 +64,11 @@ async def test_planned_rotation_publishes_first_and_retires_after_the_overlap(
         _, after = await new_session(iam.app)
         assert kid(after.access_token) == new.kid
         assert await reason(stub, long_lived) == "OK"  # the old key still verifies through the overlap
-        await iam.app.keys.maintain()
-        assert iam.app.keys.signing_key() is not None
-        assert [r.private_key_enc is None for r in iam.app.keys.rows() if r.kid == old.row.kid] == [True]
+        await iam.app.components.keys.maintain()
+        assert iam.app.components.keys.signing_key() is not None
+        assert [
+            r.private_key_enc is None for r in iam.app.components.keys.rows() if r.kid == old.row.kid
+        ] == [True]
         await asyncio.sleep(3.1)  # deactivate + access TTL + leeway + JWKS max-age
         assert await reason(stub, long_lived) == "TOKEN_INVALID"
         published = {
@@ -80,10 +81,9 @@ async def test_emergency_rotation_withdraws_a_key_at_once(own_database: Backend,
     """--immediate --revoke: tokens of the revoked key fail immediately; new tokens use the new key."""
     async with running_service(tmp_path, own_database.environ) as iam, iam.channel() as channel:
         stub = token_pb2_grpc.TokenServiceStub(channel)
-        assert iam.app.keys is not None
         _, compromised = await new_session(iam.app)
         revoked = kid(compromised.access_token)
-        new = await iam.app.keys.rotate(immediate=True, revoke=revoked)
+        new = await iam.app.components.keys.rotate(immediate=True, revoke=revoked)
         assert await reason(stub, compromised.access_token) == "TOKEN_INVALID"
         _, fresh = await new_session(iam.app)
         assert kid(fresh.access_token) == new.kid
@@ -100,8 +100,7 @@ async def test_a_replica_learns_a_new_key_from_an_unknown_kid(
     """A token signed by a key another replica just created verifies after one reload."""
     environ = shared_own_database.environ
     async with running_service(tmp_path / "a", environ) as a, running_service(tmp_path / "b", environ) as b:
-        assert a.app.keys is not None
-        await a.app.keys.rotate(immediate=True)
+        await a.app.components.keys.rotate(immediate=True)
         _, session = await new_session(a.app)
         async with b.channel() as on_b:
             assert await reason(token_pb2_grpc.TokenServiceStub(on_b), session.access_token) == "OK"
@@ -113,8 +112,7 @@ async def test_rotating_keys_of_the_other_algorithm(own_database: Backend, tmp_p
         running_service(tmp_path, {**own_database.environ, "IAM_TOKENS__ALGORITHM": "EdDSA"}) as iam,
         iam.channel() as channel,
     ):
-        assert iam.app.keys is not None
-        await iam.app.keys.rotate(immediate=True)
+        await iam.app.components.keys.rotate(immediate=True)
         _, session = await new_session(iam.app)
         assert jwt.get_unverified_header(session.access_token)["alg"] == "EdDSA"
         assert await reason(token_pb2_grpc.TokenServiceStub(channel), session.access_token) == "OK"

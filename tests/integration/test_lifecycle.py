@@ -44,8 +44,7 @@ async def test_a_different_master_key_cannot_start_on_existing_keys(tmp_path: Pa
 async def test_a_corrupt_key_row_stops_startup_naming_the_table(tmp_path: Path) -> None:
     """A live key whose stored public JWK is damaged is a clear startup error, not a traceback."""
     async with running_service(tmp_path) as running:
-        assert running.app.db is not None
-        async with running.app.db.transaction() as tx:
+        async with running.app.components.db.transaction() as tx:
             (row,) = await tx.keys.all()
         engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'iam.db'}")
     async with engine.begin() as connection:
@@ -141,7 +140,7 @@ async def test_draining_reports_not_serving_before_the_server_stops(tmp_path: Pa
     await asyncio.sleep(0.3)
     assert await health_of(address) == health_pb2.HealthCheckResponse.NOT_SERVING
     await stopping
-    assert not app.serving
+    assert not app.readiness.serving
 
 
 async def test_calls_in_flight_finish_during_shutdown(tmp_path: Path) -> None:
@@ -199,17 +198,17 @@ async def test_health_follows_the_stores(private_redis: tuple[int, Path], tmp_pa
     env = {"IAM_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
     async with running_service(tmp_path, env, probe_interval=3600) as running:
         serving = health_pb2.HealthCheckResponse.SERVING
-        assert running.app.dependencies.states()["redis"] == "up"
+        assert running.app.readiness.dependencies.states()["redis"] == "up"
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False)
         for _ in range(4):
-            await running.app.probe_once()
+            await running.app.readiness.probe_once()
             assert await health_of(running.address) == serving
-            assert running.app.dependencies.states()["redis"] == "down"
+            assert running.app.readiness.dependencies.states()["redis"] == "down"
         start_redis(port, folder)
         for _ in range(50):
-            if await running.app.check_stores():
+            if await running.app.readiness.check_stores():
                 break
             await asyncio.sleep(0.1)
-        await running.app.probe_once()
+        await running.app.readiness.probe_once()
         assert await health_of(running.address) == serving
-        assert running.app.dependencies.states()["redis"] in ("up", "degraded")
+        assert running.app.readiness.dependencies.states()["redis"] in ("up", "degraded")

@@ -75,8 +75,7 @@ async def test_unknown_email_wrong_password_and_disabled_account_answer_alike(
     email, disabled = new_email(), new_email()
     await signup(stub, email)
     gone = await signup(stub, disabled)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.set_status(gone.user_id, "disabled", iam.app.clock.now())
     before = iam.app.metrics.password_verifications._value.get()
     answers = [
@@ -159,9 +158,8 @@ async def test_a_security_hold_challenges_even_the_trusted_device(
     """While users.mfa_hold_until is ahead (after token reuse), every login needs MFA (S37)."""
     email = new_email()
     owner = await signup(stub, email)
-    assert iam.app.db is not None
     now = iam.app.clock.now()
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.set_mfa_hold(owner.user_id, now + timedelta(days=7), now)
     answer = await login(stub, email, device_id=owner.device_id)
     assert (answer.WhichOneof("result"), answer.mfa.reason) == ("mfa", "SECURITY_HOLD")
@@ -173,8 +171,7 @@ async def test_a_user_who_never_had_a_trusted_device_gets_one_without_mfa(
     """An imported account (no trusted device yet) signs in and the device becomes trusted."""
     email = new_email()
     owner = await signup(stub, email)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         link = await tx.devices.get_link(owner.user_id, owner.device_id)
         assert link is not None
         from dataclasses import replace
@@ -182,7 +179,7 @@ async def test_a_user_who_never_had_a_trusted_device_gets_one_without_mfa(
         await tx.devices.save_link(replace(link, trusted_at=None))
     answer = await login(stub, email, ua=IPHONE)
     assert answer.WhichOneof("result") == "session"
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         new_link = await tx.devices.get_link(owner.user_id, answer.session.device_id)
     assert new_link is not None
     assert new_link.trusted_at is not None
@@ -190,11 +187,10 @@ async def test_a_user_who_never_had_a_trusted_device_gets_one_without_mfa(
 
 async def outdated_hashes(iam: RunningService, *passwords: str) -> list[StoredPassword]:
     """Hashes of ``passwords`` with other argon2 parameters (t=3) than the service's (t=2)."""
-    assert iam.app.secrets is not None
     older = PasswordHashing(
         Argon2Params(memory_kib=19456, time_cost=3, parallelism=1, hash_len=32, salt_len=16),
-        iam.app.secrets.peppers,
-        iam.app.secrets.current_pepper,
+        iam.app.components.secrets.peppers,
+        iam.app.components.secrets.current_pepper,
         max_concurrent=1,
         max_queued=1,
     )
@@ -211,12 +207,11 @@ async def test_outdated_hashes_are_replaced_at_the_next_login(
     """A hash made with other argon2 parameters verifies and is rehashed with the current ones."""
     email = new_email()
     owner = await signup(stub, email)
-    assert iam.app.db is not None
     (stored,) = await outdated_hashes(iam, PASSWORD)
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.set_password(owner.user_id, stored.phc, stored.pepper_id or 0, iam.app.clock.now())
     await login(stub, email, device_id=owner.device_id)
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(owner.user_id)
     assert user is not None
     assert user.password_hash is not None
@@ -234,20 +229,19 @@ async def test_a_rehash_never_undoes_a_password_change_made_meanwhile(
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         email = new_email()
         owner = await signup(stub, email)
-        assert iam.app.db is not None
         outdated, reset = await outdated_hashes(iam, PASSWORD, "a brand new secret phrase 77")
-        async with iam.app.db.transaction() as tx:
+        async with iam.app.components.db.transaction() as tx:
             await tx.users.set_password(
                 owner.user_id, outdated.phc, outdated.pepper_id or 0, iam.app.clock.now()
             )
         iam.app.failpoints.arm("login.before_rehash", "sleep:1")
         pending = asyncio.ensure_future(login(stub, email, device_id=owner.device_id))
         await asyncio.sleep(0.5)  # the login has verified the old password and waits before its rehash
-        async with iam.app.db.transaction() as tx:  # a reset commits meanwhile
+        async with iam.app.components.db.transaction() as tx:  # a reset commits meanwhile
             await tx.users.set_password(owner.user_id, reset.phc, reset.pepper_id or 0, iam.app.clock.now())
         answer = await pending
         assert answer.WhichOneof("result") == "session"
-        async with iam.app.db.transaction() as tx:
+        async with iam.app.components.db.transaction() as tx:
             user = await tx.users.get(owner.user_id)
         assert user is not None
         assert user.password_hash == reset.phc
@@ -259,10 +253,8 @@ async def test_a_breached_password_still_logs_in_with_an_advisory_flag(
     """At Login a common password only sets password_breached."""
     email = new_email()
     owner = await signup(stub, email)
-    assert iam.app.hashing is not None
-    assert iam.app.db is not None
-    stored = await iam.app.hashing.hash("Password1234")
-    async with iam.app.db.transaction() as tx:
+    stored = await iam.app.components.hashing.hash("Password1234")
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.set_password(owner.user_id, stored.phc, stored.pepper_id or 0, iam.app.clock.now())
     answer = await login(stub, email, "Password1234", device_id=owner.device_id)
     assert answer.WhichOneof("result") == "session"

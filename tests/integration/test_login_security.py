@@ -91,8 +91,7 @@ async def test_an_unknown_address_takes_as_long_as_a_wrong_password(
         )
         email = new_email()
         owner = await signup(stub, email)
-        assert iam.app.db is not None
-        async with iam.app.db.transaction() as tx:
+        async with iam.app.components.db.transaction() as tx:
             user = await tx.users.get(owner.user_id)
         assert user is not None
         assert user.password_hash is not None
@@ -199,7 +198,6 @@ async def test_the_account_guard_spares_trusted_devices_and_ends_within_its_cap(
         running_service(tmp_path, account_env(backend, mailbox, {**HIGH, **GUARD})) as iam,
         iam.channel() as channel,
     ):
-        assert iam.app.limiter is not None
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         email = new_email()
         owner = await signup(stub, email)
@@ -220,7 +218,7 @@ async def test_the_account_guard_spares_trusted_devices_and_ends_within_its_cap(
             assert trusted.WhichOneof("result") == "session"
             assert trusted.session.device_id == owner.device_id
 
-            guard = (await iam.app.limiter.peek("login.account", email))["blocked_ms"] / 1000
+            guard = (await iam.app.components.limiter.peek("login.account", email))["blocked_ms"] / 1000
             assert 0 < guard <= GUARD_CAP
             guards.append(guard)
             still = await failure(login(stub, new_device, email, PASSWORD))
@@ -248,7 +246,6 @@ async def test_the_owners_own_retries_do_not_stretch_the_guard_past_its_cap(
         running_service(tmp_path, account_env(backend, mailbox, {**HIGH, **scaled})) as iam,
         iam.channel() as channel,
     ):
-        assert iam.app.limiter is not None
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         email = new_email()
         await signup(stub, email)
@@ -263,7 +260,7 @@ async def test_the_owners_own_retries_do_not_stretch_the_guard_past_its_cap(
             if isinstance(answer, auth_pb2.LoginResponse):
                 break
             assert answer == "INVALID_CREDENTIALS"
-            guard = (await iam.app.limiter.peek("login.account", email))["blocked_ms"] / 1000
+            guard = (await iam.app.components.limiter.peek("login.account", email))["blocked_ms"] / 1000
             assert 0 < guard <= cap
             guards.append(round(guard, 1))
             await asyncio.sleep(guard + 0.05)
@@ -301,25 +298,22 @@ async def test_a_right_password_on_a_guarded_account_does_the_work_of_a_wrong_on
         running_service(tmp_path, env, probe_interval=3600.0) as iam,
         iam.channel() as channel,
     ):
-        assert iam.app.audit is not None
-        assert iam.app.db is not None
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         guarded, disabled = new_email(), new_email()
         owner = await signup(stub, guarded)
         gone = await signup(stub, disabled)
-        async with iam.app.db.transaction() as tx:
+        async with iam.app.components.db.transaction() as tx:
             await tx.users.set_status(gone.user_id, "disabled", iam.app.clock.now())
         for _ in range(11):
             await failure(login(stub, client(ip=fresh_ip()), guarded, WRONG))
-        assert iam.app.limiter is not None
-        assert (await iam.app.limiter.peek("login.account", guarded))["blocked_ms"] > 0
+        assert (await iam.app.components.limiter.peek("login.account", guarded))["blocked_ms"] > 0
 
         async def work(email: str, password: str) -> tuple[float, float, grpc.StatusCode, bytes]:
-            await iam.app.audit.drain()  # type: ignore[union-attr]
+            await iam.app.components.audit.drain()  # type: ignore[union-attr]
             statements = iam.app.metrics.sql_statements._value.get()
             verified = verifications(iam)
             code, details = await failure(login(stub, client(ip=fresh_ip(), ua=IPHONE), email, password))
-            await iam.app.audit.drain()  # type: ignore[union-attr]
+            await iam.app.components.audit.drain()  # type: ignore[union-attr]
             return (
                 iam.app.metrics.sql_statements._value.get() - statements,
                 verifications(iam) - verified,
@@ -345,8 +339,7 @@ async def test_a_right_password_on_a_guarded_account_does_the_work_of_a_wrong_on
 
 async def failure_points(iam: RunningService, group: str, key: str) -> float:
     """The sliding count of the group's failure window (the last one) for ``key``."""
-    assert iam.app.limiter is not None
-    return float((await iam.app.limiter.peek(group, key))["estimates"][-1])
+    return float((await iam.app.components.limiter.peek(group, key))["estimates"][-1])
 
 
 async def test_a_refusal_by_login_ip_fail_gives_the_pair_point_back(
@@ -416,7 +409,6 @@ async def test_a_double_clicking_user_is_never_blocked_by_a_burst_window(
         running_service(tmp_path, account_env(backend, mailbox)) as iam,
         iam.channel() as channel,
     ):
-        assert iam.app.limiter is not None
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         email, ip = new_email(), fresh_ip()
         owner = await signup(stub, email)
@@ -425,7 +417,7 @@ async def test_a_double_clicking_user_is_never_blocked_by_a_burst_window(
         assert sorted(c if isinstance(c, str) else "session" for c in clicks) == ["RATE_LIMITED"] * 3 + [
             "session"
         ]
-        state = await iam.app.limiter.peek("login.pair", pair_key(ip, email))
+        state = await iam.app.components.limiter.peek("login.pair", pair_key(ip, email))
         assert (state["strikes"], state["blocked_ms"]) == (0, 0)
         await asyncio.sleep(2.1)  # the 1 s window's RetryInfo, at most 2 s
         answer = await login(stub, here, email, PASSWORD)

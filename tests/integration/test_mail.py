@@ -1,5 +1,5 @@
 """Email that is never lost: outbox, sender, transports and limits against a
-real SMTP server (aiosmtpd on 127.0.0.1) and both databases (issue 4)."""
+real SMTP server (aiosmtpd on 127.0.0.1) and both databases."""
 
 from __future__ import annotations
 
@@ -45,10 +45,8 @@ async def queue_reset(
     link: str = "https://app.example/auth/reset-password?token=abc",
     name: str = "Zoë <b>",
 ) -> int:
-    assert app.db is not None
-    assert app.mailer is not None
-    async with app.db.transaction() as tx:
-        message_id = await app.mailer.queue(
+    async with app.components.db.transaction() as tx:
+        message_id = await app.components.mailer.queue(
             tx,
             "password_reset",
             to,
@@ -62,8 +60,7 @@ async def queue_reset(
 
 
 async def row(app: Application, message_id: int) -> OutboxMessage:
-    assert app.db is not None
-    async with app.db.transaction() as tx:
+    async with app.components.db.transaction() as tx:
         found = await tx.outbox.get(message_id)
     assert found is not None
     return found
@@ -206,10 +203,8 @@ async def test_mail_past_its_deadline_is_never_sent(
     """A code that stopped working is not mailed: the row expires and its secrets are wiped (S60)."""
     to = address()
     async with running_service(tmp_path, env(backend, mailbox)) as iam:
-        assert iam.app.db is not None
-        assert iam.app.mailer is not None
-        async with iam.app.db.transaction() as tx:
-            message_id = await iam.app.mailer.queue(
+        async with iam.app.components.db.transaction() as tx:
+            message_id = await iam.app.components.mailer.queue(
                 tx,
                 "mfa_code",
                 to,
@@ -243,10 +238,8 @@ async def test_per_recipient_limits_refuse_codes_and_suppress_notices(
         with pytest.raises(RateLimited) as refused:
             await queue_reset(iam.app, victim)
         assert refused.value.metadata == {"scope": "email"}
-        assert iam.app.db is not None
-        assert iam.app.mailer is not None
-        async with iam.app.db.transaction() as tx:
-            notice = await iam.app.mailer.queue(
+        async with iam.app.components.db.transaction() as tx:
+            notice = await iam.app.components.mailer.queue(
                 tx,
                 "password_changed",
                 victim,
@@ -264,12 +257,10 @@ async def test_challenge_mail_is_limited_per_user(backend: Backend, mailbox: Mai
     """A user receives at most 8 challenge emails a day, whatever the addresses (behaviour.md 7.4)."""
     user = "01JTESTUSERLIMIT" + secrets.token_hex(5).upper()[:10]
     async with running_service(tmp_path, env(backend, mailbox)) as iam:
-        assert iam.app.db is not None
-        assert iam.app.mailer is not None
 
         async def challenge() -> None:
-            async with iam.app.db.transaction() as tx:  # type: ignore[union-attr]
-                await iam.app.mailer.queue(  # type: ignore[union-attr]
+            async with iam.app.components.db.transaction() as tx:  # type: ignore[union-attr]
+                await iam.app.components.mailer.queue(  # type: ignore[union-attr]
                     tx,
                     "mfa_code",
                     address(),
@@ -297,13 +288,11 @@ async def test_notice_bursts_send_one_email(backend: Backend, mailbox: Mailbox, 
     """Two new-device notices for one user and device are one row (dedupe key)."""
     to = address()
     async with running_service(tmp_path, env(backend, mailbox)) as iam:
-        assert iam.app.db is not None
-        assert iam.app.mailer is not None
         ids = []
         for _ in range(3):
-            async with iam.app.db.transaction() as tx:
+            async with iam.app.components.db.transaction() as tx:
                 ids.append(
-                    await iam.app.mailer.queue(
+                    await iam.app.components.mailer.queue(
                         tx,
                         "new_device",
                         to,
@@ -343,12 +332,9 @@ async def test_templates_follow_the_users_language_with_english_fallback(
     async with running_service(
         tmp_path / "data", env(backend, mailbox, IAM_MAIL__TEMPLATES_DIR=str(tmp_path / "templates"))
     ) as iam:
-        assert iam.app.renderer is not None
-        assert "fr" in iam.app.renderer.locales()
-        assert iam.app.db is not None
-        assert iam.app.mailer is not None
-        async with iam.app.db.transaction() as tx:
-            await iam.app.mailer.queue(
+        assert "fr" in iam.app.components.renderer.locales()
+        async with iam.app.components.db.transaction() as tx:
+            await iam.app.components.mailer.queue(
                 tx,
                 "password_reset",
                 to,
@@ -393,12 +379,10 @@ async def test_a_message_that_cannot_be_built_is_dead_and_its_batch_goes_on(
     poison = "mallory\n@example.com"
     good = [address() for _ in range(3)]
     async with running_service(tmp_path, env(backend, mailbox)) as iam:
-        assert iam.app.db is not None
-        assert iam.app.mailer is not None
         ids: list[int] = []
-        async with iam.app.db.transaction() as tx:  # one commit: one claim takes all four
+        async with iam.app.components.db.transaction() as tx:  # one commit: one claim takes all four
             for to in [poison, *good]:
-                message_id = await iam.app.mailer.queue(
+                message_id = await iam.app.components.mailer.queue(
                     tx,
                     "password_reset",
                     to,
@@ -435,17 +419,18 @@ async def test_stopping_releases_claims(backend: Backend, mailbox: Mailbox, tmp_
     app = Application(settings)
     await app.start()
     try:
-        assert app.sender is not None
-        assert app.db is not None
-        await app.sender.stop()  # no sender running: nothing claims
+        await app.components.sender.stop()  # no sender running: nothing claims
         mailbox.mode = "temporary"
         message_id = await queue_reset(app, address())
-        async with app.db.transaction() as tx:
+        async with app.components.db.transaction() as tx:
             claimed = await tx.outbox.claim(
-                app.clock.now() + timedelta(minutes=1), app.sender.worker_id, 10, timedelta(minutes=5)
+                app.clock.now() + timedelta(minutes=1),
+                app.components.sender.worker_id,
+                10,
+                timedelta(minutes=5),
             )
         assert message_id in {m.id for m in claimed}
-        await app.sender.stop()
+        await app.components.sender.stop()
         assert (await row(app, message_id)).claimed_by is None
     finally:
         await app.stop(drain_delay=timedelta(0))

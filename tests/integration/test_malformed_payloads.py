@@ -84,6 +84,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from iam_grpc.core.ratelimit.groups import DEFAULT_GROUPS
 from iam_grpc.errors import ClientError
 from iam_grpc.ids import b64url, new_challenge_id, new_grant_token
+from iam_grpc.interceptors.errors import GRPC_CODES
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, token_pb2, token_pb2_grpc
 from iam_grpc.server import SERVICE_NAMES
 from iam_grpc.testing import error_details
@@ -107,8 +108,7 @@ IAM = str(Path(sys.executable).parent / "iam-grpc")
 NO_LIMITS = {name: {"windows": ["1000000/1s"]} for name in DEFAULT_GROUPS}
 # What a decoded (well-formed, odd-valued) request may be answered: OK or a client-caused code.
 CLIENT_CODES = frozenset(
-    {grpc.StatusCode.OK}
-    | {cls.code for cls in ClientError.__subclasses__() if cls.code != grpc.StatusCode.UNIMPLEMENTED}
+    {grpc.StatusCode.OK} | {GRPC_CODES[cls.code] for cls in ClientError.__subclasses__()}
 )
 
 

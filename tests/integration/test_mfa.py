@@ -111,8 +111,7 @@ async def test_the_right_code_on_the_challenge_device_opens_a_trusted_session(
     )
     assert again.WhichOneof("result") == "session"
     await wait_for_mail(mailbox, email, "New sign-in")
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(answer.session.user_id)
     assert user is not None
     assert user.email_verified_at is not None
@@ -321,8 +320,7 @@ async def test_a_lost_answer_to_a_refresh_challenge_can_be_retried_within_the_gr
             token_pb2.RefreshRequest(client=moved, refresh_token=first.session.refresh_token)
         )
         assert after.WhichOneof("result") == "session"
-        assert iam.app.db is not None
-        async with iam.app.db.transaction(read_only=True) as tx:
+        async with iam.app.components.db.transaction(read_only=True) as tx:
             user = await tx.users.get(session.user_id)
             live = await tx.sessions.get(session.session_id)
         assert user is not None
@@ -478,8 +476,7 @@ async def test_attempts_are_shared_by_replicas(
 def test_codes_are_uniform_over_the_whole_range(iam: RunningService) -> None:
     """S42: 200,000 codes; a leading zero 10 % ± 0.5 % of the time, and the first digit passes a
     chi-square test (9 degrees of freedom, 0.1 % level: 27.88)."""
-    assert iam.app.challenges is not None
-    codes = [iam.app.challenges._new_code() for _ in range(200_000)]
+    codes = [iam.app.components.challenges._new_code() for _ in range(200_000)]
     assert all(len(code) == 6 and code.isdigit() for code in codes)
     counts = [0] * 10
     for code in codes:
@@ -507,8 +504,7 @@ async def test_a_code_exists_in_clear_only_in_the_email_body(
         challenge, code, _ = await new_device_login(auth, mailbox, email)
     finally:
         logger.remove(sink)
-    assert iam.app.ephemeral is not None
-    record = await iam.app.ephemeral.get(f"mfa:ch:{{{challenge.challenge_id}}}")
+    record = await iam.app.components.ephemeral.get(f"mfa:ch:{{{challenge.challenge_id}}}")
     assert record is not None
     assert code.encode() not in record
     (message,) = [m for m in mailbox.to(email) if "sign-in code" in str(m["Subject"])]

@@ -109,8 +109,7 @@ async def test_a_reset_link_sets_the_password_once_and_ends_every_session(
     code, details = await failure(reset(stub, token, "yet another passphrase 9"))
     assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")
     await wait_for_mail(mailbox, email, "password was changed")
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(session.user_id)
     assert user is not None
     assert user.email_verified_at is not None
@@ -125,10 +124,8 @@ async def test_a_used_mark_lost_from_the_store_does_not_revive_a_link(
     older = await reset_link(stub, mailbox, email)
     newer = await reset_link(stub, mailbox, email, count=2)
     await reset(stub, newer)
-    assert iam.app.links is not None
-    assert iam.app.ephemeral is not None
-    claims = iam.app.links.read(newer)
-    await iam.app.ephemeral.delete(f"link:used:{{{claims.jti}}}")
+    claims = iam.app.components.links.read(newer)
+    await iam.app.components.ephemeral.delete(f"link:used:{{{claims.jti}}}")
     for token in (newer, older):
         assert (await failure(reset(stub, token, "yet another passphrase 9")))[1].reason == "LINK_USED"
 

@@ -73,8 +73,7 @@ def login(
 
 async def stored(app: RunningService, user_id: str) -> User:
     """The user's row as the database holds it."""
-    assert app.app.db is not None
-    async with app.app.db.transaction(read_only=True) as tx:
+    async with app.app.components.db.transaction(read_only=True) as tx:
         user = await tx.users.get(user_id)
     assert user is not None
     assert user.password_hash is not None
@@ -127,8 +126,7 @@ async def test_a_new_user_is_stored_as_argon2id_with_the_configured_defaults(
         memory_cost=19456,
         parallelism=1,
     )
-    assert iam.app.secrets is not None
-    assert user.pepper_id == iam.app.secrets.current_pepper
+    assert user.pepper_id == iam.app.components.secrets.current_pepper
 
 
 @pytest.mark.parametrize(
@@ -208,8 +206,7 @@ async def test_a_dump_and_the_password_do_not_verify_without_the_pepper(
     session = await signup(stub, password=typed)
     user = await stored(iam, session.user_id)
     assert user.password_hash is not None
-    assert iam.app.secrets is not None
-    pepper = iam.app.secrets.peppers[user.pepper_id]
+    pepper = iam.app.components.secrets.peppers[user.pepper_id]
 
     assert not verifies(user.password_hash, typed.encode())
     assert not verifies(user.password_hash, PASSWORD.encode())
@@ -228,8 +225,7 @@ async def test_peppers_rotate_at_the_next_login(backend: Backend, tmp_path: Path
     async with running_service(tmp_path, env) as first, first.channel() as channel:
         owner = await signup(auth_pb2_grpc.AuthServiceStub(channel), email)
         before = await stored(first, owner.user_id)
-        assert first.app.secrets is not None
-        first_pepper = first.app.secrets.peppers[1]
+        first_pepper = first.app.components.secrets.peppers[1]
     assert before.pepper_id == 1
     assert before.password_hash is not None
     assert verifies(before.password_hash, peppered(first_pepper, PASSWORD))
@@ -242,8 +238,7 @@ async def test_peppers_rotate_at_the_next_login(backend: Backend, tmp_path: Path
     }
     async with running_service(tmp_path, rotated) as second, second.channel() as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
-        assert second.app.secrets is not None
-        assert second.app.secrets.peppers == {1: first_pepper, 2: second_pepper}
+        assert second.app.components.secrets.peppers == {1: first_pepper, 2: second_pepper}
         assert (await stored(second, owner.user_id)).pepper_id == 1  # nothing moves before a login
 
         answer = await login(stub, email, device_id=owner.device_id)

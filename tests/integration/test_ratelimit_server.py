@@ -112,11 +112,9 @@ async def test_refusals_and_blocks_are_counted_and_audited(backend: Backend, tmp
     try:
         async with running_service(tmp_path, env) as service, service.channel() as channel:
             outcomes = [(await signup(channel, ip))[0] for _ in range(8)]
-            assert service.app.audit is not None
-            await service.app.audit.drain()  # blocks are audited in the background
+            await service.app.components.audit.drain()  # blocks are audited in the background
             text = service.app.metrics.render().decode()
-            assert service.app.db is not None
-            async with service.app.db.transaction() as tx:
+            async with service.app.components.db.transaction() as tx:
                 events = await tx.audit.recent(type_prefix="ratelimit.")
     finally:
         logger.remove(sink)

@@ -518,10 +518,8 @@ async def test_the_service_restarts_on_its_own_data(backend: Backend, tmp_path: 
     """A second start on the same data directory and database reuses keys and secrets."""
     environ = backend.isolated()
     async with running_service(tmp_path, environ) as first:
-        assert first.app.keys is not None
-        kids = {key["kid"] for key in first.app.keys.jwks()["keys"]}
+        kids = {key["kid"] for key in first.app.components.keys.jwks()["keys"]}
     async with running_service(tmp_path, environ) as second:
-        assert second.app.keys is not None
-        again = {key["kid"] for key in second.app.keys.jwks()["keys"]}
+        again = {key["kid"] for key in second.app.components.keys.jwks()["keys"]}
     assert kids
     assert kids <= again

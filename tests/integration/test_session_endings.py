@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from iam_grpc.clock import ManualClock
-from iam_grpc.core.tokens.sessions import IssuedSession
+from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.proto import mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.accounts_helper import account_env, client, code_of, failure, wait_for_mail
@@ -20,8 +20,7 @@ from tests.sessions_helper import IPHONE, NO_ANOMALY_CHECKS, new_session
 
 async def endings(iam: RunningService, user_id: str) -> set[tuple[str | None, str | None]]:
     """(session id, reason) of every session.revoked event of the user."""
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         events = await tx.audit.recent(user_id=user_id, type_prefix="session.revoked")
     return {(event.session_id, event.details.get("reason")) for event in events}
 

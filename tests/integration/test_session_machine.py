@@ -283,8 +283,7 @@ class SessionLifeCycle(RuleBasedStateMachine):
 
     def session_over(self, session_id: str) -> bool:
         async def read() -> bool:
-            assert self.world.iam.app.db is not None
-            async with self.world.iam.app.db.transaction(read_only=True) as tx:
+            async with self.world.iam.app.components.db.transaction(read_only=True) as tx:
                 session = await tx.sessions.get(session_id)
             now = self.world.clock.now()
             return session is None or session.revoked_at is not None or session.absolute_expires_at <= now
@@ -690,14 +689,13 @@ class SessionLifeCycle(RuleBasedStateMachine):
     def time_passes(self, seconds: int, cleanup: bool) -> None:
         self.advance_by(timedelta(seconds=seconds))
         if cleanup:
-            assert self.world.iam.app.cleanup is not None
-            self.world.run(self.world.iam.app.cleanup.run(lock=False))
+            self.world.run(self.world.iam.app.components.cleanup.run(lock=False))
 
     # invariants --------------------------------------------------------------------------------
 
     def _rows(self, query: str) -> list[Any]:
         async def read() -> list[Any]:
-            engine = self.world.iam.app.db.engine  # type: ignore[union-attr]
+            engine = self.world.iam.app.components.db.engine  # type: ignore[union-attr]
             async with engine.connect() as connection:
                 return list((await connection.execute(text(query), {"user": self.m.user_id})).all())
 
@@ -745,12 +743,10 @@ class SessionLifeCycle(RuleBasedStateMachine):
 
         async def live() -> list[Any]:
             app = self.world.iam.app
-            assert app.ephemeral is not None
-            assert app.challenges is not None
-            raw = await app.ephemeral.get(f"mfa:user:{{{self.m.user_id}}}")
+            raw = await app.components.ephemeral.get(f"mfa:user:{{{self.m.user_id}}}")
             found = []
             for challenge_id in json.loads(raw) if raw else {}:
-                challenge = await app.challenges.get(challenge_id)
+                challenge = await app.components.challenges.get(challenge_id)
                 if challenge is not None and challenge.live(self.world.clock.now()):
                     found.append(challenge)
             return found

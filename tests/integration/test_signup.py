@@ -43,10 +43,8 @@ async def test_signup_creates_the_account_a_trusted_device_and_a_working_session
             token_pb2.VerifyAccessTokenRequest(access_token=session.access_token)
         )
     assert (verified.user_id, list(verified.roles)) == (session.user_id, ["user"])
-    assert iam.app.db is not None
-    assert iam.app.audit is not None
-    await iam.app.audit.drain()
-    async with iam.app.db.transaction() as tx:
+    await iam.app.components.audit.drain()
+    async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(session.user_id)
         link = await tx.devices.get_link(session.user_id, session.device_id)
         events = [e.type for e in await tx.audit.recent(user_id=session.user_id)]
@@ -117,12 +115,11 @@ async def test_a_taken_address_leaves_nothing_behind(
     """The losing signup writes no device, session or audit row."""
     email = new_email()
     await signup(stub, email)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         before = await tx.audit.recent(limit=10_000)
     code, _ = await failure(signup(stub, email, context=client(device_id="")))
     assert code == grpc.StatusCode.ALREADY_EXISTS
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         after = await tx.audit.recent(limit=10_000)
     assert len(after) == len(before)
 

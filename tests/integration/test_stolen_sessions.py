@@ -80,17 +80,15 @@ def did_of(access_token: str) -> str:
 
 
 async def trusted_devices(iam: RunningService, user_id: str) -> set[str]:
-    assert iam.app.db is not None
-    assert iam.app.sessions is not None
     now = iam.app.clock.now()
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         links = await tx.devices.links_of(user_id)
     return {
         link.device_id
         for link in links
         if link.trusted_at is not None
         and (link.trust_revoked_at is None or link.trust_revoked_at < link.trusted_at)
-        and link.last_seen_at + iam.app.sessions.trust_idle > now
+        and link.last_seen_at + iam.app.components.sessions.trust_idle > now
     }
 
 
@@ -137,8 +135,7 @@ async def test_an_approval_on_the_phone_is_collected_only_by_the_device_that_rai
     assert collected.WhichOneof("result") == "session"
     assert collected.session.session_id == owner.session_id
     assert collected.session.device_id not in ("", owner.device_id)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         session = await tx.sessions.get(owner.session_id)
     assert session is not None
     assert session.device_id == collected.session.device_id
@@ -335,10 +332,9 @@ async def test_cleanup_between_the_theft_and_the_replay_still_ends_the_session(
     clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
     environ = {**own_database.environ, **NO_ANOMALY_CHECKS}
     async with running_service(tmp_path, environ, clock=clock) as iam, iam.channel() as channel:
-        assert iam.app.cleanup is not None
         tokens = token_pb2_grpc.TokenServiceStub(channel)
         _, owner = await new_session(iam.app, ip=HOME, user_agent=FIREFOX)
-        await iam.app.cleanup.run(lock=False)  # whatever the start left behind
+        await iam.app.components.cleanup.run(lock=False)  # whatever the start left behind
 
         clock.advance(timedelta(days=7) - timedelta(minutes=1))
         thief = client(ip=THIEF_IP, ua=CHROME, device_id=owner.device_id)
@@ -346,7 +342,7 @@ async def test_cleanup_between_the_theft_and_the_replay_still_ends_the_session(
         assert rotated.WhichOneof("result") == "session"
 
         clock.advance(timedelta(minutes=2))
-        removed = await iam.app.cleanup.run(lock=False)
+        removed = await iam.app.components.cleanup.run(lock=False)
         assert removed["refresh_tokens"] == 0
 
         status, details = await failure(
@@ -357,5 +353,5 @@ async def test_cleanup_between_the_theft_and_the_replay_still_ends_the_session(
         assert details.reason == "SESSION_REVOKED"
 
         clock.advance(timedelta(days=7) + timedelta(minutes=1))
-        removed = await iam.app.cleanup.run(lock=False)
+        removed = await iam.app.components.cleanup.run(lock=False)
         assert removed["refresh_tokens"] == 2

@@ -66,8 +66,7 @@ async def test_a_language_tag_longer_than_the_locale_column_is_passed_over(
     """Accept-Language keeps its first tag that can be stored (35 characters at most); a longer one
     is not a usable locale, so signup succeeds with the next tag or none."""
     session = await signup(stub, context=client(accept_language=accept_language))
-    assert iam.app.db is not None
-    async with iam.app.db.transaction(read_only=True) as tx:
+    async with iam.app.components.db.transaction(read_only=True) as tx:
         user = await tx.users.get(session.user_id)
     assert user is not None
     assert user.locale == stored
@@ -98,8 +97,7 @@ async def test_an_address_at_the_limit_in_its_ascii_form_is_stored_whole(
     assert parsed is not None
     assert len(parsed.norm) == 254
     session = await signup(stub, address)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction(read_only=True) as tx:
+    async with iam.app.components.db.transaction(read_only=True) as tx:
         user = await tx.users.get(session.user_id)
     assert user is not None
     assert (user.email, user.email_norm) == (parsed.display, parsed.norm)
@@ -125,8 +123,7 @@ async def test_a_version_number_longer_than_its_column_is_cut(
     """A User-Agent is never refused (2.1): a 40-digit version is kept as its first 16 digits, the
     width of devices.browser_major and os_major, and the device is stored with the whole agent."""
     session = await signup(stub, context=client(ua=agent))
-    assert iam.app.db is not None
-    async with iam.app.db.transaction(read_only=True) as tx:
+    async with iam.app.components.db.transaction(read_only=True) as tx:
         device = await tx.devices.get(session.device_id)
     assert device is not None
     assert (device.browser_family, device.browser_major, device.os_family, device.os_major) == stored

@@ -1,5 +1,5 @@
-"""The token system through the real server on both backends (issue 5;
-behaviour.md 1.2-1.6; security.md S19-S36)."""
+"""The token system through the real server on both backends (behaviour.md 1.2-1.6;
+security.md S19-S36)."""
 
 from __future__ import annotations
 
@@ -70,8 +70,7 @@ async def refresh_error(
 
 
 def signing_key(app: Application) -> Any:
-    assert app.keys is not None
-    key = app.keys.signing_key()
+    key = app.components.keys.signing_key()
     assert key is not None
     return key
 
@@ -348,9 +347,9 @@ async def test_the_grace_cache_holds_no_usable_token_in_clear(
     rotated = (
         await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token))
     ).session
-    assert iam.app.sessions is not None
-    assert iam.app.ephemeral is not None
-    sealed = await iam.app.ephemeral.get(f"rf:res:{{{iam.app.sessions.token_hash(session.refresh_token)}}}")
+    sealed = await iam.app.components.ephemeral.get(
+        f"rf:res:{{{iam.app.components.tokens.token_hash(session.refresh_token)}}}"
+    )
     assert sealed is not None
     assert len(sealed) > 100
     for secret in (rotated.refresh_token, rotated.access_token, rotated.refresh_token[5:]):
@@ -370,8 +369,7 @@ async def test_concurrent_refreshes_in_the_grace_window_converge(
     answers = await asyncio.gather(*(stub.Refresh(request) for _ in range(10)))
     assert len({a.session.refresh_token for a in answers}) == 1
     assert len({a.session.access_token for a in answers}) == 1
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         chain = await tx.sessions.tokens_of(session.session_id)
         live = await tx.sessions.get(session.session_id)
     assert [t.generation for t in chain] == [0, 1]
@@ -399,10 +397,8 @@ async def test_a_replay_after_the_grace_window_ends_the_session(
     )
     for token in (session.access_token, first.access_token):
         assert await verify_error(stub, token) == (grpc.StatusCode.UNAUTHENTICATED, "SESSION_REVOKED")
-    assert iam.app.db is not None
-    assert iam.app.audit is not None
-    await iam.app.audit.drain()
-    async with iam.app.db.transaction() as tx:
+    await iam.app.components.audit.drain()
+    async with iam.app.components.db.transaction() as tx:
         link = await tx.devices.get_link(user.id, session.device_id)
         stored = await tx.users.get(user.id)
         events = [e.type for e in await tx.audit.recent(user_id=user.id)]
@@ -425,9 +421,9 @@ async def test_a_rotated_token_within_grace_without_its_result_is_refused_harmle
     first = (
         await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token))
     ).session
-    assert iam.app.sessions is not None
-    assert iam.app.ephemeral is not None
-    await iam.app.ephemeral.delete(f"rf:res:{{{iam.app.sessions.token_hash(session.refresh_token)}}}")
+    await iam.app.components.ephemeral.delete(
+        f"rf:res:{{{iam.app.components.tokens.token_hash(session.refresh_token)}}}"
+    )
     assert (await refresh_error(stub, session.refresh_token))[:2] == (
         grpc.StatusCode.UNAUTHENTICATED,
         "TOKEN_INVALID",
@@ -443,8 +439,7 @@ async def test_stored_hashes_are_never_accepted_as_tokens(
 ) -> None:
     """Only a keyed hash is stored; presenting it (raw, hex, or with the prefix) is TOKEN_INVALID (S28)."""
     _, session = await new_session(iam.app)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         (row,) = await tx.sessions.tokens_of(session.session_id)
     assert session.refresh_token not in row.token_hash
     assert session.refresh_token[5:] not in row.token_hash
@@ -474,8 +469,7 @@ async def test_roles_are_read_at_every_mint_and_survive_rotation(
 ) -> None:
     """A role granted after sign-in appears at the next refresh, and stays through further rotations."""
     user, session = await new_session(iam.app)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.ensure_roles(["editor"], iam.app.clock.now())
         await tx.users.grant_role(user.id, "editor", "test", iam.app.clock.now())
     token = session.refresh_token
@@ -493,8 +487,7 @@ async def test_disabled_users_lose_refresh(
 ) -> None:
     """A disabled account's refresh answers SESSION_REVOKED."""
     user, session = await new_session(iam.app)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         await tx.users.set_status(user.id, "disabled", iam.app.clock.now())
     assert (await refresh_error(stub, session.refresh_token))[:2] == (
         grpc.StatusCode.UNAUTHENTICATED,
@@ -516,12 +509,11 @@ async def test_a_database_failure_during_rotation_leaves_nothing_half_written(
         )
     finally:
         iam.app.failpoints.disarm(failpoint)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         assert [t.state for t in await tx.sessions.tokens_of(session.session_id)] == ["active"]
-    assert iam.app.ephemeral is not None
-    assert iam.app.sessions is not None
-    await iam.app.ephemeral.delete(f"rf:res:{{{iam.app.sessions.token_hash(session.refresh_token)}}}")
+    await iam.app.components.ephemeral.delete(
+        f"rf:res:{{{iam.app.components.tokens.token_hash(session.refresh_token)}}}"
+    )
     rotated = (
         await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token))
     ).session
@@ -560,20 +552,20 @@ async def test_a_rolled_back_rotation_s_sealed_answer_is_never_served(
     """A rotation sealed its answer and rolled back; the next one committed but its answer was
     lost: a grace-window retry must not get the rolled-back pair (its tokens never existed)."""
     _, session = await new_session(iam.app)
-    assert iam.app.sessions is not None
-    assert iam.app.ephemeral is not None
-    key = f"rf:res:{{{iam.app.sessions.token_hash(session.refresh_token)}}}"
+    key = f"rf:res:{{{iam.app.components.tokens.token_hash(session.refresh_token)}}}"
     iam.app.failpoints.arm("refresh.before_commit", "raise")
     try:
         assert (await refresh_error(stub, session.refresh_token))[0] == grpc.StatusCode.INTERNAL
     finally:
         iam.app.failpoints.disarm("refresh.before_commit")
-    rolled_back = await iam.app.ephemeral.get(key)
+    rolled_back = await iam.app.components.ephemeral.get(key)
     assert rolled_back is not None
     committed = (
         await stub.Refresh(token_pb2.RefreshRequest(client=client(), refresh_token=session.refresh_token))
     ).session
-    await iam.app.ephemeral.set(key, rolled_back, timedelta(seconds=30))  # the committed answer is lost
+    await iam.app.components.ephemeral.set(
+        key, rolled_back, timedelta(seconds=30)
+    )  # the committed answer is lost
     assert (await refresh_error(stub, session.refresh_token))[:2] == (
         grpc.StatusCode.UNAUTHENTICATED,
         "TOKEN_INVALID",
@@ -672,8 +664,7 @@ async def test_revoking_someone_elses_session_changes_nothing(
 
 
 async def _user(iam: RunningService, user_id: str) -> Any:
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         return await tx.users.get(user_id)
 
 
@@ -693,8 +684,7 @@ async def test_revoke_all_sessions_keeps_the_current_one_when_asked(
     assert (
         await stub.VerifyAccessToken(token_pb2.VerifyAccessTokenRequest(access_token=current.access_token))
     ).user_id == user.id
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         links = {link.device_id: link for link in await tx.devices.links_of(user.id)}
     assert links[phone.device_id].trust_revoked_at is not None
     assert links[current.device_id].trust_revoked_at is None
@@ -764,13 +754,11 @@ async def test_revocations_survive_a_flushed_store(
         await auth_pb2_grpc.AuthServiceStub(channel).Logout(
             auth_pb2.LogoutRequest(client=client(), refresh_token=session.refresh_token)
         )
-    assert iam.app.ephemeral is not None
-    await iam.app.ephemeral.delete(sid_key(session.session_id))
+    await iam.app.components.ephemeral.delete(sid_key(session.session_id))
     assert (
         await stub.VerifyAccessToken(token_pb2.VerifyAccessTokenRequest(access_token=session.access_token))
     ).session_id
-    assert iam.app.denylist is not None
-    assert await iam.app.denylist.replay() >= 1
+    assert await iam.app.components.denylist.replay() >= 1
     assert await verify_error(stub, session.access_token) == (
         grpc.StatusCode.UNAUTHENTICATED,
         "SESSION_REVOKED",
@@ -783,8 +771,7 @@ async def test_single_tokens_can_be_revoked_by_jti(
     """A deny:jti entry makes that access token TOKEN_INVALID (refresh to get another)."""
     _, session = await new_session(iam.app)
     claims = jwt.decode(session.access_token, options={"verify_signature": False})
-    assert iam.app.denylist is not None
-    await iam.app.denylist.revoke_tokens([claims["jti"]])
+    await iam.app.components.denylist.revoke_tokens([claims["jti"]])
     assert await verify_error(stub, session.access_token) == (
         grpc.StatusCode.UNAUTHENTICATED,
         "TOKEN_INVALID",
@@ -817,8 +804,7 @@ async def test_tokens_survive_a_restart(backend: Backend, tmp_path: Path) -> Non
 async def test_sql_database_does_not_contain_refresh_tokens(iam: RunningService) -> None:
     """No column of refresh_tokens holds a token or a piece of it (S28)."""
     _, session = await new_session(iam.app)
-    assert iam.app.db is not None
-    async with iam.app.db.transaction() as tx:
+    async with iam.app.components.db.transaction() as tx:
         rows = (await tx.connection.execute(text("SELECT * FROM refresh_tokens"))).all()  # type: ignore[attr-defined]
     dump = repr(rows)
     assert session.refresh_token[5:20] not in dump

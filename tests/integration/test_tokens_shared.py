@@ -56,8 +56,7 @@ async def test_concurrent_refreshes_over_two_replicas_converge(
             answers = await asyncio.gather(*(stubs[i % 2].Refresh(request) for i in range(10)))
         assert len({x.session.refresh_token for x in answers}) == 1
         assert len({x.session.access_token for x in answers}) == 1
-        assert a.app.db is not None
-        async with a.app.db.transaction() as tx:
+        async with a.app.components.db.transaction() as tx:
             assert [t.generation for t in await tx.sessions.tokens_of(session.session_id)] == [0, 1]
 
 

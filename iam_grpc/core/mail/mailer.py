@@ -39,10 +39,6 @@ class Mailer:
         self._default_locale = default_locale
         self._wake = wake
 
-    def on_queued(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` after each commit that queued mail (the local sender)."""
-        self._wake = wake
-
     async def queue(
         self,
         tx: Transaction,

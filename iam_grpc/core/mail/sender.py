@@ -27,12 +27,13 @@ from collections import deque
 from collections.abc import Sequence
 from datetime import timedelta
 from email.message import EmailMessage
+from typing import Self
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.crypto import SealError, SecretMaterial
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import (
     Database,
     MailError,
@@ -57,7 +58,7 @@ class OutboxSender:
         renderer: MessageRenderer,
         material: SecretMaterial,
         clock: Clock,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         *,
         batch: int = 20,
         poll_interval: timedelta = timedelta(seconds=2),
@@ -90,6 +91,13 @@ class OutboxSender:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-sender")
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         """Finish the message in hand, stop claiming, and give back unfinished claims."""

@@ -30,9 +30,9 @@ from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.crypto import SecretMaterial
 from iam_grpc.core.ratelimit.groups import Group
 from iam_grpc.core.ratelimit.keys import parse_ip
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.errors import BackendUnavailable, RateLimited
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import LimiterStore
 from iam_grpc.storage.records import HitResult
 
@@ -83,7 +83,7 @@ class RateLimiter:
         groups: Mapping[str, Group],
         material: SecretMaterial,
         clock: Clock,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         fallback: LimiterStore | None = None,
         exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
         audit: AuditTrail | None = None,

@@ -19,10 +19,10 @@ import jwt
 from iam_grpc.clock import Clock
 from iam_grpc.core.crypto import constant_time_equal
 from iam_grpc.core.keys import KeyRing
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.core.tokens.denylist import DenyList
 from iam_grpc.errors import RoleRequired, SessionRevoked, TokenExpired, TokenInvalid
 from iam_grpc.ids import JTI, new_jti
-from iam_grpc.metrics import Metrics
 
 __all__ = ["AccessClaims", "AccessTokens", "MintedToken"]
 
@@ -79,7 +79,7 @@ class AccessTokens:
         keys: KeyRing,
         denylist: DenyList,
         clock: Clock,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         *,
         algorithm: str,
         issuer: str,

@@ -18,13 +18,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Literal
+from typing import Literal, Self
 
 from iam_grpc.clock import Clock
+from iam_grpc.core.telemetry import CoreMetrics
 from iam_grpc.core.tokens.revocation_cache import GENERATION_KEY, RevocationCache
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
-from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import DENY_TAG, Database, Ephemeral, Transaction
 
 __all__ = ["DenyList"]
@@ -55,7 +55,7 @@ class DenyList:
         ephemeral: Ephemeral,
         db: Database,
         clock: Clock,
-        metrics: Metrics,
+        metrics: CoreMetrics,
         *,
         access_ttl: timedelta,
         leeway: timedelta,
@@ -216,3 +216,10 @@ class DenyList:
 
     async def close(self) -> None:
         await self.cache.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -65,7 +65,7 @@ def _index(table: str, *columns: str) -> None:
     op.create_index(f"ix_{table}_{'_'.join(columns)}", table, list(columns))
 
 
-def upgrade() -> None:
+def _users() -> None:
     op.create_table(
         "users",
         sa.Column("id", _key(), nullable=False),
@@ -92,6 +92,8 @@ def upgrade() -> None:
     )
     _index("users", "status")
 
+
+def _roles() -> None:
     op.create_table(
         "roles",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -103,6 +105,8 @@ def upgrade() -> None:
         **_TABLE,
     )
 
+
+def _user_roles() -> None:
     op.create_table(
         "user_roles",
         sa.Column("user_id", _key(), nullable=False),
@@ -120,6 +124,8 @@ def upgrade() -> None:
     )
     _index("user_roles", "role_id")
 
+
+def _devices() -> None:
     op.create_table(
         "devices",
         sa.Column("id", _key(), nullable=False),
@@ -138,6 +144,8 @@ def upgrade() -> None:
     )
     _index("devices", "last_seen_at")
 
+
+def _user_devices() -> None:
     op.create_table(
         "user_devices",
         sa.Column("user_id", _key(), nullable=False),
@@ -168,6 +176,8 @@ def upgrade() -> None:
     _index("user_devices", "device_id")
     _index("user_devices", "user_id", "last_seen_at")
 
+
+def _sessions() -> None:
     op.create_table(
         "sessions",
         sa.Column("id", _key(), nullable=False),
@@ -201,6 +211,8 @@ def upgrade() -> None:
     _index("sessions", "absolute_expires_at")
     _index("sessions", "revoked_at")
 
+
+def _refresh_tokens() -> None:
     op.create_table(
         "refresh_tokens",
         sa.Column("id", _long_id(), autoincrement=True, nullable=False),
@@ -224,6 +236,8 @@ def upgrade() -> None:
     _index("refresh_tokens", "session_id", "created_at")
     _index("refresh_tokens", "state", "expires_at")
 
+
+def _signing_keys() -> None:
     op.create_table(
         "signing_keys",
         sa.Column("kid", _ascii(64), nullable=False),
@@ -241,6 +255,8 @@ def upgrade() -> None:
     )
     _index("signing_keys", "activate_at")
 
+
+def _email_outbox() -> None:
     op.create_table(
         "email_outbox",
         sa.Column("id", _long_id(), autoincrement=True, nullable=False),
@@ -270,6 +286,8 @@ def upgrade() -> None:
     _index("email_outbox", "recipient_h", "created_at")
     _index("email_outbox", "status", "priority", "next_attempt_at")
 
+
+def _audit_events() -> None:
     op.create_table(
         "audit_events",
         sa.Column("id", _long_id(), autoincrement=True, nullable=False),
@@ -289,6 +307,20 @@ def upgrade() -> None:
     _index("audit_events", "occurred_at")
     _index("audit_events", "type", "occurred_at")
     _index("audit_events", "user_id", "occurred_at")
+
+
+def upgrade() -> None:
+    # Parents before the tables whose foreign keys name them.
+    _users()
+    _roles()
+    _user_roles()
+    _devices()
+    _user_devices()
+    _sessions()
+    _refresh_tokens()
+    _signing_keys()
+    _email_outbox()
+    _audit_events()
 
 
 def downgrade() -> None:
