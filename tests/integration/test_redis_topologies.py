@@ -119,8 +119,8 @@ async def test_signup_login_refresh_verify_logout(
         await auth.Logout(auth_pb2.LogoutRequest(client=client(), refresh_token=first.refresh_token))
         assert await verify(channel, first.access_token) == "SESSION_REVOKED"
         assert await verify(channel, session.access_token) == "OK"
-        assert iam.app.denylist is not None
-        assert iam.app.denylist.cache.trusted
+        assert iam.app.components.denylist is not None
+        assert iam.app.components.denylist.cache.trusted
         assert store_failures(iam.app) == 0
         prefix = env["IAM_REDIS__KEY_PREFIX"]
         if isinstance(deployment, LocalCluster):
@@ -187,8 +187,8 @@ async def test_revocations_survive_a_restart_of_the_node_holding_the_deny_list(
             assert await verify(on_b, alive.access_token) == "OK"
         assert set(seen) == {"SESSION_REVOKED"}, seen
         for replica in (a, b):
-            assert replica.app.denylist is not None
-            assert replica.app.denylist.cache.trusted
+            assert replica.app.components.denylist is not None
+            assert replica.app.components.denylist.cache.trusted
         assert a.app.ephemeral is not None
         assert await a.app.ephemeral.exists([sid_key(ended.session_id)]) == [True]
 
@@ -320,8 +320,8 @@ async def test_a_refresh_chain_goes_on_through_a_sentinel_failover(
             assert last.WhichOneof("result") == "session"
             assert await verify(on_a, last.session.access_token) == "OK"
             for replica in (a, b):
-                assert replica.app.denylist is not None
-                assert replica.app.denylist.cache.trusted
+                assert replica.app.components.denylist is not None
+                assert replica.app.components.denylist.cache.trusted
                 assert replica.app.ephemeral is not None
                 assert isinstance(replica.app.ephemeral, RedisEphemeral)
                 assert replica.app.ephemeral.server_id == run_id(redis_sentinel.master_port())
@@ -373,8 +373,8 @@ async def test_a_failover_to_a_replica_that_lost_writes_rebuilds_the_deny_list(
                 >= 1
             )
             for app in (a.app, b.app):
-                assert app.denylist is not None
-                assert app.denylist.cache.trusted
+                assert app.components.denylist is not None
+                assert app.components.denylist.cache.trusted
     finally:
         cli(replica, "config", "set", "replica-read-only", "yes")
         redis_sentinel.settle()
