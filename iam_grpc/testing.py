@@ -4,28 +4,49 @@ test's event loop, on free ports, against a throw-away data directory.
     async with running_service(tmp_path) as iam:
         async with iam.channel() as channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
-            ...
+            with capture_audit(iam) as events:
+                ...                                   # events committed meanwhile
+            with capture_outbox(iam) as mails:
+                ...                                   # a login from a new device
+            code = mails[-1].params["code"]           # the code the user would read
 
 Nothing here is mocked: it is the same server ``iam-grpc serve`` runs.
+:data:`CHEAPEST_ARGON2` is argon2-cffi's cheapest profile, for unit tests of code
+that hashes passwords itself (the service refuses parameters below its floor).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
+from argon2.profiles import CHEAPEST
 
 from iam_grpc.app import Application
 from iam_grpc.clock import Clock
 from iam_grpc.config import Settings, load_settings
+from iam_grpc.core.mail.mailer import QueuedMail
 from iam_grpc.status import ErrorDetails, error_details  # re-exported for tests
+from iam_grpc.storage.records import AuditEvent
 
-__all__ = ["ErrorDetails", "RunningService", "error_details", "running_service", "service_settings"]
+__all__ = [
+    "CHEAPEST_ARGON2",
+    "ErrorDetails",
+    "QueuedMail",
+    "RunningService",
+    "capture_audit",
+    "capture_outbox",
+    "error_details",
+    "running_service",
+    "service_settings",
+]
+
+CHEAPEST_ARGON2 = CHEAPEST  # argon2.profiles.CHEAPEST: 8 KiB, one pass; never for real passwords
 
 
 def service_settings(data_dir: Path, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -76,3 +97,29 @@ async def running_service(
         yield RunningService(app)
     finally:
         await app.stop(drain_delay=timedelta(0), grace=timedelta(seconds=1))
+
+
+@contextmanager
+def capture_audit(service: RunningService) -> Iterator[list[AuditEvent]]:
+    """The audit events committed while the block runs, in commit order (as structlog's
+    ``capture_logs`` does for log lines). Events recorded in the background
+    (``record_soon``) land once their transaction commits: await the call that raised them."""
+    captured: list[AuditEvent] = []
+    stop = service.app.components.audit.listen(captured.append)
+    try:
+        yield captured
+    finally:
+        stop()
+
+
+@contextmanager
+def capture_outbox(service: RunningService) -> Iterator[list[QueuedMail]]:
+    """The emails queued while the block runs, once their transaction has committed, with
+    their secrets (``code``, ``link``) opened: what the recipient would read. The outbox
+    itself erases secrets once a message is sent; this keeps them in memory for the test."""
+    captured: list[QueuedMail] = []
+    stop = service.app.components.mailer.listen(captured.append)
+    try:
+        yield captured
+    finally:
+        stop()

@@ -5,6 +5,7 @@ transaction has committed, so a rollback leaves no trace in either."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, Self
@@ -30,6 +31,14 @@ class AuditTrail:
         self._material = material
         self._pending: set[asyncio.Task[None]] = set()
         self._caller = caller  # fixed caller for events outside RPCs (e.g. "cli")
+        self._listeners: list[Callable[[AuditEvent], None]] = []
+
+    def listen(self, listener: Callable[[AuditEvent], None]) -> Callable[[], None]:
+        """Call ``listener`` with every event once its transaction has committed (in commit
+        order, in the event loop); returns the function that stops it. For
+        :func:`iam_grpc.testing.capture_audit`: a listener must not raise or block."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     def event(
         self,
@@ -140,6 +149,8 @@ class AuditTrail:
             own.after_commit(lambda: self._emit(event))
 
     def _emit(self, event: AuditEvent) -> None:
+        for listener in self._listeners:
+            listener(event)
         log.bind(
             type=event.type,
             outcome=event.outcome,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.crypto import SecretMaterial
@@ -18,9 +20,26 @@ from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Transaction
 from iam_grpc.storage.records import OutboxMessage
 
-__all__ = ["Mailer"]
+__all__ = ["Mailer", "QueuedMail"]
 
 log = component_logger("iam.mail")
+
+
+def _tell(listeners: list[Callable[[QueuedMail], None]], mail: QueuedMail) -> None:
+    for listener in listeners:
+        listener(mail)
+
+
+@dataclass(frozen=True)
+class QueuedMail:
+    """One queued email as its recipient would read it: plain parameters and secrets
+    (``code``, ``link``...) together."""
+
+    id: int
+    kind: str
+    to: str
+    status: str
+    params: Mapping[str, str]
 
 
 class Mailer:
@@ -38,6 +57,14 @@ class Mailer:
         self._clock = clock
         self._default_locale = default_locale
         self._wake = wake
+        self._listeners: list[Callable[[QueuedMail], None]] = []
+
+    def listen(self, listener: Callable[[QueuedMail], None]) -> Callable[[], None]:
+        """Call ``listener`` with every email once the transaction that queued it has committed,
+        secrets included, in memory only; returns the function that stops it. For
+        :func:`iam_grpc.testing.capture_outbox`: a listener must not raise or block."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     async def queue(
         self,
@@ -107,4 +134,9 @@ class Mailer:
         log.bind(kind=kind, recipient_h=message.recipient_h[:12], status=status).info("mail queued")
         if status == "pending" and self._wake is not None:
             tx.after_commit(self._wake)
+        if self._listeners:
+            queued = QueuedMail(
+                message_id, kind, to, status, {**{k: str(v) for k, v in plain.items()}, **sealed}
+            )
+            tx.after_commit(partial(_tell, list(self._listeners), queued))
         return message_id
