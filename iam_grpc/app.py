@@ -34,7 +34,7 @@ from iam_grpc.health import Readiness
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
 from iam_grpc.ops_http import OpsHttpServer
-from iam_grpc.ops_routes import ops_routes
+from iam_grpc.ops_routes import Discovery, ops_routes
 from iam_grpc.scheduler import Scheduler
 from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
 from iam_grpc.server import ListenError, build_server, served_services
@@ -190,6 +190,14 @@ class Application:
             log.bind(error=exc.summary).warning("mail transport not reachable; mail waits in the outbox")
         return c
 
+    def _ops_base_url(self) -> str:
+        """``http.public_url``, else where the ops listener listens (a wildcard host as localhost)."""
+        s = self.settings.http
+        if s.public_url:
+            return s.public_url
+        host = "localhost" if s.host in ("", "0.0.0.0", "::", "[::]") else s.host  # noqa: S104
+        return "http://" + join_host_port(host, self.http.port if self.http else s.port)
+
     async def _serve(self, stack: AsyncExitStack, c: Components) -> None:
         """Step 6: the ops listener, the outbox sender, the gRPC server, the background jobs, then
         SERVING. Closing runs it backwards: jobs stop, health drains, the server lets calls finish,
@@ -199,7 +207,8 @@ class Application:
         if s.http.enabled:
             # Pre-forked worker k listens on http.port + k - 1, so each can be scraped on its own.
             port = s.http.port + self.worker - 1 if self.worker and s.http.port else s.http.port
-            routes = ops_routes(self.readiness, self.metrics, c.keys, s.keys.jwks_max_age)
+            discovery = Discovery(s.tokens.issuer, s.tokens.algorithm, self._ops_base_url)
+            routes = ops_routes(self.readiness, self.metrics, c.keys, s.keys.jwks_max_age, discovery)
             try:
                 self.http = await stack.enter_async_context(OpsHttpServer(routes, s.http.host, port))
             except OSError:

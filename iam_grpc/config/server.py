@@ -53,8 +53,22 @@ class HttpSettings(SettingsGroup):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8081, ge=0, le=65535)
+    # how clients reach the ops listener (the discovery document's jwks_uri); default: its address
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not _PUBLIC_URL.match(value):
+            raise ValueError(
+                "an http(s) URL without query, fragment or credentials, e.g. https://iam.example"
+            )
+        return value.rstrip("/")
 
 
+_PUBLIC_URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*)?\Z")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 _CALLER_ID = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _METHOD = re.compile(r"^(\*|[A-Za-z0-9_.]+/(\*|[A-Za-z0-9_]+))\Z")
