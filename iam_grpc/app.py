@@ -40,6 +40,7 @@ from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
 from iam_grpc.server import ListenError, build_server, served_services
 from iam_grpc.storage.ports import MailError
 from iam_grpc.storage.sql.database import SqlDatabase
+from iam_grpc.tracing import MissingExtra, Tracing, open_tracing
 from iam_grpc.wiring import Components, StartupError, build_components, open_database, open_stores
 from iam_grpc.wiring.builders import build_keys, load_keys
 
@@ -190,6 +191,13 @@ class Application:
             log.bind(error=exc.summary).warning("mail transport not reachable; mail waits in the outbox")
         return c
 
+    def _open_tracing(self, c: Components) -> Tracing | None:
+        redis = c.stores.redis.client if c.stores.redis is not None else None
+        try:
+            return open_tracing(self.settings.tracing, c.db.statement_engines, redis)
+        except MissingExtra as exc:
+            raise StartupError(f"tracing.enabled (IAM_TRACING__ENABLED): {exc}") from None
+
     def _ops_base_url(self) -> str:
         """``http.public_url``, else where the ops listener listens (a wildcard host as localhost)."""
         s = self.settings.http
@@ -217,8 +225,13 @@ class Application:
                     f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {where}"
                 ) from None
         await stack.enter_async_context(c.sender)
+        tracing = self._open_tracing(c)
+        if tracing is not None:
+            stack.callback(tracing.close)
         try:
-            self.server, self.grpc_port = build_server(c, self.readiness.servicer)
+            self.server, self.grpc_port = build_server(
+                c, self.readiness.servicer, tracing.interceptors() if tracing else ()
+            )
         except ListenError as exc:
             raise StartupError(str(exc)) from None
         stack.push_async_callback(self._stop_server, self.server)

@@ -54,8 +54,8 @@ class ForwardedCertificate:
 
     pairs: tuple[tuple[str, str], ...]
 
-    def values(self, key: str) -> list[str]:
-        return [value for name, value in self.pairs if name == key]
+    def values(self, field: str) -> list[str]:
+        return [value for name, value in self.pairs if name == field]
 
     @property
     def spiffe_ids(self) -> list[str]:
