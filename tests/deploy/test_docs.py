@@ -125,7 +125,10 @@ def shipped_blocks(doc: Path) -> dict[str, str]:
 def test_the_inlined_configurations_are_the_shipped_files() -> None:
     """The Envoy (and Istio) configurations the docs print are byte for byte the files under
     deploy/ that tests/integration/test_mesh.py runs in a real Envoy."""
-    blocks = {**shipped_blocks(ROOT / "docs" / "clients.md"), **shipped_blocks(ROOT / "docs" / "deployment.md")}
+    blocks = {
+        **shipped_blocks(ROOT / "docs" / "clients.md"),
+        **shipped_blocks(ROOT / "docs" / "deployment.md"),
+    }
     assert {"deploy/envoy/jwt_authn.yaml", "deploy/envoy/ext_authz.yaml"} <= set(blocks)
     for path, block in blocks.items():
         assert block == (ROOT / path).read_text(), path
