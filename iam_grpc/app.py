@@ -34,12 +34,13 @@ from iam_grpc.health import Readiness
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
 from iam_grpc.ops_http import OpsHttpServer
-from iam_grpc.ops_routes import ops_routes
+from iam_grpc.ops_routes import Discovery, ops_routes
 from iam_grpc.scheduler import Scheduler
 from iam_grpc.secret_material import ResolvedSecrets, resolve_secrets
 from iam_grpc.server import ListenError, build_server, served_services
 from iam_grpc.storage.ports import MailError
 from iam_grpc.storage.sql.database import SqlDatabase
+from iam_grpc.tracing import MissingExtra, Tracing, open_tracing
 from iam_grpc.wiring import Components, StartupError, build_components, open_database, open_stores
 from iam_grpc.wiring.builders import build_keys, load_keys
 
@@ -190,6 +191,21 @@ class Application:
             log.bind(error=exc.summary).warning("mail transport not reachable; mail waits in the outbox")
         return c
 
+    def _open_tracing(self, c: Components) -> Tracing | None:
+        redis = c.stores.redis.client if c.stores.redis is not None else None
+        try:
+            return open_tracing(self.settings.tracing, c.db.statement_engines, redis)
+        except MissingExtra as exc:
+            raise StartupError(f"tracing.enabled (IAM_TRACING__ENABLED): {exc}") from None
+
+    def _ops_base_url(self) -> str:
+        """``http.public_url``, else where the ops listener listens (a wildcard host as localhost)."""
+        s = self.settings.http
+        if s.public_url:
+            return s.public_url
+        host = "localhost" if s.host in ("", "0.0.0.0", "::", "[::]") else s.host  # noqa: S104
+        return "http://" + join_host_port(host, self.http.port if self.http else s.port)
+
     async def _serve(self, stack: AsyncExitStack, c: Components) -> None:
         """Step 6: the ops listener, the outbox sender, the gRPC server, the background jobs, then
         SERVING. Closing runs it backwards: jobs stop, health drains, the server lets calls finish,
@@ -199,7 +215,8 @@ class Application:
         if s.http.enabled:
             # Pre-forked worker k listens on http.port + k - 1, so each can be scraped on its own.
             port = s.http.port + self.worker - 1 if self.worker and s.http.port else s.http.port
-            routes = ops_routes(self.readiness, self.metrics, c.keys, s.keys.jwks_max_age)
+            discovery = Discovery(s.tokens.issuer, s.tokens.algorithm, self._ops_base_url)
+            routes = ops_routes(self.readiness, self.metrics, c.keys, s.keys.jwks_max_age, discovery)
             try:
                 self.http = await stack.enter_async_context(OpsHttpServer(routes, s.http.host, port))
             except OSError:
@@ -208,8 +225,13 @@ class Application:
                     f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {where}"
                 ) from None
         await stack.enter_async_context(c.sender)
+        tracing = self._open_tracing(c)
+        if tracing is not None:
+            stack.callback(tracing.close)
         try:
-            self.server, self.grpc_port = build_server(c, self.readiness.servicer)
+            self.server, self.grpc_port = build_server(
+                c, self.readiness.servicer, tracing.interceptors() if tracing else ()
+            )
         except ListenError as exc:
             raise StartupError(str(exc)) from None
         stack.push_async_callback(self._stop_server, self.server)

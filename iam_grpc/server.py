@@ -158,17 +158,24 @@ def interceptor_chain(
     ]
 
 
-def build_server(components: Components, health: health_aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+def build_server(
+    components: Components,
+    health: health_aio.HealthServicer,
+    outer: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> tuple[grpc.aio.Server, int]:
     """Create the server with every service registered over ``components`` and bind its port
-    (returned)."""
+    (returned). ``outer`` interceptors run first (tracing: the RPC's span around everything)."""
     settings = components.settings
     hooks: list[RequestInterceptor] = [RateLimitInterceptor(components.limiter)]
     if components.failpoints.enabled:
         hooks.append(FailpointInterceptor(components.failpoints))
     server = grpc.aio.server(
-        interceptors=interceptor_chain(
-            settings, components.metrics, hooks, audit=components.audit, ephemeral=components.ephemeral
-        ),
+        interceptors=[
+            *outer,
+            *interceptor_chain(
+                settings, components.metrics, hooks, audit=components.audit, ephemeral=components.ephemeral
+            ),
+        ],
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )

@@ -36,7 +36,13 @@ from iam_grpc.config.flows import (
     StepUpSettings,
 )
 from iam_grpc.config.mail import MailSettings, SmtpSettings
-from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
+from iam_grpc.config.ops import (
+    AuditSettings,
+    CleanupSettings,
+    LoggingSettings,
+    ShutdownSettings,
+    TracingSettings,
+)
 from iam_grpc.config.production import production_refusals
 from iam_grpc.config.security import ARGON2_FLOOR, HibpSettings, PasswordsSettings, SecretsSettings
 from iam_grpc.config.server import (
@@ -112,6 +118,7 @@ __all__ = [
     "StepUpSettings",
     "TlsSettings",
     "TokensSettings",
+    "TracingSettings",
     "UaSettings",
     "join_host_port",
     "load_settings",

@@ -1,4 +1,4 @@
-"""Operations: logging, audit retention, the periodic cleanup, shutdown."""
+"""Operations: logging, audit retention, the periodic cleanup, shutdown, tracing."""
 
 from __future__ import annotations
 
@@ -39,3 +39,22 @@ class CleanupSettings(SettingsGroup):
 class ShutdownSettings(SettingsGroup):
     drain_delay: Duration = timedelta(seconds=5)
     grace: Duration = timedelta(seconds=20)
+
+
+class TracingSettings(SettingsGroup):
+    """OpenTelemetry traces (the ``otel`` extra): off by default; with no endpoint, spans only
+    give every log line of a call its ``trace_id``."""
+
+    enabled: bool = False
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317 (OTLP over gRPC)
+    service_name: str = Field(default="iam-grpc", min_length=1, max_length=128)
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)  # of traces started here
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("http://", "https://")) or any(c.isspace() for c in value):
+            raise ValueError("an http:// or https:// URL of an OTLP/gRPC collector")
+        return value

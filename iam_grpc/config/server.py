@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
 from iam_grpc.config.values import Duration, SettingsGroup
 
@@ -53,11 +53,27 @@ class HttpSettings(SettingsGroup):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8081, ge=0, le=65535)
+    # how clients reach the ops listener (the discovery document's jwks_uri); default: its address
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not _PUBLIC_URL.match(value):
+            raise ValueError(
+                "an http(s) URL without query, fragment or credentials, e.g. https://iam.example"
+            )
+        return value.rstrip("/")
 
 
+_PUBLIC_URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*)?\Z")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 _CALLER_ID = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _METHOD = re.compile(r"^(\*|[A-Za-z0-9_.]+/(\*|[A-Za-z0-9_]+))\Z")
+# SPIFFE ID (spiffe.io standard): lower-case trust domain, then a path of unreserved characters
+_SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]{1,255}(/[A-Za-z0-9._-]+)+\Z")
 
 
 class CallerSettings(SettingsGroup):
@@ -65,6 +81,7 @@ class CallerSettings(SettingsGroup):
 
     api_key_sha256: list[str] = Field(default=[], max_length=2)
     cert_sans: list[str] = []
+    spiffe_ids: list[str] = []  # forwarded by a trusted proxy in x-forwarded-client-cert
     methods: list[str] = Field(default=[], min_length=1)
     trust_client_ip: bool = False
 
@@ -76,6 +93,13 @@ class CallerSettings(SettingsGroup):
             raise ValueError("each entry must be a SHA-256 hex digest (64 hex characters)")
         return out
 
+    @field_validator("spiffe_ids")
+    @classmethod
+    def _spiffe(cls, value: list[str]) -> list[str]:
+        if not all(_SPIFFE_ID.match(item) for item in value):
+            raise ValueError("entries must be SPIFFE ids, spiffe://<trust domain>/<path>")
+        return value
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
@@ -86,8 +110,8 @@ class CallerSettings(SettingsGroup):
 
     @model_validator(mode="after")
     def _credential(self) -> Self:
-        if not self.api_key_sha256 and not self.cert_sans:
-            raise ValueError("a caller needs api_key_sha256 or cert_sans")
+        if not self.api_key_sha256 and not self.cert_sans and not self.spiffe_ids:
+            raise ValueError("a caller needs api_key_sha256, cert_sans or spiffe_ids")
         return self
 
 
@@ -100,6 +124,8 @@ class CallersSettings(BaseModel):
     allow_unauthenticated: bool = False
     allow_unauthenticated_loopback: bool = True
     unauthenticated_trust_client_ip: bool = False  # for callers admitted by allow_unauthenticated
+    # peers (addresses or CIDRs) whose x-forwarded-client-cert header is believed; default none
+    trusted_proxies: list[IPvAnyNetwork] = Field(default=[], max_length=64)
 
     @model_validator(mode="after")
     def _ids(self) -> Self:

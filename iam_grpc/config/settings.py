@@ -27,7 +27,13 @@ from iam_grpc.config.flows import (
     StepUpSettings,
 )
 from iam_grpc.config.mail import MailSettings
-from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
+from iam_grpc.config.ops import (
+    AuditSettings,
+    CleanupSettings,
+    LoggingSettings,
+    ShutdownSettings,
+    TracingSettings,
+)
 from iam_grpc.config.security import HibpSettings, PasswordsSettings, SecretsSettings
 from iam_grpc.config.server import CallersSettings, ExtAuthzSettings, HttpSettings, ServerSettings
 from iam_grpc.config.sessions import (
@@ -101,6 +107,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     cleanup: CleanupSettings = CleanupSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @model_validator(mode="before")
     @classmethod

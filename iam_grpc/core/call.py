@@ -22,7 +22,7 @@ class Caller:
     id: str
     methods: tuple[str, ...]
     trust_client_ip: bool
-    via: str  # api_key, mtls, loopback, unauthenticated
+    via: str  # api_key, mtls, xfcc, loopback, unauthenticated
 
     def may_call(self, method: str) -> bool:
         name = method.lstrip("/")

@@ -4,8 +4,9 @@ may it call this method?
 A caller proves itself with an API key in metadata ``x-iam-api-key`` (hashed
 and compared in constant time with every configured digest) or, when the
 server runs mTLS, with a certificate whose subject alternative name is
-configured. Without a credential, a call is accepted only where the
-configuration allows it: from loopback in embedded mode, or anywhere with
+configured, or, behind a trusted proxy, with the SPIFFE id the proxy forwards in
+``x-forwarded-client-cert`` (``iam_grpc.interceptors.xfcc``). Without a credential, a call is
+accepted only where the configuration allows it: from loopback in embedded mode, or anywhere with
 ``callers.allow_unauthenticated``.
 """
 
@@ -26,6 +27,7 @@ from iam_grpc.core.call import Caller, current_call
 from iam_grpc.core.ratelimit.keys import ip_key
 from iam_grpc.errors import BackendUnavailable, CallerForbidden, CallerUnknown
 from iam_grpc.interceptors.base import Behaviour, Context, Handler, UnaryInterceptor, is_exempt
+from iam_grpc.interceptors.xfcc import MalformedXfcc, TrustedProxies, forwarded_caller
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
 from iam_grpc.storage.ports import Ephemeral
@@ -46,6 +48,7 @@ class CallerRegistry:
     ) -> None:
         self._digests: list[tuple[bytes, Caller]] = []
         self._sans: dict[str, Caller] = {}
+        self._spiffe: dict[str, Caller] = {}
         for caller_id, entry in sorted(settings.entries.items()):
             methods = tuple(entry.methods)
             for digest in entry.api_key_sha256:
@@ -54,6 +57,9 @@ class CallerRegistry:
                 )
             for san in entry.cert_sans:
                 self._sans[san] = Caller(caller_id, methods, entry.trust_client_ip, "mtls")
+            for spiffe_id in entry.spiffe_ids:
+                self._spiffe[spiffe_id] = Caller(caller_id, methods, entry.trust_client_ip, "xfcc")
+        self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         self._allow_anyone = settings.allow_unauthenticated
         # Judged by where the server listens, not only by the peer: behind a proxy or sidecar in the
         # same network namespace (Envoy, Istio's 127.0.0.6) every remote client has a loopback peer.
@@ -62,7 +68,7 @@ class CallerRegistry:
 
     @property
     def configured(self) -> bool:
-        return bool(self._digests or self._sans)
+        return bool(self._digests or self._sans or self._spiffe)
 
     def by_api_key(self, key: str) -> Caller | None:
         presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
@@ -78,6 +84,9 @@ class CallerRegistry:
             if caller is not None:
                 return caller
         return None
+
+    def by_spiffe_id(self, spiffe_id: str) -> Caller | None:
+        return self._spiffe.get(spiffe_id)
 
     def anonymous(self, peer_ip: str | None, unix_socket: bool) -> Caller | None:
         if self._allow_loopback and (unix_socket or _is_loopback(peer_ip)):
@@ -184,6 +193,18 @@ class CallerAuthInterceptor(UnaryInterceptor):
             if caller is None:
                 raise CallerUnknown()
             return caller
+        try:  # a trusted proxy's XFCC header, once present, decides alone
+            forwarded = forwarded_caller(
+                context.invocation_metadata() or (),
+                call.peer_ip if call else None,
+                self._registry.trusted_proxies,
+                self._registry.by_spiffe_id,
+            )
+        except (MalformedXfcc, LookupError) as refused:
+            log.bind(problem=str(refused)).warning("forwarded client certificate refused")
+            raise CallerUnknown() from None
+        if forwarded is not None:
+            return forwarded
         names = _certificate_names(context)
         if names:
             caller = self._registry.by_certificate(names)

@@ -108,3 +108,27 @@ def test_the_jwt_authn_example_is_a_complete_envoy_config(tmp_path: Path) -> Non
     router = example.index("          - name: envoy.filters.http.router")
     broken = example[:router] + example[example.index("  clusters:") :]
     assert envoy_validate(broken, tmp_path).returncode != 0
+
+
+def shipped_blocks(doc: Path) -> dict[str, str]:
+    """Each fenced block that a paragraph introduces as a shipped file ("[`deploy/…`](…) (the
+    block below is that file"), keyed by that file."""
+    text = doc.read_text()
+    out: dict[str, str] = {}
+    for match in re.finditer(r"\[`(deploy/[^`]+)`\]\([^)]*\) \(the\s+block\s+below\s+is\s+that\s+file", text):
+        start = text.index("\n```", match.end())
+        body_start = text.index("\n", start + 1) + 1
+        out[match.group(1)] = text[body_start : text.index("```\n", body_start)]
+    return out
+
+
+def test_the_inlined_configurations_are_the_shipped_files() -> None:
+    """The Envoy (and Istio) configurations the docs print are byte for byte the files under
+    deploy/ that tests/integration/test_mesh.py runs in a real Envoy."""
+    blocks = {
+        **shipped_blocks(ROOT / "docs" / "clients.md"),
+        **shipped_blocks(ROOT / "docs" / "deployment.md"),
+    }
+    assert {"deploy/envoy/jwt_authn.yaml", "deploy/envoy/ext_authz.yaml"} <= set(blocks)
+    for path, block in blocks.items():
+        assert block == (ROOT / path).read_text(), path

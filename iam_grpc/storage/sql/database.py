@@ -297,6 +297,11 @@ class SqlDatabase:
         # MySQL only: SQLite is a local file, with nothing to wait for.
         self.breaker = Breaker("sql", self.ping) if self._dialect == "mysql" else None
 
+    @property
+    def statement_engines(self) -> tuple[Engine, ...]:
+        """The engines that run statements (for instrumentation): SQLite's inline one too."""
+        return (self.engine.sync_engine,) if self._inline is None else (self._inline, self.engine.sync_engine)
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SqlDatabase:
         on_statement = options.pop("on_statement", None)
