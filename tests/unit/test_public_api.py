@@ -19,10 +19,15 @@ def test_package_exports() -> None:
 
 
 def test_testing_helpers_exports() -> None:
-    """iam_grpc.testing ships the in-process service and error decoding."""
+    """iam_grpc.testing ships the in-process service, error decoding, captures of the audit
+    events and mails a block caused, and argon2-cffi's cheapest profile."""
     assert sorted(iam_grpc.testing.__all__) == [
+        "CHEAPEST_ARGON2",
         "ErrorDetails",
+        "QueuedMail",
         "RunningService",
+        "capture_audit",
+        "capture_outbox",
         "error_details",
         "running_service",
         "service_settings",
