@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install node run test test-unit test-deploy fuzz fuzz-fields fuzz-sessions faults check lint typecheck proto proto-check buf bench services clean
+.PHONY: install node run test test-all test-unit test-deploy fuzz fuzz-fields fuzz-sessions faults check lint typecheck proto proto-check buf bench services clean
 
 install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
@@ -39,14 +39,24 @@ $(CHECKOV_STAMP): constraints-checkov.txt
 run: $(STAMP)
 	$(BIN)/iam-grpc serve
 
+# The suite in two passes: everything but the `serial` tests on TEST_WORKERS processes
+# (pytest-xdist, one test file per worker at a time), then the serial ones alone (they
+# measure time or start servers of their own; tests/conftest.py lists them).
+# The fault suite and the deployment material have targets of their own (.ci/run calls them).
+TEST_WORKERS ?= 2
+SUITE := tests/unit tests/integration tests/e2e
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(SUITE)
+	$(BIN)/python -m pytest -m serial $(SUITE)
+
+# Everything CI runs: the suite, the fault suite, the deployment material.
+test-all: test faults test-deploy
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
 
 # Kubernetes manifests (rendered, schema-validated, scanned by checkov, started for real),
-# the Dockerfile (hadolint) and the Grafana dashboard; part of `make test` too.
+# the Dockerfile (hadolint), the Istio recipe and the Grafana dashboard.
 test-deploy: install
 	$(BIN)/python -m pytest tests/deploy
 
@@ -58,7 +68,7 @@ fuzz-fields: install
 	FUZZ_FIELDS_EXAMPLES=$${FUZZ_FIELDS_EXAMPLES:-500} $(BIN)/python -m pytest -p no:randomly -q \
 		tests/integration/test_field_properties.py
 
-# The fault suite alone (it also runs in `make test`), with its per-fault report printed.
+# The fault suite (two replicas under load, each dependency failed in turn), with its report.
 faults: install
 	$(BIN)/python -m pytest tests/faults -s -p no:randomly
 

@@ -248,3 +248,26 @@ async def shared_own_database(shared_backend: Backend, mysql_url: str) -> AsyncI
     """MySQL + Redis with a database of its own."""
     async with _database_of_its_own(shared_backend, mysql_url) as isolated:
         yield isolated
+
+
+# Tests that measure time (equal-work answers, latency under a storm, deadlines) or start
+# Redis clusters and sentinels of their own: `make test` runs them alone, after the
+# parallel part, so that another worker's load cannot decide their outcome.
+SERIAL_FILES = (
+    "tests/integration/test_degraded_paths.py",
+    "tests/integration/test_login_security.py",
+    "tests/integration/test_account_security.py",
+    "tests/integration/test_password_reset.py",
+    "tests/integration/test_redis_topologies.py",
+    "tests/integration/test_interceptors.py",
+    "tests/unit/test_passwords.py",
+    "tests/unit/test_client_distribution.py",
+)
+SERIAL_PARAMS = ("redis-cluster", "redis-sentinel")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path in SERIAL_FILES or any(param in item.nodeid for param in SERIAL_PARAMS):
+            item.add_marker(pytest.mark.serial)
