@@ -1,4 +1,5 @@
-"""iam_grpc.client protecting a sample service against a real iam-grpc."""
+"""The Python client distribution (iam_grpc_client) against a real iam-grpc: calls, errors, and a
+sample service it protects."""
 
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ import jwt
 import pytest
 import pytest_asyncio
 
-from iam_grpc.client import GuardInterceptor, IamCallError, IamClient, TokenGuard, current_principal
-from iam_grpc.proto import auth_pb2, common_pb2
 from iam_grpc.testing import RunningService, running_service
+from iam_grpc_client import (
+    GuardInterceptor,
+    IamCallError,
+    IamClient,
+    TokenGuard,
+    current_principal,
+    error_details,
+)
+from iam_grpc_client.proto import auth_pb2, common_pb2, token_pb2, token_pb2_grpc
 from tests.conftest import Backend
 from tests.sessions_helper import new_session, new_user
 
@@ -220,3 +228,40 @@ async def test_a_malformed_key_set_is_an_outage_not_a_crash(document: str) -> No
     with pytest.raises(IamCallError) as caught:
         await TokenGuard(jwks).verify(f"{header}.e30.AAAA")
     assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+
+
+async def test_refused_calls_raise_the_services_reason_and_violations(iam: RunningService) -> None:
+    """IamClient turns a refusal into IamCallError: code, ErrorInfo reason, BadRequest violations."""
+    async with IamClient(iam.address) as client:
+        with pytest.raises(IamCallError) as invalid:
+            await client.verify_access_token("not-a-token")
+        assert (invalid.value.code, invalid.value.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_INVALID",
+        )
+        with pytest.raises(IamCallError) as malformed:
+            await client.call(
+                client.auth.Login, auth_pb2.LoginRequest(client=common_pb2.ClientContext(ip="198.51.100.7"))
+            )
+        assert (malformed.value.code, malformed.value.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        assert malformed.value.field_violations == {"email": "is required", "password": "is required"}
+
+
+async def test_error_details_decode_a_plain_stubs_failure(iam: RunningService) -> None:
+    """The docs' plain-stub example: error_details reads the google.rpc.Status trailer."""
+    async with grpc.aio.insecure_channel(iam.address) as channel:
+        stub = token_pb2_grpc.TokenServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.VerifyAccessToken(
+                token_pb2.VerifyAccessTokenRequest(access_token="é.\u2028."), timeout=5
+            )
+    details = error_details(caught.value)
+    assert (details.code, details.reason, details.domain) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_INVALID",
+        "iam.v1",
+    )
+    assert details.raw_status
