@@ -222,9 +222,9 @@ def test_the_wheel_requires_exactly_the_four_dependencies(tmp_path: Path) -> Non
     """The built wheel's METADATA lists grpcio, protobuf, googleapis-common-protos and PyJWT[crypto]."""
     source = tmp_path / "source"
     shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    offline = ["--quiet", "--no-deps", "--no-index", "--no-build-isolation"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index", "--no-build-isolation"]
-        + ["--wheel-dir", str(tmp_path / "dist"), str(source)],
+        [sys.executable, "-m", "pip", "wheel", *offline, "--wheel-dir", str(tmp_path / "dist"), str(source)],
         capture_output=True,
         check=True,
     )
