@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,10 +32,16 @@ from iam_grpc_client.proto import auth_pb2, common_pb2, token_pb2, token_pb2_grp
 from tests.conftest import Backend
 from tests.sessions_helper import new_session, new_user
 
+SHOP_KEY = "iamk_shop_" + "d" * 43
+
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def iam(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path_factory.mktemp("guard"), backend.isolated()) as running:
+    callers = {  # a service with an API key, as docs/clients.md's examples send one
+        "IAM_CALLERS__SHOP__API_KEY_SHA256": json.dumps([hashlib.sha256(SHOP_KEY.encode()).hexdigest()]),
+        "IAM_CALLERS__SHOP__METHODS": '["iam.v1.AuthService/*", "iam.v1.TokenService/*"]',
+    }
+    async with running_service(tmp_path_factory.mktemp("guard"), backend.isolated() | callers) as running:
         yield running
 
 
@@ -265,3 +274,44 @@ async def test_error_details_decode_a_plain_stubs_failure(iam: RunningService) -
         "iam.v1",
     )
     assert details.raw_status
+
+
+def _docs_python_examples() -> list[str]:
+    """The code blocks of docs/clients.md's Python section that use the client."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "clients.md").read_text()
+    section = text[text.index("## Python\n") : text.index("For tests, run the real service")]
+    return [
+        block
+        for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+        if "iam_grpc_client" in block
+    ]
+
+
+async def test_the_docs_python_examples_work_as_printed(iam: RunningService) -> None:
+    """docs/clients.md's IamClient and plain-stub examples, run against a real server."""
+
+    class Unauthorized(Exception):
+        pass
+
+    with_client, with_stub = _docs_python_examples()
+    ours: dict[str, Any] = {"API_KEY": SHOP_KEY, "request_id": "docs-example-1", "Unauthorized": Unauthorized}
+    exec(with_client.replace('"iam:50051"', repr(iam.address)), ours)  # noqa: S102
+    user, session = await new_session(iam.app)
+    assert await ours["verify"](session.access_token) == user.id
+    with pytest.raises(Unauthorized, match="TOKEN_INVALID"):
+        await ours["verify"]("not-a-token")
+    with pytest.raises(IamCallError) as refused:
+        await ours["login"]("198.51.100.9", "docs", "", "nobody@example.com", "a wrong password")
+    assert refused.value.reason == "INVALID_CREDENTIALS"
+    await ours["iam"].close()
+
+    plain: dict[str, Any] = {
+        "API_KEY": SHOP_KEY,
+        "request_id": "docs-example-2",
+        "Unauthorized": Unauthorized,
+    }
+    exec(with_stub, plain)  # noqa: S102
+    async with grpc.aio.insecure_channel(iam.address) as channel:
+        assert await plain["verify"](channel, session.access_token) == user.id
+        with pytest.raises(Unauthorized, match="TOKEN_INVALID"):
+            await plain["verify"](channel, "é.\u2028.")
