@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -63,7 +63,8 @@ class IamClient:
         await self.channel.close()
 
     def metadata(self, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
-        items = [("x-request-id", request_id or str(uuid.uuid4()))]
+        # 128 random bits in hex: the uuid module would cost about 8 ms of the package's import.
+        items = [("x-request-id", request_id or os.urandom(16).hex())]
         if self._api_key:
             items.append(("x-iam-api-key", self._api_key))
         return tuple(items)
