@@ -23,7 +23,7 @@ import grpc
 from iam_grpc.app import Application
 from iam_grpc.clock import Clock
 from iam_grpc.config import Settings, load_settings
-from iam_grpc_client import ErrorDetails, error_details  # re-exported for tests
+from iam_grpc.status import ErrorDetails, error_details  # re-exported for tests
 
 __all__ = ["ErrorDetails", "RunningService", "error_details", "running_service", "service_settings"]
 
