@@ -11,9 +11,12 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY iam_grpc ./iam_grpc
+# The client distribution the server depends on (the generated iam.v1 code lives there), installed
+# from the same build context in the same pip command, so pip never looks for it on PyPI.
+COPY clients/python ./clients/python
 RUN python -m venv /opt/iam \
  && /opt/iam/bin/pip install --upgrade pip \
- && /opt/iam/bin/pip install -c constraints.txt .
+ && /opt/iam/bin/pip install -c constraints.txt ./clients/python .
 
 FROM python:3.11-slim AS runtime
 RUN groupadd --system --gid 10001 iam \

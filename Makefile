@@ -15,10 +15,12 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
 install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# The client distribution (clients/python) in the same command as the server, which depends on
+# it: pip then takes iam-grpc-client from the repository and never looks for it on PyPI.
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e clients/python -e '.[dev]'
 	touch $(STAMP)
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
@@ -91,7 +93,8 @@ typecheck:
 buf:
 	cd protos && ../$(BIN)/buf lint
 
-# Python (iam_grpc/_proto) and TypeScript (clients/node/src/gen) from protos/.
+# Python (clients/python/iam_grpc_client/_proto, re-exported as iam_grpc.proto) and TypeScript
+# (clients/node/src/gen) from protos/.
 proto: install
 	$(BIN)/python scripts/gen_proto.py
 

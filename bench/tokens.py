@@ -6,7 +6,7 @@ Usage: python bench/tokens.py [--seconds S] [--concurrency C]
    RPC (grpc.health.v1.Health/Check, which passes the same interceptors) on the
    same server: an `iam-grpc serve` subprocess in embedded mode, loaded from
    this process with C calls in flight.
-2. Local guard verification (iam_grpc.client.TokenGuard) in µs per token.
+2. Local guard verification (iam_grpc_client.TokenGuard) in µs per token.
 3. Refresh rotations per second on MariaDB + Redis: a second server
    subprocess (`server.workers` = 1, then 2 pre-forked workers); sessions are
    created here through the service's own code, then C clients over 4
@@ -37,8 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from iam_grpc.client import IamClient, TokenGuard
 from iam_grpc.proto import common_pb2, token_pb2, token_pb2_grpc
+from iam_grpc_client import IamClient, TokenGuard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.sessions_helper
 MYSQL = os.environ.get("TEST_MYSQL_SERVER", "mysql+asyncmy://root@127.0.0.1:3306")

@@ -1,9 +1,12 @@
 """The generated iam.v1 protocol modules, re-exported under stable names.
 
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc
+
+The code is generated into the client distribution (clients/python,
+:mod:`iam_grpc_client.proto`), which the server depends on.
 """
 
-from iam_grpc._proto.iam.v1 import (
+from iam_grpc_client.proto import (
     api_token_pb2,
     api_token_pb2_grpc,
     auth_pb2,

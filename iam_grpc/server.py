@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
 from iam_grpc.config import Settings
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.interceptors.access_log import AccessLogInterceptor
@@ -26,6 +25,7 @@ from iam_grpc.interceptors.errors import ErrorMappingInterceptor
 from iam_grpc.interceptors.failpoints import FailpointInterceptor
 from iam_grpc.interceptors.ratelimit import RateLimitInterceptor
 from iam_grpc.metrics import Metrics
+from iam_grpc.proto import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
 from iam_grpc.services.auth import AuthFlows, AuthService
 from iam_grpc.services.mfa import MfaService
 from iam_grpc.services.token import TokenService

@@ -1,14 +1,15 @@
-"""Client library for services that call iam-grpc.
-
-- :class:`IamClient`: an async client with the caller's API key and deadlines.
-- :class:`TokenGuard`: local access-token verification against the JWKS.
-- :class:`GuardInterceptor` and :func:`current_principal`: protect a grpc.aio
-  service by method, with required roles.
+"""The Python client, re-exported from its own distribution (``iam-grpc-client``,
+package :mod:`iam_grpc_client`, under clients/python). New code imports
+``iam_grpc_client`` directly: it loads no server module.
 """
 
-from iam_grpc.client._client import IamClient
-from iam_grpc.client._errors import IamCallError
-from iam_grpc.client._guard import Principal, TokenGuard
-from iam_grpc.client._interceptor import GuardInterceptor, current_principal
+from iam_grpc_client import (
+    GuardInterceptor,
+    IamCallError,
+    IamClient,
+    Principal,
+    TokenGuard,
+    current_principal,
+)
 
 __all__ = ["GuardInterceptor", "IamCallError", "IamClient", "Principal", "TokenGuard", "current_principal"]

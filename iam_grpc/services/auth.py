@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge
 from iam_grpc.core.email_change import EmailChange
@@ -15,6 +14,7 @@ from iam_grpc.core.signup import SignupFlow, SignupForm
 from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
+from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2
 from iam_grpc.services.convert import client_info, session_message, timestamp
 
 __all__ = ["AuthFlows", "AuthService", "challenge_message"]

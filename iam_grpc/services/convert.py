@@ -6,12 +6,12 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from iam_grpc._proto.iam.v1 import common_pb2
 from iam_grpc.core.call import current_call
 from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.ratelimit.keys import parse_ip
 from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.core.validation import ClientRules, Violations, clean_user_agent, first_language_tag
+from iam_grpc.proto import common_pb2
 
 __all__ = ["client_info", "session_message", "timestamp"]
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from iam_grpc._proto.iam.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from iam_grpc.core.mfa.codes import ChallengeCodes
 from iam_grpc.core.mfa.completion import Outcome
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
+from iam_grpc.proto import common_pb2, mfa_pb2, mfa_pb2_grpc
 from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from iam_grpc._proto.iam.v1 import token_pb2, token_pb2_grpc
 from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge
 from iam_grpc.core.keys import KeyRing
@@ -15,6 +14,7 @@ from iam_grpc.core.validation import Violations, check_roles
 from iam_grpc.errors import InvalidArgument
 from iam_grpc.ids import ULID_RE
 from iam_grpc.interceptors.base import Context as Ctx
+from iam_grpc.proto import token_pb2, token_pb2_grpc
 from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
 from iam_grpc.ua import ParsedAgent

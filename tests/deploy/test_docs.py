@@ -71,7 +71,7 @@ def test_the_reasons_table_lists_every_reason() -> None:
         for cls in vars(errors).values()
         if isinstance(cls, type) and issubclass(cls, errors.IamError) and cls is not errors.IamError
     }
-    guard = (ROOT / "iam_grpc" / "client" / "_interceptor.py").read_text()
+    guard = (ROOT / "clients" / "python" / "iam_grpc_client" / "_interceptor.py").read_text()
     reasons |= set(re.findall(r'abort\(grpc\.StatusCode\.\w+, "([A-Z_]+)"\)', guard))
     assert "METHOD_NOT_ALLOWED" in reasons
     clients = (ROOT / "docs" / "clients.md").read_text()

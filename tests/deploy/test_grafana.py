@@ -14,7 +14,7 @@ import grpc
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from iam_grpc._proto.iam.v1 import token_pb2, token_pb2_grpc
+from iam_grpc.proto import token_pb2, token_pb2_grpc
 from iam_grpc.testing import running_service
 from tests.conftest import Backend
 

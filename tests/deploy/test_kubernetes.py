@@ -31,8 +31,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from iam_grpc import config
-from iam_grpc._proto.iam.v1 import token_pb2, token_pb2_grpc
 from iam_grpc.config import load_settings, production_refusals
+from iam_grpc.proto import token_pb2, token_pb2_grpc
 from iam_grpc.status import error_details
 from tests.conftest import REDIS_SERVER, TEST_MASTER_KEY, TEST_PEPPER
 from tests.served import free_port

@@ -1,13 +1,17 @@
-"""iam_grpc.client protecting a sample service against a real iam-grpc."""
+"""The Python client distribution (iam_grpc_client) against a real iam-grpc: calls, errors, and a
+sample service it protects."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,16 +19,29 @@ import jwt
 import pytest
 import pytest_asyncio
 
-from iam_grpc.client import GuardInterceptor, IamCallError, IamClient, TokenGuard, current_principal
-from iam_grpc.proto import auth_pb2, common_pb2
 from iam_grpc.testing import RunningService, running_service
+from iam_grpc_client import (
+    GuardInterceptor,
+    IamCallError,
+    IamClient,
+    TokenGuard,
+    current_principal,
+    error_details,
+)
+from iam_grpc_client.proto import auth_pb2, common_pb2, token_pb2, token_pb2_grpc
 from tests.conftest import Backend
 from tests.sessions_helper import new_session, new_user
+
+SHOP_KEY = "iamk_shop_" + "d" * 43
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def iam(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path_factory.mktemp("guard"), backend.isolated()) as running:
+    callers = {  # a service with an API key, as docs/clients.md's examples send one
+        "IAM_CALLERS__SHOP__API_KEY_SHA256": json.dumps([hashlib.sha256(SHOP_KEY.encode()).hexdigest()]),
+        "IAM_CALLERS__SHOP__METHODS": '["iam.v1.AuthService/*", "iam.v1.TokenService/*"]',
+    }
+    async with running_service(tmp_path_factory.mktemp("guard"), backend.isolated() | callers) as running:
         yield running
 
 
@@ -220,3 +237,81 @@ async def test_a_malformed_key_set_is_an_outage_not_a_crash(document: str) -> No
     with pytest.raises(IamCallError) as caught:
         await TokenGuard(jwks).verify(f"{header}.e30.AAAA")
     assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+
+
+async def test_refused_calls_raise_the_services_reason_and_violations(iam: RunningService) -> None:
+    """IamClient turns a refusal into IamCallError: code, ErrorInfo reason, BadRequest violations."""
+    async with IamClient(iam.address) as client:
+        with pytest.raises(IamCallError) as invalid:
+            await client.verify_access_token("not-a-token")
+        assert (invalid.value.code, invalid.value.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_INVALID",
+        )
+        with pytest.raises(IamCallError) as malformed:
+            await client.call(
+                client.auth.Login, auth_pb2.LoginRequest(client=common_pb2.ClientContext(ip="198.51.100.7"))
+            )
+        assert (malformed.value.code, malformed.value.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        assert malformed.value.field_violations == {"email": "is required", "password": "is required"}
+
+
+async def test_error_details_decode_a_plain_stubs_failure(iam: RunningService) -> None:
+    """The docs' plain-stub example: error_details reads the google.rpc.Status trailer."""
+    async with grpc.aio.insecure_channel(iam.address) as channel:
+        stub = token_pb2_grpc.TokenServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.VerifyAccessToken(
+                token_pb2.VerifyAccessTokenRequest(access_token="é.\u2028."), timeout=5
+            )
+    details = error_details(caught.value)
+    assert (details.code, details.reason, details.domain) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_INVALID",
+        "iam.v1",
+    )
+    assert details.raw_status
+
+
+def _docs_python_examples() -> list[str]:
+    """The code blocks of docs/clients.md's Python section that use the client."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "clients.md").read_text()
+    section = text[text.index("## Python\n") : text.index("For tests, run the real service")]
+    return [
+        block
+        for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+        if "iam_grpc_client" in block
+    ]
+
+
+async def test_the_docs_python_examples_work_as_printed(iam: RunningService) -> None:
+    """docs/clients.md's IamClient and plain-stub examples, run against a real server."""
+
+    class Unauthorized(Exception):
+        pass
+
+    with_client, with_stub = _docs_python_examples()
+    ours: dict[str, Any] = {"API_KEY": SHOP_KEY, "request_id": "docs-example-1", "Unauthorized": Unauthorized}
+    exec(with_client.replace('"iam:50051"', repr(iam.address)), ours)  # noqa: S102
+    user, session = await new_session(iam.app)
+    assert await ours["verify"](session.access_token) == user.id
+    with pytest.raises(Unauthorized, match="TOKEN_INVALID"):
+        await ours["verify"]("not-a-token")
+    with pytest.raises(IamCallError) as refused:
+        await ours["login"]("198.51.100.9", "docs", "", "nobody@example.com", "a wrong password")
+    assert refused.value.reason == "INVALID_CREDENTIALS"
+    await ours["iam"].close()
+
+    plain: dict[str, Any] = {
+        "API_KEY": SHOP_KEY,
+        "request_id": "docs-example-2",
+        "Unauthorized": Unauthorized,
+    }
+    exec(with_stub, plain)  # noqa: S102
+    async with grpc.aio.insecure_channel(iam.address) as channel:
+        assert await plain["verify"](channel, session.access_token) == user.id
+        with pytest.raises(Unauthorized, match="TOKEN_INVALID"):
+            await plain["verify"](channel, "é.\u2028.")

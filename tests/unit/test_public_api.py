@@ -35,11 +35,28 @@ def test_testing_helpers_exports() -> None:
 
 
 def test_client_exports() -> None:
-    """iam_grpc.client ships the client, the guard and the interceptor, without importing the server."""
-    import subprocess
-    import sys
+    """iam_grpc_client ships the client, the guard, the interceptor and error decoding."""
+    import iam_grpc_client
 
+    assert sorted(iam_grpc_client.__all__) == [
+        "ErrorDetails",
+        "GuardInterceptor",
+        "IamCallError",
+        "IamClient",
+        "Principal",
+        "TokenGuard",
+        "current_principal",
+        "error_details",
+    ]
+
+
+def test_the_server_re_exports_the_client() -> None:
+    """iam_grpc.client, iam_grpc.proto and iam_grpc.status are the client distribution's objects."""
     import iam_grpc.client
+    import iam_grpc.proto
+    import iam_grpc.status
+    import iam_grpc_client
+    import iam_grpc_client.proto
 
     assert sorted(iam_grpc.client.__all__) == [
         "GuardInterceptor",
@@ -49,14 +66,9 @@ def test_client_exports() -> None:
         "TokenGuard",
         "current_principal",
     ]
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, iam_grpc.client; print('iam_grpc.app' in sys.modules, 'sqlalchemy' in sys.modules)",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert loaded.stdout.split() == ["False", "False"]
+    for name in iam_grpc.client.__all__:
+        assert getattr(iam_grpc.client, name) is getattr(iam_grpc_client, name)
+    assert iam_grpc.proto.__all__ == iam_grpc_client.proto.__all__
+    for name in iam_grpc.proto.__all__:
+        assert getattr(iam_grpc.proto, name) is getattr(iam_grpc_client.proto, name)
+    assert iam_grpc.status.error_details is iam_grpc_client.error_details

@@ -16,11 +16,13 @@ from iam_grpc.core.crypto import SecretMaterial, constant_time_equal
 from iam_grpc.ids import b64url
 
 PACKAGE = Path(__file__).parents[2] / "iam_grpc"
+# The client distribution's package: its files are named iam_grpc_client/...
+CLIENT_PACKAGE = Path(__file__).parents[2] / "clients" / "python" / "iam_grpc_client"
 SECRET_NAME = re.compile(r"(hash|code|token|key|digest|signature)", re.IGNORECASE)
 
 # Reviewed: none of these compares a secret or a hash of one.
 REVIEWED = {
-    "client/_interceptor.py: key == 'authorization'",  # a metadata header name
+    "iam_grpc_client/_interceptor.py: key == 'authorization'",  # a metadata header name
     "core/common_passwords.py: self._digests[at] == digest",  # a digest of a public common password
     "core/fingerprint.py: entry.get('prefix') == key",  # a network prefix
     "core/fingerprint.py: known != code",  # an ISO country code
@@ -35,7 +37,7 @@ REVIEWED = {
     "logging.py: key == 'kind'",  # a log field name
     "process.py: code == EXIT_REFUSED",  # a process exit status
     "process.py: code == 0",
-    "status.py: key == 'grpc-status-details-bin'",  # a trailer name
+    "iam_grpc_client/_status.py: key == 'grpc-status-details-bin'",  # a trailer name
 }
 
 
@@ -57,7 +59,9 @@ def _is_sql(node: ast.expr) -> bool:
 
 def flagged_comparisons() -> set[str]:
     found = set()
-    for path in sorted(PACKAGE.rglob("*.py")):
+    paths = {path: path.relative_to(PACKAGE) for path in PACKAGE.rglob("*.py")}
+    paths |= {path: path.relative_to(CLIENT_PACKAGE.parent) for path in CLIENT_PACKAGE.rglob("*.py")}
+    for path, shown in sorted(paths.items()):
         if "_proto" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -69,7 +73,7 @@ def flagged_comparisons() -> set[str]:
             if any(_is_sql(operand) for operand in operands):
                 continue
             if any((name := _name(operand)) and SECRET_NAME.search(name) for operand in operands):
-                found.add(f"{path.relative_to(PACKAGE)}: {ast.unparse(node)}")
+                found.add(f"{shown}: {ast.unparse(node)}")
     return found
 
 

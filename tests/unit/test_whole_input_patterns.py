@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import iam_grpc
+import iam_grpc_client
 from iam_grpc import ids
 from iam_grpc.core import validation
 from iam_grpc.core.mfa import step_up
@@ -18,13 +19,16 @@ from iam_grpc.core.ratelimit import groups
 from iam_grpc.core.tokens import access
 
 PACKAGE = Path(iam_grpc.__file__).parent
+CLIENT_PACKAGE = Path(iam_grpc_client.__file__).parent
 _RE_CALLS = {"compile", "match", "search", "fullmatch", "sub", "subn", "split", "findall", "finditer"}
 
 
 def _pattern_literals() -> list[tuple[str, int, str]]:
     """(file, line, pattern text) for every literal pattern handed to the ``re`` module."""
     found: list[tuple[str, int, str]] = []
-    for path in sorted(PACKAGE.rglob("*.py")):
+    paths = {path: path.relative_to(PACKAGE) for path in PACKAGE.rglob("*.py")}
+    paths |= {path: path.relative_to(CLIENT_PACKAGE.parent) for path in CLIENT_PACKAGE.rglob("*.py")}
+    for path, name in sorted(paths.items()):
         if "_proto" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -39,7 +43,7 @@ def _pattern_literals() -> list[tuple[str, int, str]]:
                 continue
             text = _literal(node.args[0])
             if text is not None:
-                found.append((str(path.relative_to(PACKAGE)), node.lineno, text))
+                found.append((str(name), node.lineno, text))
     return found
 
 
