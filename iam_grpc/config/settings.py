@@ -29,6 +29,7 @@ from iam_grpc.config.flows import (
 from iam_grpc.config.mail import MailSettings
 from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
 from iam_grpc.config.security import HibpSettings, PasswordsSettings, SecretsSettings
+from iam_grpc.config.signin import OidcSettings, WebauthnSettings
 from iam_grpc.config.server import CallersSettings, ExtAuthzSettings, HttpSettings, ServerSettings
 from iam_grpc.config.sessions import (
     DevicesSettings,
@@ -101,6 +102,8 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     cleanup: CleanupSettings = CleanupSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    webauthn: WebauthnSettings = WebauthnSettings()
+    oidc: OidcSettings = OidcSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from iam_grpc.logging import component_logger
 from iam_grpc.storage.breaker import Breaker
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.sql.audit import SqlAuditLog
+from iam_grpc.storage.sql.credentials import SqlIdentityStore, SqlPasskeyStore
 from iam_grpc.storage.sql.connection import (
     InlineConnection,
     SqlConnection,
@@ -257,6 +258,8 @@ class SqlTransaction:
         self.audit = SqlAuditLog(connection)
         self.maintenance = SqlMaintenance(connection)
         self.revocations = SqlRevocationStore(connection, dialect)
+        self.passkeys = SqlPasskeyStore(connection)
+        self.identities = SqlIdentityStore(connection)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
