@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -16,10 +16,19 @@ class WebauthnSettings(SettingsGroup):
     # IAM_WEBAUTHN_RP_ID: the relying party id, a registrable domain the origins are under
     rp_id: str = "localhost"
     rp_name: str = "IAM"
-    # IAM_WEBAUTHN_ORIGINS: the origins a ceremony may come from (the BFF's pages)
-    origins: list[str] = ["http://localhost:3000"]
+    # IAM_WEBAUTHN_ORIGINS: the origins a ceremony may come from (the BFF's pages); unset:
+    # http://localhost:3000 for the rp id localhost, else https://<rp_id>
+    origins: list[str] = []
     ceremony_ttl: Duration = timedelta(minutes=5)
     max_per_user: int = Field(default=10, ge=1, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_origins(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("origins"):
+            rp_id = str(data.get("rp_id") or "localhost").strip().lower()
+            data = {**data, "origins": ["http://localhost:3000" if rp_id == "localhost" else f"https://{rp_id}"]}
+        return data
 
     @field_validator("rp_id")
     @classmethod

@@ -202,8 +202,7 @@ class PasskeyRegistry:
             self._run, self._access, client, access_token, max_auth_age=self.policy.max_auth_age
         )
         async with self._run.db.transaction() as tx:
-            mine = [p for p in await tx.passkeys.of_user(user.id) if p.id == passkey_id]
-            if not mine:
+            if passkey_id not in {p.id for p in await tx.passkeys.of_user(user.id)}:
                 return
             password, keys, identities = await sign_in_methods(tx, user.id)
             if not password and not identities and keys <= 1:
