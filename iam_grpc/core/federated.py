@@ -15,6 +15,7 @@ taken on trust from the BFF), and the identities linked to a user.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -76,9 +77,16 @@ async def sign_in_methods_of(db: Database, user_id: str) -> SignInMethods:
         )
 
 
+_PROVIDER = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
+
+
+def _check_provider(violations: Violations, provider: str) -> None:
+    if not _PROVIDER.match(provider):
+        violations.add("provider", "must be a configured provider name (1-32 of A-Z a-z 0-9 _ -)")
+
+
 def _check(violations: Violations, provider: str, id_token: str, nonce: str) -> None:
-    if not provider or len(provider) > 32:
-        violations.add("provider", "must be a configured provider name")
+    _check_provider(violations, provider)
     if not id_token or len(id_token) > _MAX_TOKEN:
         violations.add("id_token", f"must be a JWT of at most {_MAX_TOKEN} characters")
     if not nonce or len(nonce) > _MAX_NONCE:
@@ -227,7 +235,9 @@ class FederatedSignIn:
         claims = await self._verify(client, provider, id_token, nonce)
         return await self._link(user, claims, session_id=claims_token.session_id)
 
-    async def unlink(self, client: ClientInfo, access_token: str, provider: str) -> None:
+    async def unlink(self, client: ClientInfo, access_token: str, provider: str, violations: Violations) -> None:
+        _check_provider(violations, provider)
+        violations.raise_any()
         claims, user = await signed_in(
             self._run, self._access, client, access_token, max_auth_age=self._policy.max_auth_age
         )

@@ -60,6 +60,5 @@ class FederatedRpcs:
     ) -> auth_pb2.UnlinkIdentityResponse:
         violations = Violations()
         client = client_info(request.client, violations)
-        violations.raise_any()
-        await self._sign_in.federated.unlink(client, request.access_token, request.provider)
+        await self._sign_in.federated.unlink(client, request.access_token, request.provider, violations)
         return auth_pb2.UnlinkIdentityResponse()

@@ -75,8 +75,7 @@ class PasskeyRpcs:
     ) -> mfa_pb2.DeletePasskeyResponse:
         violations = Violations()
         client = client_info(request.client, violations)
-        violations.raise_any()
-        await self._sign_in.passkeys.delete(client, request.access_token, request.passkey_id)
+        await self._sign_in.passkeys.delete(client, request.access_token, request.passkey_id, violations)
         return mfa_pb2.DeletePasskeyResponse()
 
     async def StartPasskeyLogin(
