@@ -16,7 +16,7 @@ import json
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import jwt
 
@@ -102,7 +102,7 @@ class OidcVerifier:
             last_name=_text(claims.get("family_name")),
         )
 
-    def _refused(self, provider: str, check: str) -> Any:
+    def _refused(self, provider: str, check: str) -> NoReturn:
         log.bind(provider=provider, check=check).info("id token refused")
         raise IdTokenInvalid()
 
@@ -144,7 +144,7 @@ class OidcVerifier:
                 data = handle.read(limit + 1)
         else:
             assert config.jwks_url is not None
-            request = urllib.request.Request(config.jwks_url, headers={"Accept": "application/json"})
+            request = urllib.request.Request(config.jwks_url, headers={"Accept": "application/json"})  # noqa: S310 - http(s) only, checked at startup
             timeout = self._settings.jwks_fetch_timeout.total_seconds()
             with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - http(s) checked
                 data = answer.read(limit + 1)

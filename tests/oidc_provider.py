@@ -26,7 +26,7 @@ class OidcProvider:
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            def do_GET(self) -> None:
                 provider.fetches += 1
                 body = json.dumps(provider.jwks()).encode()
                 self.send_response(200 if self.path == "/jwks.json" else 404)

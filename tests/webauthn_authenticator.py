@@ -38,7 +38,9 @@ class SoftAuthenticator:
 
     def _cose(self) -> bytes:
         numbers = self.key.public_key().public_numbers()
-        return cbor2.dumps({1: 2, 3: -7, -1: 1, -2: numbers.x.to_bytes(32, "big"), -3: numbers.y.to_bytes(32, "big")})
+        return cbor2.dumps(
+            {1: 2, 3: -7, -1: 1, -2: numbers.x.to_bytes(32, "big"), -3: numbers.y.to_bytes(32, "big")}
+        )
 
     def _client_data(self, kind: str, challenge: str, origin: str | None) -> bytes:
         return json.dumps(
@@ -54,7 +56,9 @@ class SoftAuthenticator:
         self.user_handle = unb64url(options["user"]["id"])
         flags = UP | (UV if uv else 0) | AT | BE | BS
         attested = bytes(16) + struct.pack(">H", len(self.credential_id)) + self.credential_id + self._cose()
-        auth_data = hashlib.sha256(self.rp_id.encode()).digest() + bytes([flags]) + struct.pack(">I", 0) + attested
+        auth_data = (
+            hashlib.sha256(self.rp_id.encode()).digest() + bytes([flags]) + struct.pack(">I", 0) + attested
+        )
         client_data = self._client_data("webauthn.create", options["challenge"], origin)
         attestation = cbor2.dumps({"fmt": "none", "attStmt": {}, "authData": auth_data})
         return json.dumps(

@@ -29,7 +29,6 @@ from iam_grpc.config.flows import (
 from iam_grpc.config.mail import MailSettings
 from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
 from iam_grpc.config.security import HibpSettings, PasswordsSettings, SecretsSettings
-from iam_grpc.config.signin import OidcSettings, WebauthnSettings
 from iam_grpc.config.server import CallersSettings, ExtAuthzSettings, HttpSettings, ServerSettings
 from iam_grpc.config.sessions import (
     DevicesSettings,
@@ -39,6 +38,7 @@ from iam_grpc.config.sessions import (
     SessionsSettings,
     TokensSettings,
 )
+from iam_grpc.config.signin import OidcSettings, WebauthnSettings
 from iam_grpc.config.storage import DatabaseSettings, EphemeralSettings, RedisSettings
 from iam_grpc.config.values import join_host_port
 

@@ -27,7 +27,10 @@ class WebauthnSettings(SettingsGroup):
     def _default_origins(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("origins"):
             rp_id = str(data.get("rp_id") or "localhost").strip().lower()
-            data = {**data, "origins": ["http://localhost:3000" if rp_id == "localhost" else f"https://{rp_id}"]}
+            data = {
+                **data,
+                "origins": ["http://localhost:3000" if rp_id == "localhost" else f"https://{rp_id}"],
+            }
         return data
 
     @field_validator("rp_id")
@@ -97,6 +100,10 @@ class OidcSettings(SettingsGroup):
     @classmethod
     def _names(cls, value: dict[str, OidcProvider]) -> dict[str, OidcProvider]:
         for name in value:
-            if not name or len(name) > 32 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+            if (
+                not name
+                or len(name) > 32
+                or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name)
+            ):
                 raise ValueError("provider names are 1-32 characters of [A-Za-z0-9_-]")
         return value

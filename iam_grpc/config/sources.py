@@ -143,7 +143,9 @@ def _providers(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError:
-        raise ValueError("must be a JSON object: name -> {issuer, client_ids, jwks_url | jwks_file}") from None
+        raise ValueError(
+            "must be a JSON object: name -> {issuer, client_ids, jwks_url | jwks_file}"
+        ) from None
     if not isinstance(value, dict):
         raise ValueError("must be a JSON object: name -> {issuer, client_ids, jwks_url | jwks_file}")
     return {"providers": value}

@@ -186,8 +186,12 @@ class FederatedSignIn:
                 )
                 await self._run.audit.record(
                     self._run.audit.event(
-                        "user.signup", "ok", user_id=user.id, session_id=issued.session_id,
-                        device_id=issued.device_id, details={"provider": claims.provider},
+                        "user.signup",
+                        "ok",
+                        user_id=user.id,
+                        session_id=issued.session_id,
+                        device_id=issued.device_id,
+                        details={"provider": claims.provider},
                     ),
                     tx,
                 )
@@ -206,7 +210,10 @@ class FederatedSignIn:
                 await self._insert_identity(tx, identity)
                 await self._run.audit.record(
                     self._run.audit.event(
-                        "identity.linked", "ok", user_id=user.id, session_id=session_id,
+                        "identity.linked",
+                        "ok",
+                        user_id=user.id,
+                        session_id=session_id,
                         details={"provider": claims.provider},
                     ),
                     tx,
@@ -226,7 +233,13 @@ class FederatedSignIn:
         await tx.identities.insert(identity)
 
     async def link(
-        self, client: ClientInfo, access_token: str, provider: str, id_token: str, nonce: str, violations: Violations
+        self,
+        client: ClientInfo,
+        access_token: str,
+        provider: str,
+        id_token: str,
+        nonce: str,
+        violations: Violations,
     ) -> IdentityRecord:
         _check(violations, provider, id_token, nonce)
         claims_token, user = await signed_in(
@@ -235,7 +248,9 @@ class FederatedSignIn:
         claims = await self._verify(client, provider, id_token, nonce)
         return await self._link(user, claims, session_id=claims_token.session_id)
 
-    async def unlink(self, client: ClientInfo, access_token: str, provider: str, violations: Violations) -> None:
+    async def unlink(
+        self, client: ClientInfo, access_token: str, provider: str, violations: Violations
+    ) -> None:
         _check_provider(violations, provider)
         violations.raise_any()
         claims, user = await signed_in(
@@ -251,7 +266,10 @@ class FederatedSignIn:
             await tx.identities.delete(user.id, provider)
             await self._run.audit.record(
                 self._run.audit.event(
-                    "identity.unlinked", "ok", user_id=user.id, session_id=claims.session_id,
+                    "identity.unlinked",
+                    "ok",
+                    user_id=user.id,
+                    session_id=claims.session_id,
                     details={"provider": provider},
                 ),
                 tx,
@@ -264,5 +282,9 @@ class FederatedSignIn:
 
 def _identity(user_id: str, claims: IdClaims, now: datetime) -> IdentityRecord:
     return IdentityRecord(
-        user_id=user_id, provider=claims.provider, subject=claims.subject, email=claims.email[:254], linked_at=now
+        user_id=user_id,
+        provider=claims.provider,
+        subject=claims.subject,
+        email=claims.email[:254],
+        linked_at=now,
     )

@@ -103,7 +103,9 @@ class PasskeyLogin:
         )
         challenge_id = new_challenge_id()
         state = {"challenge": bytes_to_base64url(options.challenge), "email": email.norm if email else ""}
-        await self._ephemeral.set(_login_key(challenge_id), json.dumps(state).encode(), self.policy.ceremony_ttl)
+        await self._ephemeral.set(
+            _login_key(challenge_id), json.dumps(state).encode(), self.policy.ceremony_ttl
+        )
         return PasskeyStart(challenge_id, options_to_json(options))
 
     def _decoys(self, email_norm: str) -> list[PublicKeyCredentialDescriptor]:

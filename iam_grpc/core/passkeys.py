@@ -91,7 +91,9 @@ def _registration_key(session_id: str) -> str:
 
 def check_credential_json(violations: Violations, field: str, text: str) -> None:
     if not text or len(text) > MAX_CREDENTIAL_JSON:
-        violations.add(field, f"must be the browser's PublicKeyCredential as JSON, 1 to {MAX_CREDENTIAL_JSON} bytes")
+        violations.add(
+            field, f"must be the browser's PublicKeyCredential as JSON, 1 to {MAX_CREDENTIAL_JSON} bytes"
+        )
 
 
 class PasskeyRegistry:
@@ -112,7 +114,9 @@ class PasskeyRegistry:
         async with self._run.db.transaction(read_only=True) as tx:
             existing = await tx.passkeys.of_user(user.id)
         if len(existing) >= self.policy.max_per_user:
-            raise InvalidArgument.one("access_token", f"the account has {self.policy.max_per_user} passkeys already")
+            raise InvalidArgument.one(
+                "access_token", f"the account has {self.policy.max_per_user} passkeys already"
+            )
         options = generate_registration_options(
             rp_id=self.policy.rp_id,
             rp_name=self.policy.rp_name,
@@ -180,7 +184,10 @@ class PasskeyRegistry:
                 await tx.passkeys.insert(record)
                 await self._run.audit.record(
                     self._run.audit.event(
-                        "passkey.registered", "ok", user_id=user.id, session_id=claims.session_id,
+                        "passkey.registered",
+                        "ok",
+                        user_id=user.id,
+                        session_id=claims.session_id,
                         details={"passkey_id": record.id},
                     ),
                     tx,
@@ -195,7 +202,9 @@ class PasskeyRegistry:
         async with self._run.db.transaction(read_only=True) as tx:
             return await tx.passkeys.of_user(user.id)
 
-    async def delete(self, client: ClientInfo, access_token: str, passkey_id: str, violations: Violations) -> None:
+    async def delete(
+        self, client: ClientInfo, access_token: str, passkey_id: str, violations: Violations
+    ) -> None:
         """Delete one of the user's passkeys; never the last way to sign in. Someone else's or an
         unknown id changes nothing."""
         if not ULID_RE.match(passkey_id):
@@ -213,7 +222,10 @@ class PasskeyRegistry:
             await tx.passkeys.delete(user.id, passkey_id)
             await self._run.audit.record(
                 self._run.audit.event(
-                    "passkey.deleted", "ok", user_id=user.id, session_id=claims.session_id,
+                    "passkey.deleted",
+                    "ok",
+                    user_id=user.id,
+                    session_id=claims.session_id,
                     details={"passkey_id": passkey_id},
                 ),
                 tx,

@@ -16,7 +16,10 @@ __all__ = ["FederatedRpcs", "identity_message"]
 
 def identity_message(record: IdentityRecord) -> common_pb2.Identity:
     return common_pb2.Identity(
-        provider=record.provider, subject=record.subject, email=record.email, linked_at=timestamp(record.linked_at)
+        provider=record.provider,
+        subject=record.subject,
+        email=record.email,
+        linked_at=timestamp(record.linked_at),
     )
 
 

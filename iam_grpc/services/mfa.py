@@ -28,7 +28,9 @@ def _grant(outcome: Outcome) -> common_pb2.StepUpGrant | None:
 
 
 class MfaService(PasskeyRpcs, mfa_pb2_grpc.MfaServiceServicer):
-    def __init__(self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp, sign_in: SignInMethods) -> None:
+    def __init__(
+        self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp, sign_in: SignInMethods
+    ) -> None:
         self._codes = codes
         self._links = links
         self._step_up = step_up

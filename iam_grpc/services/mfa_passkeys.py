@@ -63,7 +63,9 @@ class PasskeyRpcs:
         )
         return mfa_pb2.FinishPasskeyRegistrationResponse(passkey=passkey_message(record))
 
-    async def ListPasskeys(self, request: mfa_pb2.ListPasskeysRequest, context: Ctx) -> mfa_pb2.ListPasskeysResponse:
+    async def ListPasskeys(
+        self, request: mfa_pb2.ListPasskeysRequest, context: Ctx
+    ) -> mfa_pb2.ListPasskeysResponse:
         violations = Violations()
         client = client_info(request.client, violations)
         violations.raise_any()

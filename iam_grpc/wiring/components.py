@@ -165,7 +165,18 @@ def build_components(
         settings, run, rules, hashing, sessions, challenges, completion, observer, risk, learning
     )
     sign_in = build_sign_in_methods(
-        settings, stores, run, material, access, sessions, login, challenges, completion, observer, risk, learning
+        settings,
+        stores,
+        run,
+        material,
+        access,
+        sessions,
+        login,
+        challenges,
+        completion,
+        observer,
+        risk,
+        learning,
     )
     return Components(
         settings=settings,

@@ -67,7 +67,9 @@ def sign_in(
     provider: str = "acme",
 ) -> grpc.aio.UnaryUnaryCall[auth_pb2.SignInWithIdTokenRequest, auth_pb2.SignInWithIdTokenResponse]:
     return auth.SignInWithIdToken(
-        auth_pb2.SignInWithIdTokenRequest(client=context or client(), provider=provider, id_token=id_token, nonce=nonce)
+        auth_pb2.SignInWithIdTokenRequest(
+            client=context or client(), provider=provider, id_token=id_token, nonce=nonce
+        )
     )
 
 
@@ -87,7 +89,9 @@ async def test_the_first_sign_in_creates_the_account_and_a_new_device_needs_mfa(
     async with iam.app.components.db.transaction() as tx:
         user = await tx.users.get(first.session.user_id)
         identities = await tx.identities.of_user(first.session.user_id)
-    assert user is not None and user.password_hash is None and user.email_verified_at is not None
+    assert user is not None
+    assert user.password_hash is None
+    assert user.email_verified_at is not None
     assert [(i.provider, i.subject, i.email) for i in identities] == [("acme", sub, email)]
     again = await sign_in(auth, provider.token(sub, nonce), nonce, client(device_id=first.session.device_id))
     assert (again.WhichOneof("result"), again.session.user_id) == ("session", first.session.user_id)
@@ -208,13 +212,17 @@ async def test_link_and_unlink_keep_a_way_to_sign_in(stubs: Stubs, provider: Oid
 
     federated = (await sign_in(auth, provider.token(subject(), nonce, email=new_email()), nonce)).session
     context = client(device_id=federated.device_id)
-    unlink = auth_pb2.UnlinkIdentityRequest(client=context, access_token=federated.access_token, provider="acme")
+    unlink = auth_pb2.UnlinkIdentityRequest(
+        client=context, access_token=federated.access_token, provider="acme"
+    )
     code, details = await failure(auth.UnlinkIdentity(unlink))
     assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LAST_SIGN_IN_METHOD")
     await registered(mfa, federated)
     await auth.UnlinkIdentity(unlink)
     (passkey,) = (
-        await mfa.ListPasskeys(mfa_pb2.ListPasskeysRequest(client=context, access_token=federated.access_token))
+        await mfa.ListPasskeys(
+            mfa_pb2.ListPasskeysRequest(client=context, access_token=federated.access_token)
+        )
     ).passkeys
     code, details = await failure(
         mfa.DeletePasskey(

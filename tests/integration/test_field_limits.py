@@ -138,7 +138,11 @@ def _valid_fields(method: str, account: Account) -> dict[str, Any]:
         "MfaService/StartStepUp": lambda: {**signed_in, "action": "delete-account"},
         "MfaService/ConsumeStepUpGrant": lambda: {"grant_token": _token("iamg_"), "action": "delete-account"},
         "MfaService/StartPasskeyRegistration": lambda: dict(signed_in),
-        "MfaService/FinishPasskeyRegistration": lambda: {**signed_in, "credential_json": "{}", "name": "Laptop"},
+        "MfaService/FinishPasskeyRegistration": lambda: {
+            **signed_in,
+            "credential_json": "{}",
+            "name": "Laptop",
+        },
         "MfaService/ListPasskeys": lambda: dict(signed_in),
         "MfaService/DeletePasskey": lambda: {**signed_in, "passkey_id": "01HZZZZZZZZZZZZZZZZZZZZZZZ"},
         "MfaService/StartPasskeyLogin": lambda: {"client": client, "email": new_email()},

@@ -35,7 +35,9 @@ Stubs = tuple[auth_pb2_grpc.AuthServiceStub, mfa_pb2_grpc.MfaServiceStub]
 async def iam(
     backend: Backend, mailbox: Mailbox, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path_factory.mktemp("passkeys"), account_env(backend, mailbox, LIMITS)) as running:
+    async with running_service(
+        tmp_path_factory.mktemp("passkeys"), account_env(backend, mailbox, LIMITS)
+    ) as running:
         yield running
 
 
@@ -67,12 +69,19 @@ async def registered(mfa: mfa_pb2_grpc.MfaServiceStub, session: common_pb2.Sessi
     return authenticator
 
 
-async def start_login(mfa: mfa_pb2_grpc.MfaServiceStub, email: str = "", context: common_pb2.ClientContext | None = None) -> mfa_pb2.StartPasskeyLoginResponse:
-    return await mfa.StartPasskeyLogin(mfa_pb2.StartPasskeyLoginRequest(client=context or client(), email=email))
+async def start_login(
+    mfa: mfa_pb2_grpc.MfaServiceStub, email: str = "", context: common_pb2.ClientContext | None = None
+) -> mfa_pb2.StartPasskeyLoginResponse:
+    return await mfa.StartPasskeyLogin(
+        mfa_pb2.StartPasskeyLoginRequest(client=context or client(), email=email)
+    )
 
 
 def finish_login(
-    mfa: mfa_pb2_grpc.MfaServiceStub, challenge_id: str, credential_json: str, context: common_pb2.ClientContext | None = None
+    mfa: mfa_pb2_grpc.MfaServiceStub,
+    challenge_id: str,
+    credential_json: str,
+    context: common_pb2.ClientContext | None = None,
 ) -> grpc.aio.UnaryUnaryCall[mfa_pb2.FinishPasskeyLoginRequest, mfa_pb2.FinishPasskeyLoginResponse]:
     return mfa.FinishPasskeyLogin(
         mfa_pb2.FinishPasskeyLoginRequest(
@@ -94,7 +103,9 @@ async def test_a_registered_passkey_signs_in_without_an_email(iam: RunningServic
     started = await start_login(mfa, context=client(ua=IPHONE))
     assert json.loads(started.options_json)["allowCredentials"] == []
     assert json.loads(started.options_json)["userVerification"] == "required"
-    answer = await finish_login(mfa, started.challenge_id, authenticator.get(started.options_json), client(ua=IPHONE))
+    answer = await finish_login(
+        mfa, started.challenge_id, authenticator.get(started.options_json), client(ua=IPHONE)
+    )
     assert answer.WhichOneof("result") == "session"
     assert answer.session.user_id == session.user_id
     async with iam.app.components.db.transaction() as tx:
@@ -112,11 +123,14 @@ async def test_with_an_email_the_options_name_the_accounts_passkeys_and_decoys_o
     email = new_email()
     authenticator = await registered(mfa, await signup(auth, email))
     named = json.loads((await start_login(mfa, email)).options_json)["allowCredentials"]
-    assert [c["id"] for c in named] == [json.loads(authenticator.get(json.dumps({"challenge": "x", "rpId": "localhost"})))["id"]]
+    assert [c["id"] for c in named] == [
+        json.loads(authenticator.get(json.dumps({"challenge": "x", "rpId": "localhost"})))["id"]
+    ]
     stranger = new_email()
     first = json.loads((await start_login(mfa, stranger)).options_json)["allowCredentials"]
     second = json.loads((await start_login(mfa, stranger)).options_json)["allowCredentials"]
-    assert len(first) == 1 and first == second
+    assert len(first) == 1
+    assert first == second
 
 
 async def test_a_registration_answer_works_once(stubs: Stubs) -> None:
@@ -160,7 +174,9 @@ async def test_a_registration_for_another_origin_or_relying_party_does_not_verif
         )
     )
     assert (code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
-    listed = await mfa.ListPasskeys(mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token))
+    listed = await mfa.ListPasskeys(
+        mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token)
+    )
     assert list(listed.passkeys) == []
 
 
@@ -189,7 +205,9 @@ async def test_an_assertion_replayed_is_refused(stubs: Stubs) -> None:
     ],
     ids=["tampered-signature", "wrong-origin", "wrong-rp-id", "no-user-verification"],
 )
-async def test_an_assertion_that_does_not_verify_is_invalid_credentials(stubs: Stubs, lie: dict[str, object]) -> None:
+async def test_an_assertion_that_does_not_verify_is_invalid_credentials(
+    stubs: Stubs, lie: dict[str, object]
+) -> None:
     """INVALID_CREDENTIALS, and the ceremony is spent."""
     auth, mfa = stubs
     authenticator = await registered(mfa, await signup(auth))
@@ -198,7 +216,9 @@ async def test_an_assertion_that_does_not_verify_is_invalid_credentials(stubs: S
         finish_login(mfa, started.challenge_id, authenticator.get(started.options_json, **lie))  # type: ignore[arg-type]
     )
     assert (code, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
-    code, details = await failure(finish_login(mfa, started.challenge_id, authenticator.get(started.options_json)))
+    code, details = await failure(
+        finish_login(mfa, started.challenge_id, authenticator.get(started.options_json))
+    )
     assert details.reason == "CHALLENGE_EXPIRED"
 
 
@@ -209,7 +229,7 @@ async def test_another_accounts_passkey_does_not_answer_for_an_email(stubs: Stub
     await registered(mfa, await signup(auth, email))
     other = await registered(mfa, await signup(auth))
     started = await start_login(mfa, email)
-    code, details = await failure(finish_login(mfa, started.challenge_id, other.get(started.options_json)))
+    _, details = await failure(finish_login(mfa, started.challenge_id, other.get(started.options_json)))
     assert details.reason == "INVALID_CREDENTIALS"
 
 
@@ -226,20 +246,26 @@ async def test_a_passkey_answers_an_mfa_challenge(stubs: Stubs) -> None:
     assert answer.mfa.channel == "passkey"
     options = answer.mfa.passkey_options_json
     bad = authenticator.get(options, tamper=True)
-    code, details = await failure(
+    _, details = await failure(
         mfa.VerifyChallenge(
-            mfa_pb2.VerifyChallengeRequest(client=phone, challenge_id=answer.mfa.challenge_id, passkey_assertion_json=bad)
+            mfa_pb2.VerifyChallengeRequest(
+                client=phone, challenge_id=answer.mfa.challenge_id, passkey_assertion_json=bad
+            )
         )
     )
     assert (details.reason, details.metadata["attempts_left"]) == ("CODE_INVALID", "4")
     good = authenticator.get(options)
     verified = await mfa.VerifyChallenge(
-        mfa_pb2.VerifyChallengeRequest(client=phone, challenge_id=answer.mfa.challenge_id, passkey_assertion_json=good)
+        mfa_pb2.VerifyChallengeRequest(
+            client=phone, challenge_id=answer.mfa.challenge_id, passkey_assertion_json=good
+        )
     )
     assert verified.WhichOneof("result") == "session"
-    code, details = await failure(
+    _, details = await failure(
         mfa.VerifyChallenge(
-            mfa_pb2.VerifyChallengeRequest(client=phone, challenge_id=answer.mfa.challenge_id, passkey_assertion_json=good)
+            mfa_pb2.VerifyChallengeRequest(
+                client=phone, challenge_id=answer.mfa.challenge_id, passkey_assertion_json=good
+            )
         )
     )
     assert details.reason == "CHALLENGE_EXPIRED"
@@ -262,21 +288,27 @@ async def test_deleting_a_passkey_of_a_password_user(stubs: Stubs) -> None:
     session = await signup(auth)
     await registered(mfa, session)
     context = on_device(session)
-    listed = await mfa.ListPasskeys(mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token))
+    listed = await mfa.ListPasskeys(
+        mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token)
+    )
     other = await signup(auth)
     await mfa.DeletePasskey(
         mfa_pb2.DeletePasskeyRequest(
             client=on_device(other), access_token=other.access_token, passkey_id=listed.passkeys[0].passkey_id
         )
     )
-    still = await mfa.ListPasskeys(mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token))
+    still = await mfa.ListPasskeys(
+        mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token)
+    )
     assert len(still.passkeys) == 1
     await mfa.DeletePasskey(
         mfa_pb2.DeletePasskeyRequest(
             client=context, access_token=session.access_token, passkey_id=listed.passkeys[0].passkey_id
         )
     )
-    gone = await mfa.ListPasskeys(mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token))
+    gone = await mfa.ListPasskeys(
+        mfa_pb2.ListPasskeysRequest(client=context, access_token=session.access_token)
+    )
     assert list(gone.passkeys) == []
 
 
@@ -286,14 +318,18 @@ async def test_a_login_ceremony_works_once_across_two_replicas(
     """Started on replica A, finished on B; the same answer to A again: CHALLENGE_EXPIRED (the
     challenge lives in the shared store and is taken once)."""
     environ = account_env(shared_backend, mailbox, LIMITS)
-    async with running_service(tmp_path / "a", environ) as a, running_service(tmp_path / "b", environ) as b:
-        async with a.channel() as on_a, b.channel() as on_b:
-            auth_a, mfa_a = auth_pb2_grpc.AuthServiceStub(on_a), mfa_pb2_grpc.MfaServiceStub(on_a)
-            mfa_b = mfa_pb2_grpc.MfaServiceStub(on_b)
-            authenticator = await registered(mfa_a, await signup(auth_a))
-            started = await start_login(mfa_a)
-            assertion = authenticator.get(started.options_json)
-            answer = await finish_login(mfa_b, started.challenge_id, assertion)
-            assert answer.WhichOneof("result") == "session"
-            code, details = await failure(finish_login(mfa_a, started.challenge_id, assertion))
-            assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CHALLENGE_EXPIRED")
+    async with (
+        running_service(tmp_path / "a", environ) as a,
+        running_service(tmp_path / "b", environ) as b,
+        a.channel() as on_a,
+        b.channel() as on_b,
+    ):
+        auth_a, mfa_a = auth_pb2_grpc.AuthServiceStub(on_a), mfa_pb2_grpc.MfaServiceStub(on_a)
+        mfa_b = mfa_pb2_grpc.MfaServiceStub(on_b)
+        authenticator = await registered(mfa_a, await signup(auth_a))
+        started = await start_login(mfa_a)
+        assertion = authenticator.get(started.options_json)
+        answer = await finish_login(mfa_b, started.challenge_id, assertion)
+        assert answer.WhichOneof("result") == "session"
+        code, details = await failure(finish_login(mfa_a, started.challenge_id, assertion))
+        assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CHALLENGE_EXPIRED")

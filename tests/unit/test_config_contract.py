@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from iam_grpc.config.signin import OidcProvider
 from iam_grpc.config import CallerSettings, CallersSettings, ConfigError, Settings, load_settings, sources
+from iam_grpc.config.signin import OidcProvider
 
 DOC = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
 

@@ -25,13 +25,13 @@ from iam_grpc.logging import component_logger
 from iam_grpc.storage.breaker import Breaker
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.sql.audit import SqlAuditLog
-from iam_grpc.storage.sql.credentials import SqlIdentityStore, SqlPasskeyStore
 from iam_grpc.storage.sql.connection import (
     InlineConnection,
     SqlConnection,
     begin_inline,
     inline_sqlite_engine,
 )
+from iam_grpc.storage.sql.credentials import SqlIdentityStore, SqlPasskeyStore
 from iam_grpc.storage.sql.devices import SqlDeviceStore
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
