@@ -102,7 +102,11 @@ class PasskeyLogin:
             user_verification=UserVerificationRequirement.REQUIRED,
         )
         challenge_id = new_challenge_id()
-        state = {"challenge": bytes_to_base64url(options.challenge), "email": email.norm if email else ""}
+        state = {
+            "challenge": bytes_to_base64url(options.challenge),
+            "email": email.norm if email else "",
+            "device": client.device_id,  # finished by the device that started it
+        }
         await self._ephemeral.set(
             _login_key(challenge_id), json.dumps(state).encode(), self.policy.ceremony_ttl
         )
@@ -127,6 +131,8 @@ class PasskeyLogin:
         permit = await self._run.limiter.hit("passkey.ip_fail", ip_key(client.ip))
         try:
             user, _ = await self._verified(credential_json, base64url_to_bytes(state["challenge"]))
+            if state.get("device", "") != client.device_id:
+                raise _Refused("another device")
             if state["email"] and user.email_norm != state["email"]:
                 raise _Refused("another account's passkey")
             if user.status != "active":

@@ -333,3 +333,15 @@ async def test_a_login_ceremony_works_once_across_two_replicas(
         assert answer.WhichOneof("result") == "session"
         code, details = await failure(finish_login(mfa_a, started.challenge_id, assertion))
         assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CHALLENGE_EXPIRED")
+
+
+async def test_a_ceremony_is_finished_by_the_device_that_started_it(stubs: Stubs) -> None:
+    """Started without a device id, finished with another one: INVALID_CREDENTIALS."""
+    auth, mfa = stubs
+    session = await signup(auth)
+    authenticator = await registered(mfa, session)
+    started = await start_login(mfa)
+    _, details = await failure(
+        finish_login(mfa, started.challenge_id, authenticator.get(started.options_json), on_device(session))
+    )
+    assert details.reason == "INVALID_CREDENTIALS"
