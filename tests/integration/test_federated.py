@@ -232,3 +232,27 @@ async def test_link_and_unlink_keep_a_way_to_sign_in(stubs: Stubs, provider: Oid
         )
     )
     assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LAST_SIGN_IN_METHOD")
+
+
+async def test_a_new_identity_without_an_email_creates_nothing(stubs: Stubs, provider: OidcProvider) -> None:
+    """A valid token for an unknown subject that carries no email: ID_TOKEN_INVALID (an account
+    needs an address)."""
+    auth, _ = stubs
+    nonce = secrets.token_urlsafe(16)
+    code, details = await failure(sign_in(auth, provider.token(subject(), nonce), nonce))
+    assert (code, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, "ID_TOKEN_INVALID")
+
+
+async def test_a_disabled_users_identity_does_not_sign_in(
+    iam: RunningService, stubs: Stubs, provider: OidcProvider
+) -> None:
+    """INVALID_CREDENTIALS, as for a password."""
+    auth, _ = stubs
+    sub, nonce = subject(), secrets.token_urlsafe(16)
+    first = await sign_in(auth, provider.token(sub, nonce, email=new_email()), nonce)
+    async with iam.app.components.db.transaction() as tx:
+        await tx.users.set_status(first.session.user_id, "disabled", iam.app.components.clock.now())
+    code, details = await failure(
+        sign_in(auth, provider.token(sub, nonce), nonce, client(device_id=first.session.device_id))
+    )
+    assert (code, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
