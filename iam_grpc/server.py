@@ -65,7 +65,7 @@ def _auth(c: Components, server: grpc.aio.Server) -> None:
 
 def _token(c: Components, server: grpc.aio.Server) -> None:
     token_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(c.access, c.sessions, c.refresh, c.keys), server
+        TokenService(c.access, c.sessions, c.refresh, c.keys, c.sign_in.passkey_login), server
     )
 
 

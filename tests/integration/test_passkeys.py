@@ -13,7 +13,15 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2, mfa_pb2, mfa_pb2_grpc
+from iam_grpc.proto import (
+    auth_pb2,
+    auth_pb2_grpc,
+    common_pb2,
+    mfa_pb2,
+    mfa_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
+)
 from iam_grpc.testing import RunningService, running_service
 from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
 from tests.conftest import Backend
@@ -345,3 +353,28 @@ async def test_a_ceremony_is_finished_by_the_device_that_started_it(stubs: Stubs
         finish_login(mfa, started.challenge_id, authenticator.get(started.options_json), on_device(session))
     )
     assert details.reason == "INVALID_CREDENTIALS"
+
+
+async def test_a_refresh_challenge_offers_the_passkey_and_takes_it(iam: RunningService, stubs: Stubs) -> None:
+    """Refresh from a changed browser raises a challenge that offers "passkey"; the assertion
+    through VerifyChallenge rotates the session."""
+    auth, mfa = stubs
+    session = await signup(auth)
+    authenticator = await registered(mfa, session)
+    moved = client(ua=IPHONE, device_id=session.device_id)
+    async with iam.channel() as channel:
+        tokens = token_pb2_grpc.TokenServiceStub(channel)
+        answer = await tokens.Refresh(
+            token_pb2.RefreshRequest(client=moved, refresh_token=session.refresh_token)
+        )
+    assert answer.WhichOneof("result") == "mfa"
+    assert answer.mfa.channels[0] == "passkey"
+    verified = await mfa.VerifyChallenge(
+        mfa_pb2.VerifyChallengeRequest(
+            client=moved,
+            challenge_id=answer.mfa.challenge_id,
+            passkey_assertion_json=authenticator.get(answer.mfa.passkey_options_json),
+        )
+    )
+    assert verified.WhichOneof("result") == "session"
+    assert verified.session.session_id == session.session_id
