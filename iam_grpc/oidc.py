@@ -100,6 +100,7 @@ class OidcVerifier:
             email_verified=claims.get("email_verified") is True or claims.get("email_verified") == "true",
             name=_text(claims.get("given_name") or claims.get("name")),
             last_name=_text(claims.get("family_name")),
+            expires_at=float(claims["exp"]),
         )
 
     def _refused(self, provider: str, check: str) -> NoReturn:

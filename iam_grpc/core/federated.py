@@ -15,6 +15,7 @@ taken on trust from the BFF), and the identities linked to a user.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -39,7 +40,7 @@ from iam_grpc.errors import (
 )
 from iam_grpc.ids import new_ulid
 from iam_grpc.logging import component_logger
-from iam_grpc.storage.ports import Conflict, Database, Transaction
+from iam_grpc.storage.ports import Conflict, Database, Ephemeral, Transaction
 from iam_grpc.storage.records import IdentityRecord, User
 
 __all__ = ["FederatedPolicy", "FederatedSignIn", "SignInMethods", "sign_in_methods_of"]
@@ -55,6 +56,7 @@ class FederatedPolicy:
     default_roles: tuple[str, ...]  # roles.default, as at signup
     learning: LearningPolicy
     max_auth_age: timedelta  # linking or unlinking needs a recent sign-in (email_change's)
+    leeway: timedelta  # oidc.leeway: a used token is remembered this long past its expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,7 @@ class FederatedSignIn:
     def __init__(
         self,
         runtime: Runtime,
+        ephemeral: Ephemeral,
         verifier: IdTokenVerifier,
         access: AccessTokens,
         sessions: Sessions,
@@ -106,6 +109,7 @@ class FederatedSignIn:
         policy: FederatedPolicy,
     ) -> None:
         self._run = runtime
+        self._ephemeral = ephemeral
         self._verifier = verifier
         self._access = access
         self._sessions = sessions
@@ -118,6 +122,7 @@ class FederatedSignIn:
         permit = await self._run.limiter.hit("oauth.ip_fail", ip_key(client.ip))
         try:
             claims = await self._verifier.verify(provider, id_token, nonce)
+            await self._use_once(id_token, claims)
         except IdTokenInvalid:
             async with self._run.db.transaction() as tx:
                 await self._run.audit.record(
@@ -126,6 +131,16 @@ class FederatedSignIn:
             raise
         await permit.succeeded()
         return claims
+
+    async def _use_once(self, id_token: str, claims: IdClaims) -> None:
+        """An ID token works once, on any replica: one that leaked from a log or a proxy cannot
+        be replayed while it is still valid. Remembered until its expiry and the leeway."""
+        digest = hashlib.sha256(id_token.encode()).hexdigest()
+        left = claims.expires_at - self._run.clock.now().timestamp()
+        ttl = timedelta(seconds=max(1.0, left)) + self._policy.leeway
+        if not await self._ephemeral.set_if_absent(f"oidc:used:{{{digest}}}", b"1", ttl):
+            log.bind(provider=claims.provider).info("id token replayed")
+            raise IdTokenInvalid()
 
     async def sign_in(
         self, client: ClientInfo, provider: str, id_token: str, nonce: str, violations: Violations

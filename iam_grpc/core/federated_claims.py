@@ -17,6 +17,7 @@ class IdClaims:
     email_verified: bool
     name: str = ""
     last_name: str = ""
+    expires_at: float = 0.0  # the token's exp (Unix time): how long its single use is remembered
 
 
 class IdTokenVerifier(Protocol):

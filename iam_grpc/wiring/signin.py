@@ -61,6 +61,7 @@ def build_sign_in_methods(
         default_roles=tuple(settings.roles.default),
         learning=learning,
         max_auth_age=settings.email_change.max_auth_age,
+        leeway=settings.oidc.leeway,
     )
     return SignInMethods(
         passkeys=PasskeyRegistry(runtime, stores.ephemeral, access, policy),
@@ -68,6 +69,13 @@ def build_sign_in_methods(
             runtime, stores.ephemeral, material, login, challenges, completion, observer, risk, policy
         ),
         federated=FederatedSignIn(
-            runtime, OidcVerifier(settings.oidc), access, sessions, login, observer, federated
+            runtime,
+            stores.ephemeral,
+            OidcVerifier(settings.oidc),
+            access,
+            sessions,
+            login,
+            observer,
+            federated,
         ),
     )

@@ -256,3 +256,14 @@ async def test_a_disabled_users_identity_does_not_sign_in(
         sign_in(auth, provider.token(sub, nonce), nonce, client(device_id=first.session.device_id))
     )
     assert (code, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
+
+
+async def test_an_id_token_works_once(stubs: Stubs, provider: OidcProvider) -> None:
+    """The same token again (leaked from a log or a proxy): ID_TOKEN_INVALID."""
+    auth, _ = stubs
+    nonce = secrets.token_urlsafe(16)
+    token = provider.token(subject(), nonce, email=new_email())
+    first = await sign_in(auth, token, nonce)
+    assert first.WhichOneof("result") == "session"
+    code, details = await failure(sign_in(auth, token, nonce, client(device_id=first.session.device_id)))
+    assert (code, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, "ID_TOKEN_INVALID")
