@@ -94,7 +94,7 @@ class PasskeyLogin:
             async with self._run.db.transaction(read_only=True) as tx:
                 user = await tx.users.get_by_email(email.norm)
                 mine = await tx.passkeys.of_user(user.id) if user is not None else []
-            allowed = descriptors(mine) or self._decoys(email.norm)
+            allowed = descriptors(mine, transports=False) or self._decoys(email.norm)
         options = generate_authentication_options(
             rp_id=self.policy.rp_id,
             timeout=int(self.policy.ceremony_ttl.total_seconds() * 1000),

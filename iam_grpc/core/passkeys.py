@@ -61,11 +61,17 @@ def credential_hash(credential_id: str) -> str:
     return bytes_to_base64url(hashlib.sha256(credential_id.encode()).digest())
 
 
-def descriptors(passkeys: list[PasskeyRecord]) -> list[PublicKeyCredentialDescriptor]:
+def descriptors(
+    passkeys: list[PasskeyRecord], *, transports: bool = True
+) -> list[PublicKeyCredentialDescriptor]:
+    """The credentials as options name them; without ``transports`` (hints only) when the answer
+    must look the same as the made-up ones of an address without passkeys."""
     return [
         PublicKeyCredentialDescriptor(
             id=base64url_to_bytes(p.credential_id),
-            transports=[AuthenticatorTransport(t) for t in p.transports.split(",") if _transport(t)],
+            transports=[AuthenticatorTransport(t) for t in p.transports.split(",") if _transport(t)]
+            if transports
+            else None,
         )
         for p in passkeys
     ]

@@ -139,6 +139,7 @@ async def test_with_an_email_the_options_name_the_accounts_passkeys_and_decoys_o
     second = json.loads((await start_login(mfa, stranger)).options_json)["allowCredentials"]
     assert len(first) == 1
     assert first == second
+    assert set(first[0]) == set(named[0])  # the same keys: no transports on either
 
 
 async def test_a_registration_answer_works_once(stubs: Stubs) -> None:
