@@ -193,7 +193,7 @@ class PasskeyLogin:
         done = await self._challenges.finish(challenge.id)  # two right answers at once: one wins
         for permit in permits:
             await permit.succeeded()
-        return await self._completion.complete(done, client, seen)
+        return await self._completion.complete(done, client, seen, mailbox=False)
 
     async def _reserve(self, client: ClientInfo, challenge: Challenge) -> list[Permit]:
         limiter = self._run.limiter

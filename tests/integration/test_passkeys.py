@@ -242,9 +242,10 @@ async def test_another_accounts_passkey_does_not_answer_for_an_email(stubs: Stub
     assert details.reason == "INVALID_CREDENTIALS"
 
 
-async def test_a_passkey_answers_an_mfa_challenge(stubs: Stubs) -> None:
+async def test_a_passkey_answers_an_mfa_challenge(iam: RunningService, stubs: Stubs) -> None:
     """A password login from a new device: the challenge offers "passkey" first, with options; the
-    assertion through VerifyChallenge answers a Session. A tampered one spends an attempt."""
+    assertion through VerifyChallenge answers a Session (the address is not thereby verified: a
+    passkey proves the person, not the mailbox). A tampered one spends an attempt."""
     auth, mfa = stubs
     email = new_email()
     authenticator = await registered(mfa, await signup(auth, email))
@@ -270,6 +271,10 @@ async def test_a_passkey_answers_an_mfa_challenge(stubs: Stubs) -> None:
         )
     )
     assert verified.WhichOneof("result") == "session"
+    async with iam.app.components.db.transaction() as tx:
+        user = await tx.users.get(verified.session.user_id)
+    assert user is not None
+    assert user.email_verified_at is None
     _, details = await failure(
         mfa.VerifyChallenge(
             mfa_pb2.VerifyChallengeRequest(
