@@ -4,7 +4,10 @@ taken on trust from the BFF), and the identities linked to a user.
 - A known identity (provider, subject) signs its user in through the login pipeline: like a
   password, the token is one factor, so a new device or a risky sign-in gets an MFA challenge.
 - An unknown identity whose email has no account creates the account and answers a Session on
-  a device trusted from now on (there is no earlier device to distrust).
+  a device trusted from now on (there is no earlier device to distrust), when the provider says
+  the address is verified; otherwise ``ACCOUNT_LINK_REQUIRED`` (sign up another way, then link):
+  an account made on an unproved address would wait for its real owner with the identity still
+  linked (pre-account takeover).
 - An unknown identity whose email belongs to an account is linked only when the token says
   ``email_verified`` and the account's address is verified too; otherwise
   ``ACCOUNT_LINK_REQUIRED``: whoever controls an unverified address at one side must not get
@@ -161,6 +164,10 @@ class FederatedSignIn:
         async with self._run.db.transaction(read_only=True) as tx:
             holder = await tx.users.get_by_email(email.norm)
         if holder is None:
+            if not claims.email_verified:
+                # An account made on an address nobody proved would be waiting for its owner, with
+                # this identity still linked after they reset the password into it.
+                raise AccountLinkRequired()
             return await self._create(client, claims, email.display, email.norm)
         if holder.status != "active":
             raise InvalidCredentials()
@@ -180,7 +187,7 @@ class FederatedSignIn:
             name=claims.name or display.split("@", 1)[0][:100],
             last_name=claims.last_name,
             locale=client.accept_language or None,
-            email_verified_at=now if claims.email_verified else None,
+            email_verified_at=now,  # the provider vouched for it (checked above)
             terms_accepted_at=now,
             created_at=now,
             updated_at=now,

@@ -267,3 +267,17 @@ async def test_an_id_token_works_once(stubs: Stubs, provider: OidcProvider) -> N
     assert first.WhichOneof("result") == "session"
     code, details = await failure(sign_in(auth, token, nonce, client(device_id=first.session.device_id)))
     assert (code, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, "ID_TOKEN_INVALID")
+
+
+async def test_a_new_identity_with_an_unverified_email_creates_nothing(
+    iam: RunningService, stubs: Stubs, provider: OidcProvider
+) -> None:
+    """ACCOUNT_LINK_REQUIRED and no account: one made on an unproved address would wait for its
+    owner with this identity linked."""
+    auth, _ = stubs
+    email, nonce = new_email(), secrets.token_urlsafe(16)
+    token = provider.token(subject(), nonce, email=email, email_verified=False)
+    code, details = await failure(sign_in(auth, token, nonce))
+    assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_LINK_REQUIRED")
+    async with iam.app.components.db.transaction() as tx:
+        assert await tx.users.get_by_email(email) is None
