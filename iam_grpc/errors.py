@@ -27,6 +27,10 @@ holding an ``ErrorInfo`` in domain ``iam.v1``.
     │   ├── ReauthRequired          FAILED_PRECONDITION  REAUTH_REQUIRED
     │   ├── CallerUnknown           UNAUTHENTICATED      CALLER_UNKNOWN
     │   ├── CallerForbidden         PERMISSION_DENIED    CALLER_UNKNOWN
+    │   ├── IdTokenInvalid          UNAUTHENTICATED      ID_TOKEN_INVALID
+    │   ├── AccountLinkRequired     FAILED_PRECONDITION  ACCOUNT_LINK_REQUIRED
+    │   ├── IdentityTaken           ALREADY_EXISTS       IDENTITY_TAKEN
+    │   ├── LastSignInMethod        FAILED_PRECONDITION  LAST_SIGN_IN_METHOD
     │   └── NotImplementedYet       UNIMPLEMENTED        UNIMPLEMENTED (declared, not served yet)
     └── ServerError                 our side is at fault; details never shown
         ├── BackendUnavailable      UNAVAILABLE          BACKEND_UNAVAILABLE
@@ -47,6 +51,7 @@ from datetime import timedelta
 
 __all__ = [
     "DOMAIN",
+    "AccountLinkRequired",
     "AnomalyBlocked",
     "BackendUnavailable",
     "CallerForbidden",
@@ -60,9 +65,12 @@ __all__ = [
     "ErrorCode",
     "FieldViolation",
     "IamError",
+    "IdTokenInvalid",
+    "IdentityTaken",
     "InternalError",
     "InvalidArgument",
     "InvalidCredentials",
+    "LastSignInMethod",
     "LinkUsed",
     "NotImplementedYet",
     "PasswordBreached",
@@ -272,6 +280,33 @@ class NotImplementedYet(ClientError):
     code = ErrorCode.UNIMPLEMENTED
     reason = "UNIMPLEMENTED"
     message = "This method is not implemented yet."
+
+
+class IdTokenInvalid(ClientError):
+    """An ID token that does not verify for the named provider (unknown provider, signature,
+    issuer, audience, expiry, nonce): one answer for all, so nothing tells which check failed."""
+
+    code = ErrorCode.UNAUTHENTICATED
+    reason = "ID_TOKEN_INVALID"
+    message = "The ID token is not valid."
+
+
+class AccountLinkRequired(ClientError):
+    code = ErrorCode.FAILED_PRECONDITION
+    reason = "ACCOUNT_LINK_REQUIRED"
+    message = "Sign in another way, then link this identity."
+
+
+class IdentityTaken(ClientError):
+    code = ErrorCode.ALREADY_EXISTS
+    reason = "IDENTITY_TAKEN"
+    message = "This identity is linked to another account."
+
+
+class LastSignInMethod(ClientError):
+    code = ErrorCode.FAILED_PRECONDITION
+    reason = "LAST_SIGN_IN_METHOD"
+    message = "This is the last way to sign in to the account; add another first."
 
 
 class ServerError(IamError):

@@ -59,18 +59,18 @@ def _auth(c: Components, server: grpc.aio.Server) -> None:
     # The protos declare RPCs before their servicers land; until then the generated base answers
     # them (NotImplementedError, mapped to UNIMPLEMENTED). strict mypy flags these ignores as
     # unused once every method of the service is implemented.
-    service = AuthService(c.sessions, flows)  # type: ignore[abstract]
+    service = AuthService(c.sessions, flows, c.sign_in)  # type: ignore[abstract]
     auth_pb2_grpc.add_AuthServiceServicer_to_server(service, server)
 
 
 def _token(c: Components, server: grpc.aio.Server) -> None:
     token_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(c.access, c.sessions, c.refresh, c.keys), server
+        TokenService(c.access, c.sessions, c.refresh, c.keys, c.sign_in.passkey_login), server
     )
 
 
 def _mfa(c: Components, server: grpc.aio.Server) -> None:
-    service = MfaService(c.codes, c.magic_links, c.step_up)  # type: ignore[abstract]
+    service = MfaService(c.codes, c.magic_links, c.step_up, c.sign_in)  # type: ignore[abstract]
     mfa_pb2_grpc.add_MfaServiceServicer_to_server(service, server)
 
 

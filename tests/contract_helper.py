@@ -21,19 +21,10 @@ SERVICE_MODULES: tuple[ModuleType, ...] = (auth_pb2, token_pb2, mfa_pb2, user_pb
 # "Service/Method" of every RPC declared but not served yet.
 PENDING_RPCS: frozenset[str] = frozenset(
     {
-        "AuthService/SignInWithIdToken",
-        "AuthService/LinkIdentity",
-        "AuthService/UnlinkIdentity",
         "AuthService/RequestEmailVerification",
         "MfaService/EnrollTotp",
         "MfaService/ConfirmTotp",
         "MfaService/DisableTotp",
-        "MfaService/StartPasskeyRegistration",
-        "MfaService/FinishPasskeyRegistration",
-        "MfaService/ListPasskeys",
-        "MfaService/DeletePasskey",
-        "MfaService/StartPasskeyLogin",
-        "MfaService/FinishPasskeyLogin",
         "UserService/GetMe",
         "UserService/UpdateProfile",
         "UserService/GetUser",
@@ -62,7 +53,6 @@ PENDING_RPCS: frozenset[str] = frozenset(
 PENDING_FIELDS: frozenset[str] = frozenset(
     {
         "MfaService/VerifyChallenge.recovery_code",
-        "MfaService/VerifyChallenge.passkey_assertion_json",
     }
 )
 

@@ -44,6 +44,7 @@ from iam_grpc.config.sessions import (
     SessionsSettings,
     TokensSettings,
 )
+from iam_grpc.config.signin import OidcSettings, WebauthnSettings
 from iam_grpc.config.storage import DatabaseSettings, EphemeralSettings, RedisSettings
 from iam_grpc.config.values import join_host_port
 
@@ -108,6 +109,8 @@ class Settings(BaseSettings):
     cleanup: CleanupSettings = CleanupSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     tracing: TracingSettings = TracingSettings()
+    webauthn: WebauthnSettings = WebauthnSettings()
+    oidc: OidcSettings = OidcSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -135,6 +135,22 @@ def _smtp_url(text: str) -> dict[str, Any]:
     return values
 
 
+def _origins(text: str) -> dict[str, Any]:
+    return {"origins": [part.strip() for part in text.split(",") if part.strip()]}
+
+
+def _providers(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError(
+            "must be a JSON object: name -> {issuer, client_ids, jwks_url | jwks_file}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object: name -> {issuer, client_ids, jwks_url | jwks_file}")
+    return {"providers": value}
+
+
 _SMTP_SETTINGS = ("host", "port", "tls", "starttls", "username", "password")
 
 CONTRACT: tuple[ContractName, ...] = (
@@ -160,6 +176,9 @@ CONTRACT: tuple[ContractName, ...] = (
     ContractName("IAM_ARGON2_MEMORY_KIB", ("passwords.memory_kib",)),
     ContractName("IAM_ARGON2_TIME_COST", ("passwords.time_cost",)),
     ContractName("IAM_ARGON2_PARALLELISM", ("passwords.parallelism",)),
+    ContractName("IAM_WEBAUTHN_RP_ID", ("webauthn.rp_id",)),
+    ContractName("IAM_WEBAUTHN_ORIGINS", ("webauthn.origins",), _origins),
+    ContractName("IAM_OIDC_PROVIDERS", ("oidc.providers",), _providers),
     # not in api.md: the test suite's fault hooks, which production refuses
     ContractName("IAM_TEST_FAILPOINTS", ("test_failpoints",), _failpoints),
 )

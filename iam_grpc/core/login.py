@@ -142,6 +142,36 @@ class LoginFlow:
         await self._rehash_if_needed(user, password)
         breached = await self._rules.is_breached(password)
 
+        return await self._answer(user, client, seen, trusted=trusted, links=links, breached=breached)
+
+    async def proven(self, user: User, client: ClientInfo, *, second_factor: bool) -> LoginResult:
+        """Steps 8-10 for a user proven another way: a passkey (``second_factor``: it was
+        possession and user verification at once, so it stands for the NEW_DEVICE challenge and
+        trusts the device) or another provider's ID token (one factor: MFA as for a password).
+        The other reasons (a security hold, a risky ip or device, impossible travel) still ask
+        for a challenge."""
+        if user.status != "active":
+            raise InvalidCredentials()
+        async with self._run.db.transaction(read_only=True) as tx:
+            links = await tx.devices.links_of(user.id)
+        seen = self._observer.observe(client)
+        now = self._run.clock.now()
+        trusted = is_trusted(_link_for(links, client.device_id), seen.agent, now, self._sessions.trust_idle)
+        return await self._answer(
+            user, client, seen, trusted=trusted or second_factor, links=links, breached=False
+        )
+
+    async def _answer(
+        self,
+        user: User,
+        client: ClientInfo,
+        seen: Observation,
+        *,
+        trusted: bool,
+        links: list[UserDevice],
+        breached: bool,
+    ) -> LoginResult:
+        """Steps 9-10: a challenge (or the approved one completed), else a session."""
         reason = await self._mfa_reason(user, client, seen, trusted, links)
         if reason is not None:
             try:

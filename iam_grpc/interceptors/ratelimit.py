@@ -29,6 +29,10 @@ RPC_IP_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "/iam.v1.TokenService/Refresh": (("refresh.ip",), ("refresh.ip_invalid",)),
     "/iam.v1.MfaService/VerifyChallenge": (("code.ip",), ("code.ip_fail",)),
     "/iam.v1.MfaService/RedeemMagicLink": (("link_redeem.ip",), ()),
+    "/iam.v1.MfaService/StartPasskeyLogin": (("passkey.ip",), ("passkey.ip_fail",)),
+    "/iam.v1.MfaService/FinishPasskeyLogin": (("passkey.ip",), ("passkey.ip_fail",)),
+    "/iam.v1.AuthService/SignInWithIdToken": (("oauth.ip",), ("oauth.ip_fail",)),
+    "/iam.v1.AuthService/LinkIdentity": (("oauth.ip",), ("oauth.ip_fail",)),
 }
 
 

@@ -15,9 +15,12 @@ from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2
+from iam_grpc.services.auth_federated import FederatedRpcs
 from iam_grpc.services.convert import client_info, session_message, timestamp
+from iam_grpc.services.mfa_passkeys import offer_passkey
+from iam_grpc.wiring.signin import SignInMethods
 
-__all__ = ["AuthFlows", "AuthService", "challenge_message"]
+__all__ = ["AuthFlows", "AuthService", "challenge_message", "note_user"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +41,17 @@ def challenge_message(challenge: Challenge) -> common_pb2.MfaChallenge:
     )
 
 
-def _note_user(user_id: str) -> None:
+def note_user(user_id: str) -> None:
     call = current_call()
     if call is not None:
         call.user_id = user_id
 
 
-class AuthService(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, sessions: Sessions, flows: AuthFlows) -> None:
+class AuthService(FederatedRpcs, auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, sessions: Sessions, flows: AuthFlows, sign_in: SignInMethods) -> None:
         self._sessions = sessions
         self._flows = flows
+        self._sign_in = sign_in
 
     async def Signup(self, request: auth_pb2.SignupRequest, context: Ctx) -> auth_pb2.SignupResponse:
         violations = Violations()
@@ -60,7 +64,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             terms_accepted=request.terms_accepted,
         )
         issued = await self._flows.signup.signup(client, form, violations)
-        _note_user(issued.user_id)
+        note_user(issued.user_id)
         return auth_pb2.SignupResponse(session=session_message(issued))
 
     async def Login(self, request: auth_pb2.LoginRequest, context: Ctx) -> auth_pb2.LoginResponse:
@@ -68,15 +72,16 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         client = client_info(request.client, violations)
         result = await self._flows.login.login(client, request.email, request.password, violations)
         if result.session is not None:
-            _note_user(result.session.user_id)
+            note_user(result.session.user_id)
             return auth_pb2.LoginResponse(
                 session=session_message(result.session), password_breached=result.password_breached
             )
         assert result.challenge is not None
-        _note_user(result.challenge.user_id)
-        return auth_pb2.LoginResponse(
-            mfa=challenge_message(result.challenge), password_breached=result.password_breached
+        note_user(result.challenge.user_id)
+        mfa = await offer_passkey(
+            challenge_message(result.challenge), result.challenge, self._sign_in.passkey_login
         )
+        return auth_pb2.LoginResponse(mfa=mfa, password_breached=result.password_breached)
 
     async def Logout(self, request: auth_pb2.LogoutRequest, context: Ctx) -> auth_pb2.LogoutResponse:
         violations = Violations()

@@ -11,6 +11,8 @@ from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.proto import common_pb2, mfa_pb2, mfa_pb2_grpc
 from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
+from iam_grpc.services.mfa_passkeys import PasskeyRpcs, offer_passkey
+from iam_grpc.wiring.signin import SignInMethods
 
 __all__ = ["MfaService"]
 
@@ -25,18 +27,28 @@ def _grant(outcome: Outcome) -> common_pb2.StepUpGrant | None:
     )
 
 
-class MfaService(mfa_pb2_grpc.MfaServiceServicer):
-    def __init__(self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp) -> None:
+class MfaService(PasskeyRpcs, mfa_pb2_grpc.MfaServiceServicer):
+    def __init__(
+        self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp, sign_in: SignInMethods
+    ) -> None:
         self._codes = codes
         self._links = links
         self._step_up = step_up
+        self._sign_in = sign_in
 
     async def VerifyChallenge(
         self, request: mfa_pb2.VerifyChallengeRequest, context: Ctx
     ) -> mfa_pb2.VerifyChallengeResponse:
         violations = Violations()
         client = client_info(request.client, violations)
-        outcome = await self._codes.verify(client, request.challenge_id, request.code, violations)
+        if request.passkey_assertion_json:
+            if request.code:
+                violations.add("code", "send either a code or a passkey assertion, not both")
+            outcome = await self._sign_in.passkey_login.verify_challenge(
+                client, request.challenge_id, request.passkey_assertion_json, violations
+            )
+        else:
+            outcome = await self._codes.verify(client, request.challenge_id, request.code, violations)
         if outcome.session is not None:
             return mfa_pb2.VerifyChallengeResponse(session=session_message(outcome.session))
         return mfa_pb2.VerifyChallengeResponse(grant=_grant(outcome))
@@ -67,13 +79,14 @@ class MfaService(mfa_pb2_grpc.MfaServiceServicer):
     ) -> common_pb2.MfaChallenge:
         violations = Violations()
         client = client_info(request.client, violations)
-        return challenge_message(await self._codes.resend(client, request.challenge_id, violations))
+        challenge = await self._codes.resend(client, request.challenge_id, violations)
+        return await offer_passkey(challenge_message(challenge), challenge, self._sign_in.passkey_login)
 
     async def StartStepUp(self, request: mfa_pb2.StartStepUpRequest, context: Ctx) -> common_pb2.MfaChallenge:
         violations = Violations()
         client = client_info(request.client, violations)
         challenge = await self._step_up.start(client, request.access_token, request.action, violations)
-        return challenge_message(challenge)
+        return await offer_passkey(challenge_message(challenge), challenge, self._sign_in.passkey_login)
 
     async def ConsumeStepUpGrant(
         self, request: mfa_pb2.ConsumeStepUpGrantRequest, context: Ctx

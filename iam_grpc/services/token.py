@@ -7,6 +7,7 @@ import json
 from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge
 from iam_grpc.core.keys import KeyRing
+from iam_grpc.core.passkey_login import PasskeyLogin
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.refresh import RefreshRotation
 from iam_grpc.core.tokens.sessions import Sessions
@@ -17,6 +18,7 @@ from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.proto import token_pb2, token_pb2_grpc
 from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
+from iam_grpc.services.mfa_passkeys import offer_passkey
 from iam_grpc.ua import ParsedAgent
 
 __all__ = ["TokenService"]
@@ -24,12 +26,18 @@ __all__ = ["TokenService"]
 
 class TokenService(token_pb2_grpc.TokenServiceServicer):
     def __init__(
-        self, access: AccessTokens, sessions: Sessions, refresh: RefreshRotation, keys: KeyRing
+        self,
+        access: AccessTokens,
+        sessions: Sessions,
+        refresh: RefreshRotation,
+        keys: KeyRing,
+        passkeys: PasskeyLogin,
     ) -> None:
         self._access = access
         self._sessions = sessions
         self._refresh = refresh
         self._keys = keys
+        self._passkeys = passkeys  # a refresh challenge offers the user's passkeys too
 
     async def Refresh(self, request: token_pb2.RefreshRequest, context: Ctx) -> token_pb2.RefreshResponse:
         violations = Violations()
@@ -38,7 +46,9 @@ class TokenService(token_pb2_grpc.TokenServiceServicer):
         answer = await self._refresh.refresh(client, request.refresh_token)
         _note_user(answer.user_id)
         if isinstance(answer, Challenge):
-            return token_pb2.RefreshResponse(mfa=challenge_message(answer))
+            return token_pb2.RefreshResponse(
+                mfa=await offer_passkey(challenge_message(answer), answer, self._passkeys)
+            )
         return token_pb2.RefreshResponse(session=session_message(answer))
 
     async def VerifyAccessToken(

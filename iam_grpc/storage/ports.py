@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Protocol
 
+from iam_grpc.storage.credential_ports import IdentityStore, PasskeyStore
 from iam_grpc.storage.records import (
     AuditEvent,
     Device,
@@ -404,6 +405,12 @@ class Transaction(Protocol):
 
     @property
     def revocations(self) -> RevocationStore: ...
+
+    @property
+    def passkeys(self) -> PasskeyStore: ...
+
+    @property
+    def identities(self) -> IdentityStore: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

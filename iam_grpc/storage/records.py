@@ -14,9 +14,11 @@ __all__ = [
     "AuditEvent",
     "Device",
     "HitResult",
+    "IdentityRecord",
     "LimitSpec",
     "LimitWindow",
     "OutboxMessage",
+    "PasskeyRecord",
     "RefreshToken",
     "SessionRecord",
     "SigningKey",
@@ -213,3 +215,33 @@ class HitResult:
     blocked: bool  # refused because a block is in force (imposed now or earlier)
     new_block_ms: int  # > 0: a block of this length was imposed by this call
     buckets: tuple[int, ...]  # bucket index consumed in each window (for refunds)
+
+
+@dataclass(frozen=True, slots=True)
+class PasskeyRecord:
+    """A registered WebAuthn credential (``passkeys`` row)."""
+
+    id: str
+    user_id: str
+    credential_id: str  # base64url, as the browser reports it
+    public_key: bytes  # COSE
+    sign_count: int
+    name: str
+    created_at: datetime
+    credential_hash: str  # sha256 of credential_id, base64url: the unique lookup key
+    transports: str = ""  # comma separated
+    aaguid: str = ""
+    backup_eligible: int = 0
+    backed_up: int = 0
+    last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRecord:
+    """An identity of another OpenID Connect provider linked to a user (``identities`` row)."""
+
+    user_id: str
+    provider: str
+    subject: str
+    email: str
+    linked_at: datetime

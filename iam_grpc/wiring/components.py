@@ -51,6 +51,7 @@ from iam_grpc.storage.sql.database import SqlDatabase
 from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
+from iam_grpc.wiring.signin import SignInMethods, build_sign_in_methods
 from iam_grpc.wiring.stores import Stores
 
 __all__ = ["Components", "build_components"]
@@ -101,6 +102,7 @@ class Components:
     password_reset: PasswordReset
     password_change: PasswordChange
     email_change: EmailChange
+    sign_in: SignInMethods  # passkeys, other providers' ID tokens
     # maintenance
     cleanup: Cleanup
 
@@ -159,6 +161,23 @@ def build_components(
     )
     magic_links = a.build_magic_links(settings, run, material, links, challenges, completion, observer)
     anomalies = a.build_anomalies(settings, run, challenges, completion, sessions, observer, risk, learning)
+    login = a.build_login(
+        settings, run, rules, hashing, sessions, challenges, completion, observer, risk, learning
+    )
+    sign_in = build_sign_in_methods(
+        settings,
+        stores,
+        run,
+        material,
+        access,
+        sessions,
+        login,
+        challenges,
+        completion,
+        observer,
+        risk,
+        learning,
+    )
     return Components(
         settings=settings,
         clock=clock,
@@ -192,13 +211,12 @@ def build_components(
         anomalies=anomalies,
         refresh=a.build_refresh(settings, stores, run, tokens, sessions, agents, risk, anomalies),
         signup=a.build_signup(settings, run, rules, hashing, domains, sessions, observer, learning),
-        login=a.build_login(
-            settings, run, rules, hashing, sessions, challenges, completion, observer, risk, learning
-        ),
+        login=login,
         password_reset=a.build_password_reset(
             settings, run, material, rules, hashing, sessions, links, agents
         ),
         password_change=a.build_password_change(settings, run, access, rules, hashing, sessions, agents),
         email_change=a.build_email_change(settings, run, material, access, domains, sessions, links, agents),
+        sign_in=sign_in,
         cleanup=b.build_cleanup(settings, stores, clock),
     )

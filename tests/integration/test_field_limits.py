@@ -137,6 +137,33 @@ def _valid_fields(method: str, account: Account) -> dict[str, Any]:
         "MfaService/ResendChallenge": lambda: {"client": client, "challenge_id": new_challenge_id()},
         "MfaService/StartStepUp": lambda: {**signed_in, "action": "delete-account"},
         "MfaService/ConsumeStepUpGrant": lambda: {"grant_token": _token("iamg_"), "action": "delete-account"},
+        "MfaService/StartPasskeyRegistration": lambda: dict(signed_in),
+        "MfaService/FinishPasskeyRegistration": lambda: {
+            **signed_in,
+            "credential_json": "{}",
+            "name": "Laptop",
+        },
+        "MfaService/ListPasskeys": lambda: dict(signed_in),
+        "MfaService/DeletePasskey": lambda: {**signed_in, "passkey_id": "01HZZZZZZZZZZZZZZZZZZZZZZZ"},
+        "MfaService/StartPasskeyLogin": lambda: {"client": client, "email": new_email()},
+        "MfaService/FinishPasskeyLogin": lambda: {
+            "client": client,
+            "challenge_id": new_challenge_id(),
+            "credential_json": "{}",
+        },
+        "AuthService/SignInWithIdToken": lambda: {
+            "client": client,
+            "provider": "acme",
+            "id_token": "e30.e30.sig",
+            "nonce": "n-0123456789",
+        },
+        "AuthService/LinkIdentity": lambda: {
+            **signed_in,
+            "provider": "acme",
+            "id_token": "e30.e30.sig",
+            "nonce": "n-0123456789",
+        },
+        "AuthService/UnlinkIdentity": lambda: {**signed_in, "provider": "acme"},
     }[method]()
 
 
@@ -226,6 +253,11 @@ REFRESH_TOKENS = [
     ("stored_hash_shape", "A" * 43),
     ("oversize", "iamr_" + "A" * 5000),
 ]
+CREDENTIALS_JSON = [("empty", ""), ("oversize", "{" + " " * 33000 + "}")]
+PROVIDERS = [("empty", ""), ("oversize", "p" * 33), ("odd_characters", "acme\n"), ("unicode", "аcme")]
+ID_TOKENS = [("empty", ""), ("oversize", "e30." + "a" * 17000 + ".sig")]
+NONCES = [("empty", ""), ("oversize", "n" * 513)]
+PASSKEY_IDS = [("empty", ""), ("malformed", "not-a-passkey-id"), ("oversize", "0" * 1000)]
 ACTIONS = [
     ("empty", ""),
     ("uppercase", "Delete-Account"),
@@ -298,6 +330,26 @@ FIELD_CASES: list[Case] = [
     *_cases("MfaService/ResendChallenge", "challenge_id", CHALLENGE_IDS),
     *_cases("MfaService/StartStepUp", "action", ACTIONS),
     *_cases("MfaService/ConsumeStepUpGrant", "action", ACTIONS[1:]),
+    *_cases("MfaService/FinishPasskeyRegistration", "credential_json", CREDENTIALS_JSON),
+    *_cases("MfaService/FinishPasskeyRegistration", "name", [("empty", ""), ("blank", "   "), *NAMES]),
+    *_cases("MfaService/DeletePasskey", "passkey_id", PASSKEY_IDS),
+    *_cases("MfaService/StartPasskeyLogin", "email", EMAILS[1:]),  # empty: discoverable credentials
+    *_cases("MfaService/FinishPasskeyLogin", "challenge_id", CHALLENGE_IDS),
+    *_cases("MfaService/FinishPasskeyLogin", "credential_json", CREDENTIALS_JSON),
+    *(
+        Case("MfaService/VerifyChallenge", "passkey_assertion_json", label, value, also=(("code", ""),))
+        for label, value in CREDENTIALS_JSON[1:]
+    ),
+    *(
+        case
+        for method in ("AuthService/SignInWithIdToken", "AuthService/LinkIdentity")
+        for case in (
+            *_cases(method, "provider", PROVIDERS),
+            *_cases(method, "id_token", ID_TOKENS),
+            *_cases(method, "nonce", NONCES),
+        )
+    ),
+    *_cases("AuthService/UnlinkIdentity", "provider", PROVIDERS),
 ]
 
 JWT_LIKE_OVERSIZE = "e30." + "a" * 5000 + ".sig"
@@ -320,6 +372,12 @@ TOKEN_CASES: list[tuple[Case, grpc.StatusCode, str]] = [
             "TokenService/RevokeAllSessions",
             "TokenService/ListSessions",
             "MfaService/StartStepUp",
+            "MfaService/StartPasskeyRegistration",
+            "MfaService/FinishPasskeyRegistration",
+            "MfaService/ListPasskeys",
+            "MfaService/DeletePasskey",
+            "AuthService/LinkIdentity",
+            "AuthService/UnlinkIdentity",
         )
         for label, value in (("empty", ""), ("malformed", "not-a-jwt"), ("oversize", JWT_LIKE_OVERSIZE))
     ),

@@ -132,6 +132,7 @@ def test_the_derivation_finds_the_stored_fields() -> None:
         "name",
         "last_name",
         "session_id",
+        "provider",
     }
     assert STORED[("AuthService/Signup", "client.accept_language")] == (35,)
     assert STORED[("AuthService/Signup", "email")] == (254,)
@@ -295,6 +296,7 @@ def at_the_limit(leaf: str) -> str:
         "name": "中" * 99 + "😀",
         "last_name": "é" * 100,
         "session_id": new_ulid(datetime.now(UTC)),
+        "provider": "p" * 32,
     }[leaf]
 
 
@@ -424,6 +426,29 @@ def base_request(method: str, world: World) -> dict[str, Any]:
         "MfaService/RedeemMagicLink": lambda: {"client": client, "link_token": FAKE_LINK},
         "MfaService/ResendChallenge": lambda: {"client": client, "challenge_id": new_challenge_id()},
         "MfaService/StartStepUp": lambda: {**signed_in, "action": "export"},
+        "MfaService/StartPasskeyRegistration": lambda: dict(signed_in),
+        "MfaService/FinishPasskeyRegistration": lambda: {**signed_in, "credential_json": "{}", "name": "Key"},
+        "MfaService/ListPasskeys": lambda: dict(signed_in),
+        "MfaService/DeletePasskey": lambda: {**signed_in, "passkey_id": new_ulid(datetime.now(UTC))},
+        "MfaService/StartPasskeyLogin": lambda: {"client": client, "email": world.email},
+        "MfaService/FinishPasskeyLogin": lambda: {
+            "client": client,
+            "challenge_id": new_challenge_id(),
+            "credential_json": "{}",
+        },
+        "AuthService/SignInWithIdToken": lambda: {
+            "client": client,
+            "provider": "acme",
+            "id_token": FAKE_LINK,
+            "nonce": "nonce-1",
+        },
+        "AuthService/LinkIdentity": lambda: {
+            **signed_in,
+            "provider": "acme",
+            "id_token": FAKE_LINK,
+            "nonce": "nonce-1",
+        },
+        "AuthService/UnlinkIdentity": lambda: {**signed_in, "provider": "acme"},
     }
     if method not in builders:
         pytest.fail(f"{method} has a stored field and no request builder here: add one", pytrace=False)

@@ -50,16 +50,20 @@ class ChallengeCompletion:
         self._risk = risk
         self._learning = learning
 
-    async def complete(self, challenge: Challenge, client: ClientInfo, seen: Observation) -> Outcome:
-        """Apply MFA success for a challenge already moved to ``done``."""
+    async def complete(
+        self, challenge: Challenge, client: ClientInfo, seen: Observation, *, mailbox: bool = True
+    ) -> Outcome:
+        """Apply MFA success for a challenge already moved to ``done``. ``mailbox``: the proof came
+        through the email (a code or link), so the address counts as verified; a passkey proves
+        the person, not the mailbox."""
         if challenge.kind == "step_up":
             return Outcome(grant=await self._step_up.grant(challenge))
         if challenge.kind == "refresh":
-            return Outcome(session=await self.complete_refresh(challenge, client, seen))
-        return Outcome(session=await self.complete_login(challenge, client, seen))
+            return Outcome(session=await self.complete_refresh(challenge, client, seen, mailbox=mailbox))
+        return Outcome(session=await self.complete_login(challenge, client, seen, mailbox=mailbox))
 
     async def complete_login(
-        self, challenge: Challenge, client: ClientInfo, seen: Observation
+        self, challenge: Challenge, client: ClientInfo, seen: Observation, *, mailbox: bool = True
     ) -> IssuedSession:
         """A login challenge proven: the session opens on a device that is trusted from now on."""
         now = self._run.clock.now()
@@ -75,7 +79,8 @@ class ChallengeCompletion:
                 tx, user, issued.device_id, client, seen, challenge.reason, now
             )
             await tx.users.record_login(user.id, now)
-            await tx.users.mark_email_verified(user.id, now)
+            if mailbox:
+                await tx.users.mark_email_verified(user.id, now)
             await self._success_records(
                 tx, user, challenge, issued.session_id, issued.device_id, seen, newly_trusted
             )
@@ -93,7 +98,7 @@ class ChallengeCompletion:
         return issued
 
     async def complete_refresh(
-        self, challenge: Challenge, client: ClientInfo, seen: Observation
+        self, challenge: Challenge, client: ClientInfo, seen: Observation, *, mailbox: bool = True
     ) -> IssuedSession:
         """A refresh challenge proven: its token rotates; the session moves to the completing
         device for NEW_DEVICE; the device is trusted with a fresh baseline."""
@@ -104,11 +109,20 @@ class ChallengeCompletion:
                 device = await self._sessions.resolve_device(tx, client, seen.agent, self._run.clock.now())
             device_id = device.id
         return await self._tokens.rotate_for_challenge(
-            challenge.token_hash, client, seen.agent, self.after_rotation(challenge, client, seen, device_id)
+            challenge.token_hash,
+            client,
+            seen.agent,
+            self.after_rotation(challenge, client, seen, device_id, mailbox=mailbox),
         )
 
     def after_rotation(
-        self, challenge: Challenge, client: ClientInfo, seen: Observation, device_id: str = ""
+        self,
+        challenge: Challenge,
+        client: ClientInfo,
+        seen: Observation,
+        device_id: str = "",
+        *,
+        mailbox: bool = True,
     ) -> AfterRotation:
         """The 3.4 bookkeeping of a completed refresh challenge, run in the rotation's transaction."""
 
@@ -118,7 +132,8 @@ class ChallengeCompletion:
             if user is None:
                 raise ChallengeExpired()
             await tx.sessions.set_auth(issued.session_id, now, mfa=True)
-            await tx.users.mark_email_verified(user.id, now)
+            if mailbox:
+                await tx.users.mark_email_verified(user.id, now)
             trusted = await self._prove_device(
                 tx, user, issued.device_id, client, seen, challenge.reason, now
             )

@@ -129,6 +129,11 @@ DEFAULT_GROUPS: dict[str, Group] = {
         _g("login.ip_fail", "ip", "20/1h f", 1, "1h", "24h"),
         _g("login.pair", "ip_email", "1/1s + 5/1h fc", 3, "30m", "4h"),
         _g("login.account", "email", "10/1h fc", 1, "15m", "1h"),
+        # sign-in with a passkey or another provider's ID token: login's ip limits (8.3)
+        _g("passkey.ip", "ip", "10/1s + 100/10m", 3, "10m", "24h"),
+        _g("passkey.ip_fail", "ip", "20/1h f", 1, "1h", "24h"),
+        _g("oauth.ip", "ip", "10/1s + 100/10m", 3, "10m", "24h"),
+        _g("oauth.ip_fail", "ip", "20/1h f", 1, "1h", "24h"),
         _g("refresh.ip", "ip", "20/1s + 300/10m", 3, "10m", "1h"),
         _g("refresh.ip_invalid", "ip", "10/10m f", 1, "30m", "24h"),
         _g("refresh.token", "token", "10/1m", 1, "10m", "10m"),

@@ -31,6 +31,7 @@ from iam_grpc.storage.sql.connection import (
     begin_inline,
     inline_sqlite_engine,
 )
+from iam_grpc.storage.sql.credentials import SqlIdentityStore, SqlPasskeyStore
 from iam_grpc.storage.sql.devices import SqlDeviceStore
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
@@ -257,6 +258,8 @@ class SqlTransaction:
         self.audit = SqlAuditLog(connection)
         self.maintenance = SqlMaintenance(connection)
         self.revocations = SqlRevocationStore(connection, dialect)
+        self.passkeys = SqlPasskeyStore(connection)
+        self.identities = SqlIdentityStore(connection)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

@@ -31,7 +31,9 @@ __all__ = [
     "audit_events",
     "devices",
     "email_outbox",
+    "identities",
     "metadata",
+    "passkeys",
     "refresh_tokens",
     "revocations",
     "roles",
@@ -276,5 +278,43 @@ revocations = Table(
     Column("expires_at", UtcDateTime(), nullable=False),
     UniqueConstraint("kind", "value"),
     Index(None, "expires_at"),
+    **_MYSQL_TABLE,
+)
+
+# WebAuthn credentials (passkeys). credential_id is the authenticator's id (base64url, up to 1023
+# bytes raw); the public key is COSE. sign_count and the backup flags are the last ones seen.
+passkeys = Table(
+    "passkeys",
+    metadata,
+    Column("id", Key(26), primary_key=True),
+    Column("user_id", Key(26), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("credential_id", ascii_str(1400), nullable=False),
+    Column("public_key", Blob, nullable=False),
+    Column("sign_count", LongId, nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("transports", ascii_str(200), nullable=False, server_default=text("''")),
+    Column("aaguid", ascii_str(36), nullable=False, server_default=text("''")),
+    Column("backup_eligible", SmallInteger(), nullable=False, server_default=text("0")),
+    Column("backed_up", SmallInteger(), nullable=False, server_default=text("0")),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("last_used_at", UtcDateTime(), nullable=True),
+    Column("credential_hash", Key(43), nullable=False),
+    UniqueConstraint("credential_hash"),
+    Index(None, "user_id"),
+    **_MYSQL_TABLE,
+)
+
+# Identities of other OpenID Connect providers linked to a user: one per provider and user, and a
+# provider's subject belongs to one user only.
+identities = Table(
+    "identities",
+    metadata,
+    Column("user_id", Key(26), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("provider", ascii_str(32), nullable=False),
+    Column("subject", ascii_str(255), nullable=False),
+    Column("email", String(254), nullable=False, server_default=text("''")),
+    Column("linked_at", UtcDateTime(), nullable=False),
+    PrimaryKeyConstraint("user_id", "provider"),
+    UniqueConstraint("provider", "subject"),
     **_MYSQL_TABLE,
 )
