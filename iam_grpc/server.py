@@ -70,7 +70,7 @@ def _token(c: Components, server: grpc.aio.Server) -> None:
 
 
 def _mfa(c: Components, server: grpc.aio.Server) -> None:
-    service = MfaService(c.codes, c.magic_links, c.step_up)  # type: ignore[abstract]
+    service = MfaService(c.codes, c.magic_links, c.step_up, c.totp_enrollment)  # type: ignore[abstract]
     mfa_pb2_grpc.add_MfaServiceServicer_to_server(service, server)
 
 

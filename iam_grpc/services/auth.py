@@ -34,7 +34,8 @@ def challenge_message(challenge: Challenge) -> common_pb2.MfaChallenge:
         challenge_id=challenge.id,
         reason=challenge.reason,
         expires_at=timestamp(challenge.expires_at),
-        channel="email",
+        channel=challenge.channels[0] if challenge.channels else "email",
+        channels=challenge.channels,
     )
 
 

@@ -7,10 +7,12 @@ from iam_grpc.core.mfa.codes import ChallengeCodes
 from iam_grpc.core.mfa.completion import Outcome
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp
+from iam_grpc.core.mfa.totp_enrollment import TotpEnrollment
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
+from iam_grpc.services.mfa_totp import TotpRpcs
 
 __all__ = ["MfaService"]
 
@@ -25,8 +27,11 @@ def _grant(outcome: Outcome) -> common_pb2.StepUpGrant | None:
     )
 
 
-class MfaService(mfa_pb2_grpc.MfaServiceServicer):
-    def __init__(self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp) -> None:
+class MfaService(TotpRpcs, mfa_pb2_grpc.MfaServiceServicer):
+    def __init__(
+        self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp, totp: TotpEnrollment
+    ) -> None:
+        self._totp = totp
         self._codes = codes
         self._links = links
         self._step_up = step_up
@@ -36,7 +41,9 @@ class MfaService(mfa_pb2_grpc.MfaServiceServicer):
     ) -> mfa_pb2.VerifyChallengeResponse:
         violations = Violations()
         client = client_info(request.client, violations)
-        outcome = await self._codes.verify(client, request.challenge_id, request.code, violations)
+        outcome = await self._codes.verify(
+            client, request.challenge_id, request.code, violations, recovery_code=request.recovery_code
+        )
         if outcome.session is not None:
             return mfa_pb2.VerifyChallengeResponse(session=session_message(outcome.session))
         return mfa_pb2.VerifyChallengeResponse(grant=_grant(outcome))

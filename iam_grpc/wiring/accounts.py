@@ -20,6 +20,7 @@ from iam_grpc.core.mfa.codes import ChallengeCodes, CodePolicy
 from iam_grpc.core.mfa.completion import ChallengeCompletion
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp, StepUpPolicy
+from iam_grpc.core.mfa.totp import TotpFactors
 from iam_grpc.core.observation import LearningPolicy, Observer
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset, ResetPolicy
@@ -224,6 +225,7 @@ def build_challenges(
         max_resends=mfa.max_resends,
         max_lifetime=mfa.max_lifetime,
         max_pending_per_user=mfa.max_pending_per_user,
+        email_with_totp=mfa.email_with_totp,
     )
     return Challenges(
         runtime.db,
@@ -272,10 +274,11 @@ def build_challenge_codes(
     sessions: Sessions,
     observer: Observer,
     risk: RiskScores,
+    factors: TotpFactors | None = None,
 ) -> ChallengeCodes:
     policy = CodePolicy(code_length=settings.mfa.code_length, retry_window=settings.refresh.grace)
     return ChallengeCodes(
-        runtime, stores.ephemeral, material, challenges, completion, sessions, observer, risk, policy
+        runtime, stores.ephemeral, material, challenges, completion, sessions, observer, risk, policy, factors
     )
 
 
