@@ -16,7 +16,9 @@ class TotpRpcs:
 
     _totp: TotpEnrollment
 
-    async def EnrollTotp(self, request: mfa_pb2.EnrollTotpRequest, context: Ctx) -> mfa_pb2.EnrollTotpResponse:
+    async def EnrollTotp(
+        self, request: mfa_pb2.EnrollTotpRequest, context: Ctx
+    ) -> mfa_pb2.EnrollTotpResponse:
         violations = Violations()
         client = client_info(request.client, violations)
         enrollment = await self._totp.enroll(client, request.access_token, violations)

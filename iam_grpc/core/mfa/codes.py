@@ -78,7 +78,12 @@ class ChallengeCodes:
     # VerifyChallenge ---------------------------------------------------------------------------
 
     async def verify(
-        self, client: ClientInfo, challenge_id: str, code: str, violations: Violations, recovery_code: str = ""
+        self,
+        client: ClientInfo,
+        challenge_id: str,
+        code: str,
+        violations: Violations,
+        recovery_code: str = "",
     ) -> Outcome:
         """behaviour.md 4.2 (``code.ip`` and the ``code.ip_fail`` block ran in the interceptors):
         the email code, a TOTP code (same field) or a recovery code, as the challenge's channels
@@ -122,7 +127,9 @@ class ChallengeCodes:
             n = self._policy.code_length
             lengths = {n, TOTP_DIGITS} if self._factors is not None else {n}
             if len(code) not in lengths or not code.isascii() or not code.isdigit():
-                violations.add("code", f"must be {n} digits" + (f" (or {TOTP_DIGITS}: TOTP)" if n != TOTP_DIGITS else ""))
+                violations.add(
+                    "code", f"must be {n} digits" + (f" (or {TOTP_DIGITS}: TOTP)" if n != TOTP_DIGITS else "")
+                )
 
     async def _proof(self, challenge: Challenge, code: str, recovery_code: str) -> str | None:
         """Which channel the answer proves, or None. The email code is compared first (it uses

@@ -51,7 +51,10 @@ class SqlTotpStore:
         if code_hashes:
             await self._c.execute(
                 insert(totp_recovery_codes),
-                [{"code_hash": h, "user_id": user_id, "created_at": now, "used_at": None} for h in code_hashes],
+                [
+                    {"code_hash": h, "user_id": user_id, "created_at": now, "used_at": None}
+                    for h in code_hashes
+                ],
             )
 
     async def spend_recovery_code(self, user_id: str, code_hash: str, now: datetime) -> bool:
