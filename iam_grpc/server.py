@@ -59,7 +59,7 @@ def _auth(c: Components, server: grpc.aio.Server) -> None:
     # The protos declare RPCs before their servicers land; until then the generated base answers
     # them (NotImplementedError, mapped to UNIMPLEMENTED). strict mypy flags these ignores as
     # unused once every method of the service is implemented.
-    service = AuthService(c.sessions, flows)  # type: ignore[abstract]
+    service = AuthService(c.sessions, flows, c.verification)  # type: ignore[abstract]
     auth_pb2_grpc.add_AuthServiceServicer_to_server(service, server)
 
 

@@ -24,7 +24,6 @@ PENDING_RPCS: frozenset[str] = frozenset(
         "AuthService/SignInWithIdToken",
         "AuthService/LinkIdentity",
         "AuthService/UnlinkIdentity",
-        "AuthService/RequestEmailVerification",
         "MfaService/StartPasskeyRegistration",
         "MfaService/FinishPasskeyRegistration",
         "MfaService/ListPasskeys",

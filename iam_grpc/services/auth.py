@@ -8,6 +8,7 @@ from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge
 from iam_grpc.core.email_change import EmailChange
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.login import LoginFlow
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
@@ -15,6 +16,7 @@ from iam_grpc.core.signup import SignupFlow, SignupForm
 from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
+from iam_grpc.services.auth_verification import EmailVerificationRpcs
 from iam_grpc.services.convert import client_info, session_message, timestamp
 
 __all__ = ["AuthFlows", "AuthService", "challenge_message"]
@@ -45,8 +47,9 @@ def _note_user(user_id: str) -> None:
         call.user_id = user_id
 
 
-class AuthService(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, sessions: Sessions, flows: AuthFlows) -> None:
+class AuthService(EmailVerificationRpcs, auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, sessions: Sessions, flows: AuthFlows, verification: EmailVerification) -> None:
+        self._verification = verification
         self._sessions = sessions
         self._flows = flows
 

@@ -14,6 +14,7 @@ from iam_grpc.core.common_passwords import CommonPasswords
 from iam_grpc.core.crypto import SecretMaterial
 from iam_grpc.core.email_change import EmailChange, EmailChangePolicy
 from iam_grpc.core.email_domains import EmailDomainPolicy
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.links import Links
 from iam_grpc.core.login import LoginFlow, LoginPolicy
 from iam_grpc.core.mfa.codes import ChallengeCodes, CodePolicy
@@ -290,8 +291,9 @@ def build_magic_links(
     challenges: Challenges,
     completion: ChallengeCompletion,
     observer: Observer,
+    verification: EmailVerification | None = None,
 ) -> MagicLinks:
-    return MagicLinks(runtime, material, links, challenges, completion, observer)
+    return MagicLinks(runtime, material, links, challenges, completion, observer, verification)
 
 
 def build_anomalies(

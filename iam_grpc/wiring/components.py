@@ -30,6 +30,7 @@ from iam_grpc.core.mfa.completion import ChallengeCompletion
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp
 from iam_grpc.core.mfa.totp import TotpFactors
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.mfa.totp_enrollment import TotpEnrollment
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
@@ -98,6 +99,7 @@ class Components:
     magic_links: MagicLinks
     totp_factors: TotpFactors
     totp_enrollment: TotpEnrollment
+    verification: EmailVerification
     # Refresh and the account flows
     anomalies: AnomalyChecks | None  # None when every check is off
     refresh: RefreshRotation
@@ -163,7 +165,10 @@ def build_components(
     codes = a.build_challenge_codes(
         settings, stores, run, material, challenges, completion, sessions, observer, risk, totp_factors
     )
-    magic_links = a.build_magic_links(settings, run, material, links, challenges, completion, observer)
+    verification = f.build_email_verification(settings, run, material, access, links)
+    magic_links = a.build_magic_links(
+        settings, run, material, links, challenges, completion, observer, verification
+    )
     anomalies = a.build_anomalies(settings, run, challenges, completion, sessions, observer, risk, learning)
     return Components(
         settings=settings,
@@ -196,6 +201,7 @@ def build_components(
         codes=codes,
         magic_links=magic_links,
         totp_factors=totp_factors,
+        verification=verification,
         totp_enrollment=f.build_totp_enrollment(stores, run, access, step_up, totp_factors),
         anomalies=anomalies,
         refresh=a.build_refresh(settings, stores, run, tokens, sessions, agents, risk, anomalies),
