@@ -58,6 +58,7 @@ REASON_TEXT: dict[str, str] = {
     "IMPOSSIBLE_TRAVEL": "a sign-in from a location too far from the last one",
     "SECURITY_HOLD": "a recent security event on your account",
     "STEP_UP": "a sensitive action",
+    "EMAIL_UNVERIFIED": "a first sign-in: the code confirms your email address",
 }
 
 
@@ -227,7 +228,8 @@ class Challenges:
         now = self._clock.now()
         code = self._new_code()
         challenge_id = new_challenge_id()
-        channels = await self._channels(user.id, tx)
+        # only the mailbox can prove the mailbox: no other channel for an unverified address
+        channels = ["email"] if reason == "EMAIL_UNVERIFIED" else await self._channels(user.id, tx)
         emailed = "email" in channels
         link = self._links.issue(
             "step_up" if kind == "step_up" else "mfa", user.id, self.policy.ttl, cid=challenge_id

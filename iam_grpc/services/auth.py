@@ -64,6 +64,8 @@ class AuthService(EmailVerificationRpcs, auth_pb2_grpc.AuthServiceServicer):
             terms_accepted=request.terms_accepted,
         )
         issued = await self._flows.signup.signup(client, form, violations)
+        if issued is None:  # email_verification.required: the address is proven before a session
+            return auth_pb2.SignupResponse()
         _note_user(issued.user_id)
         return auth_pb2.SignupResponse(session=session_message(issued))
 

@@ -340,9 +340,10 @@ def build_signup(
     sessions: Sessions,
     observer: Observer,
     learning: LearningPolicy,
+    verification: EmailVerification | None = None,
 ) -> SignupFlow:
     policy = SignupPolicy(default_roles=tuple(settings.roles.default), learning=learning)
-    return SignupFlow(runtime, rules, hashing, domains, sessions, observer, policy)
+    return SignupFlow(runtime, rules, hashing, domains, sessions, observer, policy, verification)
 
 
 def build_login(
@@ -360,6 +361,7 @@ def build_login(
     anomaly = settings.anomaly
     policy = LoginPolicy(
         mfa_on_new_device=settings.login.mfa_on_new_device,
+        require_verified_email=settings.email_verification.required,
         risk_threshold=anomaly.risk_threshold,
         travel_min_km=anomaly.travel_min_km,
         travel_max_kmh=anomaly.travel_max_kmh,

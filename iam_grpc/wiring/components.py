@@ -19,6 +19,7 @@ from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenges
 from iam_grpc.core.cleanup import Cleanup
 from iam_grpc.core.email_change import EmailChange
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.links import Links
@@ -30,7 +31,6 @@ from iam_grpc.core.mfa.completion import ChallengeCompletion
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp
 from iam_grpc.core.mfa.totp import TotpFactors
-from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.mfa.totp_enrollment import TotpEnrollment
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
@@ -205,7 +205,9 @@ def build_components(
         totp_enrollment=f.build_totp_enrollment(stores, run, access, step_up, totp_factors),
         anomalies=anomalies,
         refresh=a.build_refresh(settings, stores, run, tokens, sessions, agents, risk, anomalies),
-        signup=a.build_signup(settings, run, rules, hashing, domains, sessions, observer, learning),
+        signup=a.build_signup(
+            settings, run, rules, hashing, domains, sessions, observer, learning, verification
+        ),
         login=a.build_login(
             settings, run, rules, hashing, sessions, challenges, completion, observer, risk, learning
         ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -19,7 +19,7 @@ from iam_grpc.clock import ManualClock
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2, mfa_pb2, mfa_pb2_grpc
 from iam_grpc.storage.sql.tables import totp_factors, totp_recovery_codes
 from iam_grpc.testing import RunningService, running_service
-from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup, wait_for_mail
+from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
 from tests.conftest import TEST_MASTER_KEY, TEST_PEPPER, Backend
 from tests.mailbox import Mailbox
 from tests.sessions_helper import IPHONE
@@ -168,7 +168,8 @@ async def test_enrollment_answers_a_secret_an_otpauth_uri_and_ten_recovery_codes
             "4",
         )
         codes = (await confirm(right)).recovery_codes
-        assert len(codes) == 10 and len(set(codes)) == 10
+        assert len(codes) == 10
+        assert len(set(codes)) == 10
         status, details = await failure(confirm(right))  # the enrollment is used up
         assert details.reason in ("TOTP_ALREADY_ENABLED", "CHALLENGE_EXPIRED")
         status, details = await failure(
@@ -200,7 +201,8 @@ async def test_a_challenge_lists_totp_first_and_takes_an_app_code_once(replicas:
         assert (status, details.reason) == (grpc.StatusCode.UNAUTHENTICATED, "CODE_INVALID")
     async with replicas.a.app.components.db.transaction() as tx:
         user = await tx.users.get(account.session.user_id)
-    assert user is not None and user.email_verified_at is None
+    assert user is not None
+    assert user.email_verified_at is None
 
 
 async def test_a_used_app_code_is_refused_by_a_second_replica(replicas: Replicas) -> None:

@@ -18,6 +18,7 @@ from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.crypto import SealError, SecretMaterial, open_with_secret, seal_with_secret
 from iam_grpc.core.mail.notices import queue_security_alert
 from iam_grpc.core.mfa.completion import ChallengeCompletion, Outcome
+from iam_grpc.core.mfa.totp import RECOVERY_CODE_RULE, TOTP_DIGITS, TotpFactors, normalize_recovery_code
 from iam_grpc.core.observation import Observer
 from iam_grpc.core.ratelimit import Permit, ip_key
 from iam_grpc.core.risk import POINTS, RiskScores
@@ -25,7 +26,6 @@ from iam_grpc.core.runtime import Runtime
 from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations
-from iam_grpc.core.mfa.totp import RECOVERY_CODE_RULE, TOTP_DIGITS, TotpFactors, normalize_recovery_code
 from iam_grpc.errors import BackendUnavailable, ChallengeExpired, CodeInvalid, InvalidArgument
 from iam_grpc.ids import CHALLENGE_ID
 from iam_grpc.logging import component_logger
@@ -141,9 +141,13 @@ class ChallengeCodes:
             return None
         if "email" in challenge.channels and self._challenges.code_matches(challenge, code):
             return "email"
-        if "totp" in challenge.channels and self._factors is not None:
-            if await self._factors.prove_code(challenge.user_id, code):
-                return "totp"
+        factors = self._factors
+        if (
+            "totp" in challenge.channels
+            and factors is not None
+            and await factors.prove_code(challenge.user_id, code)
+        ):
+            return "totp"
         return None
 
     # a lost answer ------------------------------------------------------------------------------
