@@ -4,6 +4,7 @@ sealed at rest. The services run on a ManualClock; pyotp computes the app's code
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,11 +19,11 @@ from sqlalchemy import select
 from iam_grpc.clock import ManualClock
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2, mfa_pb2, mfa_pb2_grpc
 from iam_grpc.storage.sql.tables import totp_factors, totp_recovery_codes
-from iam_grpc.testing import RunningService, running_service
+from iam_grpc.testing import RunningService, error_details, running_service
 from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
 from tests.conftest import TEST_MASTER_KEY, TEST_PEPPER, Backend
 from tests.mailbox import Mailbox
-from tests.sessions_helper import IPHONE
+from tests.sessions_helper import FIREFOX, IPHONE
 
 LIMITS = {
     "code.ip": {"windows": ["1000/1s"]},
@@ -355,12 +356,10 @@ async def test_the_secret_and_recovery_codes_are_not_stored_in_clear(replicas: R
                 select(totp_recovery_codes).where(totp_recovery_codes.c.user_id == account.session.user_id)
             )
         ]
-    raw = pyotp.utils.byte_secret(account.secret) if hasattr(pyotp.utils, "byte_secret") else b""
     stored = bytes(row.secret_enc)
     assert account.secret.encode() not in stored
     assert account.secret.lower().encode() not in stored
-    if raw:
-        assert raw not in stored
+    assert pyotp.TOTP(account.secret).byte_secret() not in stored
     assert len(hashes) == 10
     for code in account.recovery_codes:
         assert all(code.replace("-", "") not in h and code not in h for h in hashes)
@@ -402,3 +401,64 @@ async def test_confirming_someone_elses_or_an_unknown_enrollment_is_refused(repl
             )
         )
         assert details.reason == "TOKEN_INVALID"
+
+
+async def test_one_app_code_raced_on_two_replicas_completes_one_challenge(replicas: Replicas) -> None:
+    """Two challenges of one user (an iPhone via replica A, a Firefox via replica B) answered at
+    the same moment with the same app code: exactly one opens a session, the other is
+    CODE_INVALID."""
+    account = await enrolled(replicas)
+    next_step(replicas.clock)
+    code = app_code(account.secret, replicas.clock)
+    firefox = client(ip=PHONE_IP, ua=FIREFOX)
+    async with replicas.a.channel() as on_a, replicas.b.channel() as on_b:
+        on_phone = await phone_login(auth_pb2_grpc.AuthServiceStub(on_a), account)
+        on_laptop = await auth_pb2_grpc.AuthServiceStub(on_b).Login(
+            auth_pb2.LoginRequest(client=firefox, email=account.email, password=PASSWORD)
+        )
+        assert on_laptop.WhichOneof("result") == "mfa"
+        outcomes = await asyncio.gather(
+            verify(mfa_pb2_grpc.MfaServiceStub(on_a), on_phone.challenge_id, code=code),
+            mfa_pb2_grpc.MfaServiceStub(on_b).VerifyChallenge(
+                mfa_pb2.VerifyChallengeRequest(
+                    client=firefox, challenge_id=on_laptop.mfa.challenge_id, code=code
+                )
+            ),
+            return_exceptions=True,
+        )
+    sessions = [o for o in outcomes if isinstance(o, mfa_pb2.VerifyChallengeResponse)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(sessions) == 1
+    assert len(refused) == 1
+    assert error_details(refused[0]).reason == "CODE_INVALID"
+
+
+async def test_with_email_off_for_totp_users_the_challenge_offers_the_app_only(
+    backend: Backend, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """mfa.email_with_totp = false: a TOTP user's challenge lists ["totp"], no code email is sent,
+    ResendChallenge is INVALID_ARGUMENT, and an app code completes it."""
+    clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
+    env = account_env(backend, mailbox, LIMITS, IAM_MFA__EMAIL_WITH_TOTP="false")
+    async with running_service(tmp_path, env, clock=clock) as iam:
+        replicas = Replicas(iam, iam, clock)
+        account = await enrolled(replicas)
+        async with iam.channel() as channel:
+            auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+            challenge = await phone_login(auth, account)
+            assert (list(challenge.channels), challenge.channel) == (["totp"], "totp")
+            status, details = await failure(
+                mfa.ResendChallenge(
+                    mfa_pb2.ResendChallengeRequest(
+                        client=client(ip=PHONE_IP, ua=IPHONE), challenge_id=challenge.challenge_id
+                    )
+                )
+            )
+            assert (status, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+            next_step(clock)
+            answer = await verify(mfa, challenge.challenge_id, code=app_code(account.secret, clock))
+            assert answer.WhichOneof("result") == "session"
+        async with iam.app.components.db.transaction() as tx:  # queued or sent, the outbox row tells
+            rows = await tx.outbox.list(limit=1000)
+        assert [r for r in rows if r.user_id == account.session.user_id and r.kind == "mfa_code"] == []
+        assert [r for r in rows if r.user_id == account.session.user_id]  # the query does see its mail
