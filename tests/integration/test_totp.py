@@ -17,7 +17,15 @@ import pytest_asyncio
 from sqlalchemy import select
 
 from iam_grpc.clock import ManualClock
-from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2, mfa_pb2, mfa_pb2_grpc
+from iam_grpc.proto import (
+    auth_pb2,
+    auth_pb2_grpc,
+    common_pb2,
+    mfa_pb2,
+    mfa_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
+)
 from iam_grpc.storage.sql.tables import totp_factors, totp_recovery_codes
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
@@ -462,3 +470,31 @@ async def test_with_email_off_for_totp_users_the_challenge_offers_the_app_only(
             rows = await tx.outbox.list(limit=1000)
         assert [r for r in rows if r.user_id == account.session.user_id and r.kind == "mfa_code"] == []
         assert [r for r in rows if r.user_id == account.session.user_id]  # the query does see its mail
+
+
+async def test_a_refresh_challenge_passed_with_an_app_code_can_be_retried_after_a_lost_answer(
+    replicas: Replicas,
+) -> None:
+    """A Refresh from a new network is challenged; the app code completes it; VerifyChallenge
+    repeated with the same code (its answer lost) gets the same Session back, though the code
+    itself is used up; another code is CHALLENGE_EXPIRED."""
+    account = await enrolled(replicas)
+    elsewhere = client(ip="198.51.100.7", device_id=account.session.device_id)
+    async with replicas.a.channel() as channel:
+        refreshed = await token_pb2_grpc.TokenServiceStub(channel).Refresh(
+            token_pb2.RefreshRequest(client=elsewhere, refresh_token=account.session.refresh_token)
+        )
+        assert refreshed.WhichOneof("result") == "mfa"
+        assert list(refreshed.mfa.channels) == ["totp", "email"]
+        next_step(replicas.clock)
+        code = app_code(account.secret, replicas.clock)
+        mfa = mfa_pb2_grpc.MfaServiceStub(channel)
+        request = mfa_pb2.VerifyChallengeRequest(
+            client=elsewhere, challenge_id=refreshed.mfa.challenge_id, code=code
+        )
+        first = await mfa.VerifyChallenge(request)
+        again = await mfa.VerifyChallenge(request)
+        assert again.session.refresh_token == first.session.refresh_token
+        request.code = str((int(code) + 1) % 10**6).zfill(6)
+        status, details = await failure(mfa.VerifyChallenge(request))
+        assert (status, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CHALLENGE_EXPIRED")

@@ -95,8 +95,9 @@ class ChallengeCodes:
         if client.device_id:
             await self._run.limiter.ensure_not_blocked("code.device", client.device_id)
         challenge = await self._challenges.get(challenge_id)
+        answer = code or normalize_recovery_code(recovery_code) or ""  # what a kept result is sealed under
         if challenge is not None and challenge.kind == "refresh" and challenge.state == "done":
-            return await self._retried(client, challenge, code)
+            return await self._retried(client, challenge, answer)
         if challenge is None or not challenge.live(self._run.clock.now()):
             raise ChallengeExpired()
         if recovery_code and "totp" not in challenge.channels:
@@ -114,7 +115,7 @@ class ChallengeCodes:
             await permit.succeeded()
         outcome = await self._completion.complete(challenge, client, seen)
         if outcome.session is not None and challenge.kind == "refresh":
-            await self._keep_result(challenge, code, outcome.session)
+            await self._keep_result(challenge, answer, outcome.session)
         return outcome
 
     def _check_proof(self, code: str, recovery_code: str, violations: Violations) -> None:
@@ -180,9 +181,12 @@ class ChallengeCodes:
             raise ChallengeExpired()
         permits = await self._reserve_failure(client, challenge)
         seen = self._observer.observe(client)
+        # An app or recovery code cannot be checked again (it is used up): the kept Session opens
+        # only under the very answer that completed the challenge, which proves it as well.
+        emailed = challenge.proved_by in ("", "email")
         if not (
             challenge.comes_from(client.device_id, seen.agent)
-            and self._challenges.code_matches(challenge, code)
+            and (not emailed or self._challenges.code_matches(challenge, code))
         ):
             raise ChallengeExpired()
         try:
