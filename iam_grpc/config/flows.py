@@ -27,6 +27,7 @@ class MfaSettings(SettingsGroup):
     totp_issuer: str = Field(default="iam-grpc", min_length=1, max_length=64)
     totp_window: int = Field(default=1, ge=0, le=2)
     email_with_totp: bool = True
+    totp_max_auth_age: Duration = timedelta(minutes=15)
 
 
 class LinkPaths(SettingsGroup):

@@ -23,6 +23,7 @@ def build_totp_factors(settings: Settings, runtime: Runtime, material: SecretMat
         window=mfa.totp_window,
         enrollment_ttl=mfa.ttl,
         enrollment_attempts=mfa.max_attempts,
+        max_auth_age=mfa.totp_max_auth_age,
     )
     return TotpFactors(runtime.db, material, runtime.clock, policy)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -28,7 +28,16 @@ from iam_grpc.proto import (
 )
 from iam_grpc.storage.sql.tables import totp_factors, totp_recovery_codes
 from iam_grpc.testing import RunningService, error_details, running_service
-from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
+from tests.accounts_helper import (
+    PASSWORD,
+    account_env,
+    client,
+    code_of,
+    failure,
+    new_email,
+    signup,
+    wait_for_mail,
+)
 from tests.conftest import TEST_MASTER_KEY, TEST_PEPPER, Backend
 from tests.mailbox import Mailbox
 from tests.sessions_helper import FIREFOX, IPHONE
@@ -498,3 +507,33 @@ async def test_a_refresh_challenge_passed_with_an_app_code_can_be_retried_after_
         request.code = str((int(code) + 1) % 10**6).zfill(6)
         status, details = await failure(mfa.VerifyChallenge(request))
         assert (status, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CHALLENGE_EXPIRED")
+
+
+async def test_enrolling_needs_a_recent_sign_in(replicas: Replicas, mailbox: Mailbox) -> None:
+    """16 minutes after sign-in (a refreshed access token is not a new sign-in) EnrollTotp is
+    REAUTH_REQUIRED; a step-up "reauth" renews the sign-in and enrollment proceeds."""
+    async with replicas.a.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        email = new_email()
+        session = await signup(auth, email)
+        context = client(device_id=session.device_id)
+        replicas.clock.advance(timedelta(minutes=16))
+        refreshed = await token_pb2_grpc.TokenServiceStub(channel).Refresh(
+            token_pb2.RefreshRequest(client=context, refresh_token=session.refresh_token)
+        )
+        token = refreshed.session.access_token
+        status, details = await failure(
+            mfa.EnrollTotp(mfa_pb2.EnrollTotpRequest(client=context, access_token=token))
+        )
+        assert (status, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "REAUTH_REQUIRED")
+        step_up = await mfa.StartStepUp(
+            mfa_pb2.StartStepUpRequest(client=context, access_token=token, action="reauth")
+        )
+        [message] = await wait_for_mail(mailbox, email, "Confirm an action")
+        await mfa.VerifyChallenge(
+            mfa_pb2.VerifyChallengeRequest(
+                client=context, challenge_id=step_up.challenge_id, code=code_of(message)
+            )
+        )
+        started = await mfa.EnrollTotp(mfa_pb2.EnrollTotpRequest(client=context, access_token=token))
+        assert started.secret_base32

@@ -51,6 +51,7 @@ class TotpPolicy:
     enrollment_ttl: timedelta = timedelta(minutes=10)
     enrollment_attempts: int = 5
     recovery_codes: int = 10
+    max_auth_age: timedelta = timedelta(minutes=15)  # EnrollTotp needs a sign-in this recent
 
 
 def normalize_recovery_code(text: str) -> str | None:

@@ -26,6 +26,7 @@ from iam_grpc.errors import (
     ChallengeExpired,
     CodeInvalid,
     InvalidArgument,
+    ReauthRequired,
     SessionRevoked,
     TotpAlreadyEnabled,
 )
@@ -73,12 +74,18 @@ class TotpEnrollment:
         self._step_up = step_up
         self._factors = factors
 
-    async def _active_user(self, claims: AccessClaims) -> User:
+    async def _active_user(self, claims: AccessClaims, *, fresh: bool = False) -> User:
+        """The token's user, active, without TOTP; ``fresh``: signed in (or stepped up) within
+        ``mfa.totp_max_auth_age``, so a stolen access token alone cannot bind the account to an
+        app the thief holds."""
         async with self._run.db.transaction(read_only=True) as tx:
             user = await tx.users.get(claims.user_id)
+            session = await tx.sessions.get(claims.session_id)
             enabled = await self._factors.enabled(claims.user_id, tx)
-        if user is None or user.status != "active":
+        if user is None or user.status != "active" or session is None or session.revoked_at is not None:
             raise SessionRevoked()
+        if fresh and self._run.clock.now() - session.auth_at > self._factors.policy.max_auth_age:
+            raise ReauthRequired()
         if enabled:
             raise TotpAlreadyEnabled()
         return user
@@ -87,7 +94,7 @@ class TotpEnrollment:
         """EnrollTotp: a new secret, pending until ConfirmTotp; it replaces a pending one."""
         violations.raise_any()
         claims = await self._access.verify_from_device(access_token, client.device_id)
-        user = await self._active_user(claims)
+        user = await self._active_user(claims, fresh=True)
         secret = self._factors.new_secret()
         enrollment_id = "te_" + secrets.token_urlsafe(16)[:22]
         record = {
