@@ -85,6 +85,7 @@ class EmailVerification:
                 raise SessionRevoked()
             if user.email_verified_at is not None:
                 return
+            await self._run.limiter.hit("verify_email.user", user.id)
             await self.queue_link(tx, user, client.ip)
         log.bind(user_id=user.id).info("email verification sent")
 

@@ -537,3 +537,21 @@ async def test_enrolling_needs_a_recent_sign_in(replicas: Replicas, mailbox: Mai
         )
         started = await mfa.EnrollTotp(mfa_pb2.EnrollTotpRequest(client=context, access_token=token))
         assert started.secret_base32
+
+
+async def test_enrollments_are_limited_per_user(replicas: Replicas) -> None:
+    """totp.user: the 11th EnrollTotp of a user within the hour is RATE_LIMITED (scope user)."""
+    async with replicas.a.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        session = await signup(auth, new_email())
+        request = mfa_pb2.EnrollTotpRequest(
+            client=client(device_id=session.device_id), access_token=session.access_token
+        )
+        for _ in range(10):
+            await mfa.EnrollTotp(request)
+        status, details = await failure(mfa.EnrollTotp(request))
+        assert (status, details.reason, details.metadata["scope"]) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+            "user",
+        )

@@ -95,6 +95,7 @@ class TotpEnrollment:
         violations.raise_any()
         claims = await self._access.verify_from_device(access_token, client.device_id)
         user = await self._active_user(claims, fresh=True)
+        await self._run.limiter.hit("totp.user", user.id)
         secret = self._factors.new_secret()
         enrollment_id = "te_" + secrets.token_urlsafe(16)[:22]
         record = {
