@@ -25,6 +25,7 @@ holding an ``ErrorInfo`` in domain ``iam.v1``.
     │   ├── LinkUsed                FAILED_PRECONDITION  LINK_USED
     │   ├── RoleRequired            PERMISSION_DENIED    ROLE_REQUIRED (metadata missing)
     │   ├── ReauthRequired          FAILED_PRECONDITION  REAUTH_REQUIRED
+    │   ├── TotpAlreadyEnabled      FAILED_PRECONDITION  TOTP_ALREADY_ENABLED
     │   ├── CallerUnknown           UNAUTHENTICATED      CALLER_UNKNOWN
     │   ├── CallerForbidden         PERMISSION_DENIED    CALLER_UNKNOWN
     │   ├── IdTokenInvalid          UNAUTHENTICATED      ID_TOKEN_INVALID
@@ -83,6 +84,7 @@ __all__ = [
     "SessionRevoked",
     "TokenExpired",
     "TokenInvalid",
+    "TotpAlreadyEnabled",
 ]
 
 DOMAIN = "iam.v1"
@@ -259,6 +261,12 @@ class ReauthRequired(ClientError):
     code = ErrorCode.FAILED_PRECONDITION
     reason = "REAUTH_REQUIRED"
     message = "This action needs a recent sign-in; complete a step-up challenge and retry."
+
+
+class TotpAlreadyEnabled(ClientError):
+    code = ErrorCode.FAILED_PRECONDITION
+    reason = "TOTP_ALREADY_ENABLED"
+    message = "An authenticator app is already set up; turn it off first."
 
 
 class CallerUnknown(ClientError):

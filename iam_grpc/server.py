@@ -59,7 +59,7 @@ def _auth(c: Components, server: grpc.aio.Server) -> None:
     # The protos declare RPCs before their servicers land; until then the generated base answers
     # them (NotImplementedError, mapped to UNIMPLEMENTED). strict mypy flags these ignores as
     # unused once every method of the service is implemented.
-    service = AuthService(c.sessions, flows, c.sign_in)  # type: ignore[abstract]
+    service = AuthService(c.sessions, flows, c.sign_in, c.verification)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(service, server)
 
 
@@ -70,7 +70,7 @@ def _token(c: Components, server: grpc.aio.Server) -> None:
 
 
 def _mfa(c: Components, server: grpc.aio.Server) -> None:
-    service = MfaService(c.codes, c.magic_links, c.step_up, c.sign_in)  # type: ignore[abstract]
+    service = MfaService(c.codes, c.magic_links, c.step_up, c.sign_in, c.totp_enrollment)
     mfa_pb2_grpc.add_MfaServiceServicer_to_server(service, server)
 
 

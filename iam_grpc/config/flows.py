@@ -22,6 +22,12 @@ class MfaSettings(SettingsGroup):
     max_resends: int = Field(default=3, ge=0, le=10)
     max_lifetime: Duration = timedelta(minutes=30)
     max_pending_per_user: int = Field(default=3, ge=1, le=20)
+    # TOTP: the name authenticator apps show, time-steps of drift accepted either side of now,
+    # and whether a user with TOTP may still complete challenges with the emailed code.
+    totp_issuer: str = Field(default="iam-grpc", min_length=1, max_length=64)
+    totp_window: int = Field(default=1, ge=0, le=2)
+    email_with_totp: bool = True
+    totp_max_auth_age: Duration = timedelta(minutes=15)
 
 
 class LinkPaths(SettingsGroup):
@@ -29,6 +35,7 @@ class LinkPaths(SettingsGroup):
     step_up: str = "/auth/step-up"
     password_reset: str = "/auth/reset-password"  # noqa: S105 - a URL path, not a secret
     email_change: str = "/auth/confirm-email"
+    verify_email: str = "/auth/verify-email"
 
 
 class LinksSettings(SettingsGroup):
@@ -36,6 +43,7 @@ class LinksSettings(SettingsGroup):
     paths: LinkPaths = LinkPaths()
     password_reset_ttl: Duration = timedelta(minutes=20)
     email_change_ttl: Duration = timedelta(hours=1)
+    verify_email_ttl: Duration = timedelta(hours=24)
 
     @field_validator("base_url")
     @classmethod
@@ -61,3 +69,12 @@ class EmailChangeSettings(SettingsGroup):
 class StepUpSettings(SettingsGroup):
     grant_ttl: Duration = timedelta(minutes=5)
     actions: list[str] = []
+
+
+class EmailVerificationSettings(SettingsGroup):
+    """``on_signup``: Signup mails a ``verify_email`` link. ``required``: no session before the
+    address is verified (Signup answers no Session; Login answers an email challenge, whose
+    code or link proves the address)."""
+
+    on_signup: bool = False
+    required: bool = False

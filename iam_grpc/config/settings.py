@@ -20,6 +20,7 @@ from iam_grpc.config.checks import (
 )
 from iam_grpc.config.flows import (
     EmailChangeSettings,
+    EmailVerificationSettings,
     LinksSettings,
     LoginSettings,
     MfaSettings,
@@ -97,6 +98,7 @@ class Settings(BaseSettings):
     reset: ResetSettings = ResetSettings()
     email_change: EmailChangeSettings = EmailChangeSettings()
     step_up: StepUpSettings = StepUpSettings()
+    email_verification: EmailVerificationSettings = EmailVerificationSettings()
     mail: MailSettings = MailSettings()
     geoip: GeoipSettings = GeoipSettings()
     ua: UaSettings = UaSettings()

@@ -33,7 +33,7 @@ from iam_grpc.core.crypto import SecretMaterial, constant_time_equal
 from iam_grpc.core.devices import COARSE_FIELDS
 from iam_grpc.core.links import IssuedLink, Links
 from iam_grpc.core.mail.mailer import Mailer
-from iam_grpc.errors import BackendUnavailable, ChallengeExpired, IamError, RateLimited
+from iam_grpc.errors import BackendUnavailable, ChallengeExpired, IamError, InvalidArgument, RateLimited
 from iam_grpc.ids import new_challenge_id
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Database, Ephemeral, Transaction
@@ -58,6 +58,7 @@ REASON_TEXT: dict[str, str] = {
     "IMPOSSIBLE_TRAVEL": "a sign-in from a location too far from the last one",
     "SECURITY_HOLD": "a recent security event on your account",
     "STEP_UP": "a sensitive action",
+    "EMAIL_UNVERIFIED": "a first sign-in: the code confirms your email address",
 }
 
 
@@ -70,6 +71,7 @@ class ChallengePolicy:
     max_resends: int = 3
     max_lifetime: timedelta = timedelta(minutes=30)
     max_pending_per_user: int = 3
+    email_with_totp: bool = True  # a user with TOTP may still complete a challenge by email
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,8 @@ class Challenge:
     token_hash: str | None = None  # refresh kind: the presented refresh token's hash
     action: str | None = None  # step-up kind
     link_jtis: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=lambda: ["email"])  # preferred first
+    proved_by: str = ""  # email, totp or recovery_code, once done: only email proves the mailbox
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -224,6 +228,9 @@ class Challenges:
         now = self._clock.now()
         code = self._new_code()
         challenge_id = new_challenge_id()
+        # only the mailbox can prove the mailbox: no other channel for an unverified address
+        channels = ["email"] if reason == "EMAIL_UNVERIFIED" else await self._channels(user.id, tx)
+        emailed = "email" in channels
         link = self._links.issue(
             "step_up" if kind == "step_up" else "mfa", user.id, self.policy.ttl, cid=challenge_id
         )
@@ -234,7 +241,7 @@ class Challenges:
             reason=reason,
             device_id=client.get("device_id", ""),
             fingerprint=coarse(agent),
-            code_hash=self._code_hash(challenge_id, code),
+            code_hash=self._code_hash(challenge_id, code) if emailed else "",
             attempts_left=self.policy.max_attempts,
             resends_left=self.policy.max_resends,
             created_at=now,
@@ -244,13 +251,17 @@ class Challenges:
             session_id=session_id,
             token_hash=token_hash,
             action=action,
-            link_jtis=[link.jti],
+            link_jtis=[link.jti] if emailed else [],
+            channels=channels,
         )
         await self._reserve_pending(user.id, challenge_id, challenge.expires_at)
         ttl = self.policy.ttl + _GRACE
         try:
             await self._ephemeral.set(_challenge_key(challenge_id), challenge.to_json(), ttl)
-            await self._send(challenge, user, code, link, device_label=device_label, location=location, tx=tx)
+            if emailed:
+                await self._send(
+                    challenge, user, code, link, device_label=device_label, location=location, tx=tx
+                )
         except BaseException as error:
             await self._forget(challenge)
             if isinstance(error, IamError) or not isinstance(error, Exception):
@@ -264,6 +275,17 @@ class Challenges:
         await self._ephemeral.set(pointer, challenge_id.encode(), self.policy.max_lifetime + _GRACE)
         log.bind(user_id=user.id, reason=reason, challenge_kind=kind).info("mfa challenge created")
         return challenge
+
+    async def _channels(self, user_id: str, tx: Transaction | None) -> list[str]:
+        """TOTP first when the user has it; email unless TOTP is on and email is configured off."""
+        if tx is not None:
+            has_totp = await tx.totp.get(user_id) is not None
+        else:
+            async with self._db.transaction(read_only=True) as own:
+                has_totp = await own.totp.get(user_id) is not None
+        if not has_totp:
+            return ["email"]
+        return ["totp", "email"] if self.policy.email_with_totp else ["totp"]
 
     async def _send(
         self,
@@ -407,14 +429,16 @@ class Challenges:
             raise ChallengeExpired()
         return changed[1].attempts_left
 
-    async def finish(self, challenge_id: str, *, approve_only: bool = False) -> Challenge:
+    async def finish(
+        self, challenge_id: str, *, approve_only: bool = False, proved_by: str = "email"
+    ) -> Challenge:
         """pending/approved -> done (or pending -> approved); losing the race is CHALLENGE_EXPIRED."""
         now = self._clock.now()
 
         def move(challenge: Challenge) -> Challenge | None:
             if not challenge.live(now) or (approve_only and challenge.state != "pending"):
                 return None
-            return replace(challenge, state="approved" if approve_only else "done")
+            return replace(challenge, state="approved" if approve_only else "done", proved_by=proved_by)
 
         changed = await self.update(challenge_id, move)
         if changed is None:
@@ -430,6 +454,8 @@ class Challenges:
     ) -> Challenge:
         """A new code and link for the same challenge (4.3); the old code stops working, attempts
         are not restored, the expiry moves to now + ttl but never past created_at + max_lifetime."""
+        if "email" not in challenge.channels:
+            raise InvalidArgument.one("challenge_id", "has no email channel to resend")
         now = self._clock.now()
         code = self._new_code()
         link_ttl = min(now + self.policy.ttl, challenge.created_at + self.policy.max_lifetime) - now

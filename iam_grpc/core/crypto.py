@@ -33,7 +33,7 @@ __all__ = [
     "seal_with_secret",
 ]
 
-Purpose = Literal["refresh", "otp", "grant", "link", "ratelimit", "email", "log", "outbox", "kek"]
+Purpose = Literal["refresh", "otp", "grant", "link", "ratelimit", "email", "log", "outbox", "kek", "totp"]
 _PURPOSES: tuple[Purpose, ...] = (
     "refresh",
     "otp",
@@ -44,6 +44,7 @@ _PURPOSES: tuple[Purpose, ...] = (
     "log",
     "outbox",
     "kek",
+    "totp",
 )
 _NONCE = 12
 

@@ -33,7 +33,7 @@ from iam_grpc.storage.ports import Ephemeral
 
 __all__ = ["IssuedLink", "LinkClaims", "LinkPurpose", "Links"]
 
-LinkPurpose = Literal["mfa", "step_up", "password_reset", "email_change"]
+LinkPurpose = Literal["mfa", "step_up", "password_reset", "email_change", "verify_email"]
 MAX_LINK_BYTES = 2048
 _TYP = "iam-link+jwt"
 _AUDIENCE = "iam-link"
@@ -42,6 +42,7 @@ _CLAIMS_OF: dict[str, tuple[str, ...]] = {
     "step_up": ("cid",),
     "password_reset": ("cv",),
     "email_change": ("cv", "sid", "nem", "oeh"),
+    "verify_email": ("oeh",),  # the keyed hash of the address it verifies
 }
 _USED_MARGIN = timedelta(seconds=60)
 

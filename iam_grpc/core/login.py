@@ -81,6 +81,7 @@ class LoginPolicy:
     travel_min_km: float  # anomaly.travel_min_km
     travel_max_kmh: float  # anomaly.travel_max_kmh
     learning: LearningPolicy
+    require_verified_email: bool = False  # email_verification.required
 
 
 class LoginFlow:
@@ -277,6 +278,8 @@ class LoginFlow:
     ) -> str | None:
         """Step 9: the first matching reason, or None for a session without MFA."""
         now = self._run.clock.now()
+        if self._policy.require_verified_email and user.email_verified_at is None:
+            return "EMAIL_UNVERIFIED"  # the email challenge proves the address first
         if user.mfa_hold_until is not None and user.mfa_hold_until > now:
             return "SECURITY_HOLD"
         if self._policy.mfa_on_new_device and not trusted and ever_trusted(links):

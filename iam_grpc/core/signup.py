@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from iam_grpc.core.client import ClientInfo
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.observation import LearningPolicy, Observer, learned
 from iam_grpc.core.password_rules import PasswordRules
 from iam_grpc.core.passwords import PasswordHashing
@@ -21,7 +22,7 @@ from iam_grpc.core.runtime import Runtime
 from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations, check_email, check_name
-from iam_grpc.errors import EmailTaken
+from iam_grpc.errors import EmailTaken, IamError
 from iam_grpc.ids import new_ulid
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Conflict
@@ -63,7 +64,9 @@ class SignupFlow:
         sessions: Sessions,
         observer: Observer,
         policy: SignupPolicy,
+        verification: EmailVerification | None = None,
     ) -> None:
+        self._verification = verification
         self._run = runtime
         self._rules = rules
         self._hashing = hashing
@@ -72,11 +75,15 @@ class SignupFlow:
         self._observer = observer
         self._policy = policy
 
-    async def signup(self, client: ClientInfo, form: SignupForm, violations: Violations) -> IssuedSession:
+    async def signup(
+        self, client: ClientInfo, form: SignupForm, violations: Violations
+    ) -> IssuedSession | None:
         """Steps 2-8 (the caller check and ``signup.ip`` ran in the interceptors).
 
         ``violations`` holds the client-context problems found by the servicer; the field rules
-        add theirs and all are reported together.
+        add theirs and all are reported together. With ``email_verification.required`` there is no
+        session (None): the account waits for its address to be proven (a link, or the email
+        challenge of its first Login).
         """
         email = check_email(violations, "email", form.email)
         name = check_name(violations, "name", form.name, required=True)
@@ -112,27 +119,32 @@ class SignupFlow:
             created_at=now,
             updated_at=now,
         )
+        verification = self._verification
+        required = verification is not None and verification.policy.required
+        issued: IssuedSession | None = None
+        evicted: list[str] = []
         try:
             async with self._run.db.transaction() as tx:
                 await tx.users.insert(user)
                 for role in self._policy.default_roles:
                     await tx.users.grant_role(user.id, role, "signup", now)
-                seen = self._observer.observe(client)
-                issued, evicted = await self._sessions.open_session(
-                    tx,
-                    user,
-                    client,
-                    trust_device=True,
-                    # first sight of the device: its network, country and place (6.2)
-                    shape_link=lambda link: learned(link, seen, client.ip, now, self._policy.learning),
-                )
+                if not required:
+                    seen = self._observer.observe(client)
+                    issued, evicted = await self._sessions.open_session(
+                        tx,
+                        user,
+                        client,
+                        trust_device=True,
+                        # first sight of the device: its network, country and place (6.2)
+                        shape_link=lambda link: learned(link, seen, client.ip, now, self._policy.learning),
+                    )
                 await self._run.audit.record(
                     self._run.audit.event(
                         "user.signup",
                         "ok",
                         user_id=user.id,
-                        session_id=issued.session_id,
-                        device_id=issued.device_id,
+                        session_id=issued.session_id if issued else None,
+                        device_id=issued.device_id if issued else None,
                     ),
                     tx,
                 )
@@ -143,4 +155,18 @@ class SignupFlow:
             raise
         await self._sessions.after_revocations(evicted)
         log.bind(user_id=user.id).info("signed up")
+        if verification is not None and (verification.policy.on_signup or required):
+            await self._send_verification(verification, user, client)
         return issued
+
+    async def _send_verification(
+        self, verification: EmailVerification, user: User, client: ClientInfo
+    ) -> None:
+        """The account exists whatever happens to its verification mail: a mail limit or a store
+        failure is logged, and RequestEmailVerification (or the first Login's challenge) sends
+        another."""
+        try:
+            async with self._run.db.transaction() as tx:
+                await verification.queue_link(tx, user, client.ip)
+        except IamError:
+            log.bind(user_id=user.id).warning("verification email not queued at signup")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge
 from iam_grpc.core.email_change import EmailChange
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.login import LoginFlow
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
@@ -16,6 +17,7 @@ from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2
 from iam_grpc.services.auth_federated import FederatedRpcs
+from iam_grpc.services.auth_verification import EmailVerificationRpcs
 from iam_grpc.services.convert import client_info, session_message, timestamp
 from iam_grpc.services.mfa_passkeys import offer_passkey
 from iam_grpc.wiring.signin import SignInMethods
@@ -37,7 +39,8 @@ def challenge_message(challenge: Challenge) -> common_pb2.MfaChallenge:
         challenge_id=challenge.id,
         reason=challenge.reason,
         expires_at=timestamp(challenge.expires_at),
-        channel="email",
+        channel=challenge.channels[0] if challenge.channels else "email",
+        channels=challenge.channels,
     )
 
 
@@ -47,8 +50,11 @@ def note_user(user_id: str) -> None:
         call.user_id = user_id
 
 
-class AuthService(FederatedRpcs, auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, sessions: Sessions, flows: AuthFlows, sign_in: SignInMethods) -> None:
+class AuthService(FederatedRpcs, EmailVerificationRpcs, auth_pb2_grpc.AuthServiceServicer):
+    def __init__(
+        self, sessions: Sessions, flows: AuthFlows, sign_in: SignInMethods, verification: EmailVerification
+    ) -> None:
+        self._verification = verification
         self._sessions = sessions
         self._flows = flows
         self._sign_in = sign_in
@@ -64,6 +70,8 @@ class AuthService(FederatedRpcs, auth_pb2_grpc.AuthServiceServicer):
             terms_accepted=request.terms_accepted,
         )
         issued = await self._flows.signup.signup(client, form, violations)
+        if issued is None:  # email_verification.required: the address is proven before a session
+            return auth_pb2.SignupResponse()
         note_user(issued.user_id)
         return auth_pb2.SignupResponse(session=session_message(issued))
 

@@ -6,12 +6,14 @@ from iam_grpc.core.mfa.codes import ChallengeCodes
 from iam_grpc.core.mfa.completion import Outcome
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp
+from iam_grpc.core.mfa.totp_enrollment import TotpEnrollment
 from iam_grpc.core.validation import Violations
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.proto import common_pb2, mfa_pb2, mfa_pb2_grpc
 from iam_grpc.services.auth import challenge_message
 from iam_grpc.services.convert import client_info, session_message, timestamp
 from iam_grpc.services.mfa_passkeys import PasskeyRpcs, offer_passkey
+from iam_grpc.services.mfa_totp import TotpRpcs
 from iam_grpc.wiring.signin import SignInMethods
 
 __all__ = ["MfaService"]
@@ -27,10 +29,16 @@ def _grant(outcome: Outcome) -> common_pb2.StepUpGrant | None:
     )
 
 
-class MfaService(PasskeyRpcs, mfa_pb2_grpc.MfaServiceServicer):
+class MfaService(PasskeyRpcs, TotpRpcs, mfa_pb2_grpc.MfaServiceServicer):
     def __init__(
-        self, codes: ChallengeCodes, links: MagicLinks, step_up: StepUp, sign_in: SignInMethods
+        self,
+        codes: ChallengeCodes,
+        links: MagicLinks,
+        step_up: StepUp,
+        sign_in: SignInMethods,
+        totp: TotpEnrollment,
     ) -> None:
+        self._totp = totp
         self._codes = codes
         self._links = links
         self._step_up = step_up
@@ -42,13 +50,15 @@ class MfaService(PasskeyRpcs, mfa_pb2_grpc.MfaServiceServicer):
         violations = Violations()
         client = client_info(request.client, violations)
         if request.passkey_assertion_json:
-            if request.code:
-                violations.add("code", "send either a code or a passkey assertion, not both")
+            if request.code or request.recovery_code:
+                violations.add("code", "send one of a code, a recovery code or a passkey assertion")
             outcome = await self._sign_in.passkey_login.verify_challenge(
                 client, request.challenge_id, request.passkey_assertion_json, violations
             )
         else:
-            outcome = await self._codes.verify(client, request.challenge_id, request.code, violations)
+            outcome = await self._codes.verify(
+                client, request.challenge_id, request.code, violations, recovery_code=request.recovery_code
+            )
         if outcome.session is not None:
             return mfa_pb2.VerifyChallengeResponse(session=session_message(outcome.session))
         return mfa_pb2.VerifyChallengeResponse(grant=_grant(outcome))

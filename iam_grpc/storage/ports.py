@@ -20,6 +20,7 @@ from email.message import EmailMessage
 from typing import Any, Protocol
 
 from iam_grpc.storage.credential_ports import IdentityStore, PasskeyStore
+from iam_grpc.storage.factor_ports import TotpStore
 from iam_grpc.storage.records import (
     AuditEvent,
     Device,
@@ -411,6 +412,9 @@ class Transaction(Protocol):
 
     @property
     def identities(self) -> IdentityStore: ...
+
+    @property
+    def totp(self) -> TotpStore: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

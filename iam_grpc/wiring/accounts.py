@@ -14,12 +14,14 @@ from iam_grpc.core.common_passwords import CommonPasswords
 from iam_grpc.core.crypto import SecretMaterial
 from iam_grpc.core.email_change import EmailChange, EmailChangePolicy
 from iam_grpc.core.email_domains import EmailDomainPolicy
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.links import Links
 from iam_grpc.core.login import LoginFlow, LoginPolicy
 from iam_grpc.core.mfa.codes import ChallengeCodes, CodePolicy
 from iam_grpc.core.mfa.completion import ChallengeCompletion
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp, StepUpPolicy
+from iam_grpc.core.mfa.totp import TotpFactors
 from iam_grpc.core.observation import LearningPolicy, Observer
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset, ResetPolicy
@@ -224,6 +226,7 @@ def build_challenges(
         max_resends=mfa.max_resends,
         max_lifetime=mfa.max_lifetime,
         max_pending_per_user=mfa.max_pending_per_user,
+        email_with_totp=mfa.email_with_totp,
     )
     return Challenges(
         runtime.db,
@@ -272,10 +275,11 @@ def build_challenge_codes(
     sessions: Sessions,
     observer: Observer,
     risk: RiskScores,
+    factors: TotpFactors | None = None,
 ) -> ChallengeCodes:
     policy = CodePolicy(code_length=settings.mfa.code_length, retry_window=settings.refresh.grace)
     return ChallengeCodes(
-        runtime, stores.ephemeral, material, challenges, completion, sessions, observer, risk, policy
+        runtime, stores.ephemeral, material, challenges, completion, sessions, observer, risk, policy, factors
     )
 
 
@@ -287,8 +291,9 @@ def build_magic_links(
     challenges: Challenges,
     completion: ChallengeCompletion,
     observer: Observer,
+    verification: EmailVerification | None = None,
 ) -> MagicLinks:
-    return MagicLinks(runtime, material, links, challenges, completion, observer)
+    return MagicLinks(runtime, material, links, challenges, completion, observer, verification)
 
 
 def build_anomalies(
@@ -335,9 +340,10 @@ def build_signup(
     sessions: Sessions,
     observer: Observer,
     learning: LearningPolicy,
+    verification: EmailVerification | None = None,
 ) -> SignupFlow:
     policy = SignupPolicy(default_roles=tuple(settings.roles.default), learning=learning)
-    return SignupFlow(runtime, rules, hashing, domains, sessions, observer, policy)
+    return SignupFlow(runtime, rules, hashing, domains, sessions, observer, policy, verification)
 
 
 def build_login(
@@ -355,6 +361,7 @@ def build_login(
     anomaly = settings.anomaly
     policy = LoginPolicy(
         mfa_on_new_device=settings.login.mfa_on_new_device,
+        require_verified_email=settings.email_verification.required,
         risk_threshold=anomaly.risk_threshold,
         travel_min_km=anomaly.travel_min_km,
         travel_max_kmh=anomaly.travel_max_kmh,

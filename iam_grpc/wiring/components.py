@@ -19,6 +19,7 @@ from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenges
 from iam_grpc.core.cleanup import Cleanup
 from iam_grpc.core.email_change import EmailChange
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.links import Links
@@ -29,6 +30,8 @@ from iam_grpc.core.mfa.codes import ChallengeCodes
 from iam_grpc.core.mfa.completion import ChallengeCompletion
 from iam_grpc.core.mfa.magic_links import MagicLinks
 from iam_grpc.core.mfa.step_up import StepUp
+from iam_grpc.core.mfa.totp import TotpFactors
+from iam_grpc.core.mfa.totp_enrollment import TotpEnrollment
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
 from iam_grpc.core.passwords import PasswordHashing
@@ -51,6 +54,7 @@ from iam_grpc.storage.sql.database import SqlDatabase
 from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
+from iam_grpc.wiring import factors as f
 from iam_grpc.wiring.signin import SignInMethods, build_sign_in_methods
 from iam_grpc.wiring.stores import Stores
 
@@ -94,6 +98,9 @@ class Components:
     completion: ChallengeCompletion
     codes: ChallengeCodes
     magic_links: MagicLinks
+    totp_factors: TotpFactors
+    totp_enrollment: TotpEnrollment
+    verification: EmailVerification
     # Refresh and the account flows
     anomalies: AnomalyChecks | None  # None when every check is off
     refresh: RefreshRotation
@@ -156,10 +163,14 @@ def build_components(
     challenges = a.build_challenges(settings, stores, run, material, links)
     step_up = a.build_step_up(settings, stores, run, material, access, challenges, observer)
     completion = a.build_completion(settings, run, sessions, tokens, step_up, risk, learning)
+    totp_factors = f.build_totp_factors(settings, run, material)
     codes = a.build_challenge_codes(
-        settings, stores, run, material, challenges, completion, sessions, observer, risk
+        settings, stores, run, material, challenges, completion, sessions, observer, risk, totp_factors
     )
-    magic_links = a.build_magic_links(settings, run, material, links, challenges, completion, observer)
+    verification = f.build_email_verification(settings, run, material, access, links)
+    magic_links = a.build_magic_links(
+        settings, run, material, links, challenges, completion, observer, verification
+    )
     anomalies = a.build_anomalies(settings, run, challenges, completion, sessions, observer, risk, learning)
     login = a.build_login(
         settings, run, rules, hashing, sessions, challenges, completion, observer, risk, learning
@@ -208,9 +219,14 @@ def build_components(
         completion=completion,
         codes=codes,
         magic_links=magic_links,
+        totp_factors=totp_factors,
+        verification=verification,
+        totp_enrollment=f.build_totp_enrollment(stores, run, access, step_up, totp_factors),
         anomalies=anomalies,
         refresh=a.build_refresh(settings, stores, run, tokens, sessions, agents, risk, anomalies),
-        signup=a.build_signup(settings, run, rules, hashing, domains, sessions, observer, learning),
+        signup=a.build_signup(
+            settings, run, rules, hashing, domains, sessions, observer, learning, verification
+        ),
         login=login,
         password_reset=a.build_password_reset(
             settings, run, material, rules, hashing, sessions, links, agents

@@ -164,6 +164,10 @@ def _valid_fields(method: str, account: Account) -> dict[str, Any]:
             "nonce": "n-0123456789",
         },
         "AuthService/UnlinkIdentity": lambda: {**signed_in, "provider": "acme"},
+        "MfaService/EnrollTotp": lambda: signed_in,
+        "MfaService/ConfirmTotp": lambda: {**signed_in, "enrollment_id": "te_" + "A" * 22, "code": "123456"},
+        "MfaService/DisableTotp": lambda: {**signed_in, "step_up_grant": _token("iamg_")},
+        "AuthService/RequestEmailVerification": lambda: signed_in,
     }[method]()
 
 
@@ -350,6 +354,38 @@ FIELD_CASES: list[Case] = [
         )
     ),
     *_cases("AuthService/UnlinkIdentity", "provider", PROVIDERS),
+    *(
+        Case("MfaService/VerifyChallenge", "recovery_code", label, value, also=(("code", ""),))
+        for label, value in (
+            ("too_short", "abcd-efgh"),
+            ("ambiguous_letters", "abcd-efgh-ij0l"),
+            ("non_ascii", "ａｂｃｄ-ｅｆｇｈ-ｊｋｍｎ"),
+            ("newline", "abcd-efgh-jkm\n"),
+            ("oversize", "a" * 1000),
+        )
+    ),
+    Case("MfaService/VerifyChallenge", "recovery_code", "with_a_code", "abcd-efgh-jkmn"),
+    *_cases(
+        "MfaService/ConfirmTotp",
+        "enrollment_id",
+        [
+            ("empty", ""),
+            ("malformed", "te_short"),
+            ("wrong_prefix", "xx_" + "A" * 22),
+            ("oversize", "te_" + "A" * 999),
+        ],
+    ),
+    *_cases(
+        "MfaService/ConfirmTotp",
+        "code",
+        [
+            ("empty", ""),
+            ("too_short", "12345"),
+            ("too_long", "1234567"),
+            ("non_ascii_digits", "１２３４５６"),
+        ],
+    ),
+    *_cases("MfaService/DisableTotp", "step_up_grant", [("empty", "")]),
 ]
 
 JWT_LIKE_OVERSIZE = "e30." + "a" * 5000 + ".sig"
@@ -378,8 +414,20 @@ TOKEN_CASES: list[tuple[Case, grpc.StatusCode, str]] = [
             "MfaService/DeletePasskey",
             "AuthService/LinkIdentity",
             "AuthService/UnlinkIdentity",
+            "MfaService/EnrollTotp",
+            "MfaService/ConfirmTotp",
+            "MfaService/DisableTotp",
+            "AuthService/RequestEmailVerification",
         )
         for label, value in (("empty", ""), ("malformed", "not-a-jwt"), ("oversize", JWT_LIKE_OVERSIZE))
+    ),
+    *(
+        (
+            Case("MfaService/DisableTotp", "step_up_grant", label, value),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "CHALLENGE_EXPIRED",
+        )
+        for label, value in (("malformed", "iamg_short"), ("oversize", "iamg_" + "A" * 5000))
     ),
     *(
         (

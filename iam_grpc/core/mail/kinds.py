@@ -49,6 +49,7 @@ KINDS: dict[str, MailKind] = {
         ),
         MailKind("password_reset", 0, ("minutes_left", "device", "location"), ("link",)),
         MailKind("email_change_confirm", 0, ("minutes_left",), ("link",)),
+        MailKind("verify_email", 0, ("hours_left",), ("link",)),
         MailKind("email_change_requested", 1, ("new_email_masked", "device", "location"), deadline=_NOTICE),
         MailKind("email_in_use", 1, (), deadline=_NOTICE, dedupe=True),
         MailKind("email_changed", 1, ("new_email_masked",), deadline=_NOTICE),

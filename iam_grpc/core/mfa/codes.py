@@ -18,6 +18,7 @@ from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.crypto import SealError, SecretMaterial, open_with_secret, seal_with_secret
 from iam_grpc.core.mail.notices import queue_security_alert
 from iam_grpc.core.mfa.completion import ChallengeCompletion, Outcome
+from iam_grpc.core.mfa.totp import RECOVERY_CODE_RULE, TOTP_DIGITS, TotpFactors, normalize_recovery_code
 from iam_grpc.core.observation import Observer
 from iam_grpc.core.ratelimit import Permit, ip_key
 from iam_grpc.core.risk import POINTS, RiskScores
@@ -25,7 +26,7 @@ from iam_grpc.core.runtime import Runtime
 from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.core.tokens.sessions import Sessions
 from iam_grpc.core.validation import Violations
-from iam_grpc.errors import BackendUnavailable, ChallengeExpired, CodeInvalid
+from iam_grpc.errors import BackendUnavailable, ChallengeExpired, CodeInvalid, InvalidArgument
 from iam_grpc.ids import CHALLENGE_ID
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import Ephemeral
@@ -61,7 +62,9 @@ class ChallengeCodes:
         observer: Observer,
         risk: RiskScores,
         policy: CodePolicy,
+        factors: TotpFactors | None = None,
     ) -> None:
+        self._factors = factors
         self._run = runtime
         self._ephemeral = ephemeral
         self._material = material
@@ -75,36 +78,78 @@ class ChallengeCodes:
     # VerifyChallenge ---------------------------------------------------------------------------
 
     async def verify(
-        self, client: ClientInfo, challenge_id: str, code: str, violations: Violations
+        self,
+        client: ClientInfo,
+        challenge_id: str,
+        code: str,
+        violations: Violations,
+        recovery_code: str = "",
     ) -> Outcome:
-        """behaviour.md 4.2 (``code.ip`` and the ``code.ip_fail`` block ran in the interceptors)."""
+        """behaviour.md 4.2 (``code.ip`` and the ``code.ip_fail`` block ran in the interceptors):
+        the email code, a TOTP code (same field) or a recovery code, as the challenge's channels
+        allow; every kind of wrong answer spends the same attempts."""
         if not CHALLENGE_ID.match(challenge_id):
             violations.add("challenge_id", _CHALLENGE_ID_RULE)
-        n = self._policy.code_length
-        if len(code) != n or not code.isascii() or not code.isdigit():
-            violations.add("code", f"must be {n} digits")
+        self._check_proof(code, recovery_code, violations)
         violations.raise_any()
         if client.device_id:
             await self._run.limiter.ensure_not_blocked("code.device", client.device_id)
         challenge = await self._challenges.get(challenge_id)
+        answer = code or normalize_recovery_code(recovery_code) or ""  # what a kept result is sealed under
         if challenge is not None and challenge.kind == "refresh" and challenge.state == "done":
-            return await self._retried(client, challenge, code)
+            return await self._retried(client, challenge, answer)
         if challenge is None or not challenge.live(self._run.clock.now()):
             raise ChallengeExpired()
+        if recovery_code and "totp" not in challenge.channels:
+            raise InvalidArgument.one("recovery_code", "is not accepted by this challenge")
         permits = await self._reserve_failure(client, challenge)
         seen = self._observer.observe(client)
-        if not (
-            challenge.comes_from(client.device_id, seen.agent)
-            and self._challenges.code_matches(challenge, code)
-        ):
+        proved_by = None
+        if challenge.comes_from(client.device_id, seen.agent):
+            proved_by = await self._proof(challenge, code, recovery_code)
+        if proved_by is None:
             await self._wrong_code(client, challenge)
-        challenge = await self._challenges.finish(challenge.id)  # two right codes at once: one wins
+        # two right codes at once: one wins
+        challenge = await self._challenges.finish(challenge.id, proved_by=proved_by or "email")
         for permit in permits:
             await permit.succeeded()
         outcome = await self._completion.complete(challenge, client, seen)
         if outcome.session is not None and challenge.kind == "refresh":
-            await self._keep_result(challenge, code, outcome.session)
+            await self._keep_result(challenge, answer, outcome.session)
         return outcome
+
+    def _check_proof(self, code: str, recovery_code: str, violations: Violations) -> None:
+        if code and recovery_code:
+            violations.add("recovery_code", "send either code or recovery_code, not both")
+        elif recovery_code:
+            if normalize_recovery_code(recovery_code) is None:
+                violations.add("recovery_code", RECOVERY_CODE_RULE)
+        else:
+            n = self._policy.code_length
+            lengths = {n, TOTP_DIGITS} if self._factors is not None else {n}
+            if len(code) not in lengths or not code.isascii() or not code.isdigit():
+                violations.add(
+                    "code", f"must be {n} digits" + (f" (or {TOTP_DIGITS}: TOTP)" if n != TOTP_DIGITS else "")
+                )
+
+    async def _proof(self, challenge: Challenge, code: str, recovery_code: str) -> str | None:
+        """Which channel the answer proves, or None. The email code is compared first (it uses
+        nothing up); a TOTP code is accepted once, a recovery code once ever."""
+        if recovery_code:
+            factors = self._factors
+            if factors is not None and await factors.prove_recovery_code(challenge.user_id, recovery_code):
+                return "recovery_code"
+            return None
+        if "email" in challenge.channels and self._challenges.code_matches(challenge, code):
+            return "email"
+        factors = self._factors
+        if (
+            "totp" in challenge.channels
+            and factors is not None
+            and await factors.prove_code(challenge.user_id, code)
+        ):
+            return "totp"
+        return None
 
     # a lost answer ------------------------------------------------------------------------------
 
@@ -136,9 +181,12 @@ class ChallengeCodes:
             raise ChallengeExpired()
         permits = await self._reserve_failure(client, challenge)
         seen = self._observer.observe(client)
+        # An app or recovery code cannot be checked again (it is used up): the kept Session opens
+        # only under the very answer that completed the challenge, which proves it as well.
+        emailed = challenge.proved_by in ("", "email")
         if not (
             challenge.comes_from(client.device_id, seen.agent)
-            and self._challenges.code_matches(challenge, code)
+            and (not emailed or self._challenges.code_matches(challenge, code))
         ):
             raise ChallengeExpired()
         try:

@@ -79,7 +79,7 @@ class ChallengeCompletion:
                 tx, user, issued.device_id, client, seen, challenge.reason, now
             )
             await tx.users.record_login(user.id, now)
-            if mailbox:
+            if mailbox and challenge.proved_by in ("", "email"):  # an app code or passkey proves no mailbox
                 await tx.users.mark_email_verified(user.id, now)
             await self._success_records(
                 tx, user, challenge, issued.session_id, issued.device_id, seen, newly_trusted
@@ -132,7 +132,7 @@ class ChallengeCompletion:
             if user is None:
                 raise ChallengeExpired()
             await tx.sessions.set_auth(issued.session_id, now, mfa=True)
-            if mailbox:
+            if mailbox and challenge.proved_by in ("", "email"):
                 await tx.users.mark_email_verified(user.id, now)
             trusted = await self._prove_device(
                 tx, user, issued.device_id, client, seen, challenge.reason, now

@@ -16,6 +16,7 @@ from iam_grpc.core.call import current_call
 from iam_grpc.core.challenges import Challenge, Challenges
 from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.crypto import SecretMaterial
+from iam_grpc.core.email_verification import EmailVerification
 from iam_grpc.core.links import LinkClaims, Links
 from iam_grpc.core.mfa.completion import ChallengeCompletion, Outcome
 from iam_grpc.core.observation import Observer
@@ -42,7 +43,9 @@ class MagicLinks:
         challenges: Challenges,
         completion: ChallengeCompletion,
         observer: Observer,
+        verification: EmailVerification | None = None,
     ) -> None:
+        self._verification = verification
         self._run = runtime
         self._material = material
         self._links = links
@@ -57,6 +60,9 @@ class MagicLinks:
         approves it (an empty result), and a step-up link yields the grant to whoever redeems it."""
         violations.raise_any()
         purpose = self._links.read(link_token).purpose
+        if purpose == "verify_email" and self._verification is not None:
+            await self._verification.redeem(link_token)
+            return Outcome(), purpose
         if purpose not in ("mfa", "step_up"):
             raise InvalidArgument.one("link_token", "is not a link for this operation")
         claims = await self._links.verify(link_token, "step_up" if purpose == "step_up" else "mfa")
@@ -122,6 +128,8 @@ class MagicLinks:
         if claims.purpose in ("mfa", "step_up"):
             challenge = await self._challenges.get(str(claims.extra["cid"]))
             return challenge is not None and challenge.live(now) and claims.jti in challenge.link_jtis
+        if claims.purpose == "verify_email":
+            return self._verification is not None and await self._verification.usable(claims)
         async with self._run.db.transaction(read_only=True) as tx:
             user = await tx.users.get(claims.subject)
         if user is None or user.status != "active" or user.credential_version != claims.extra.get("cv"):

@@ -156,6 +156,8 @@ DEFAULT_GROUPS: dict[str, Group] = {
         _g("link_inspect.caller_invalid", "caller", "300/1m f"),
         _g("step_up.session", "session", "3/10m"),
         _g("step_up.user", "user", "10/24h"),
+        _g("totp.user", "user", "10/1h"),
+        _g("verify_email.user", "user", "5/24h"),
         _g("grant.caller_fail", "caller", "60/1m f"),
         _g("sessions.user", "user", "30/1m", 3, "1m", "10m"),
         # behaviour.md 7.4: per recipient, per user and per IP; never one global mail limit

@@ -39,6 +39,7 @@ from iam_grpc.storage.sql.outbox import SqlOutbox
 from iam_grpc.storage.sql.revocations import SqlRevocationStore
 from iam_grpc.storage.sql.sessions import SqlSessionStore
 from iam_grpc.storage.sql.tables import metadata
+from iam_grpc.storage.sql.totp import SqlTotpStore
 from iam_grpc.storage.sql.users import SqlUserStore
 
 __all__ = [
@@ -260,6 +261,7 @@ class SqlTransaction:
         self.revocations = SqlRevocationStore(connection, dialect)
         self.passkeys = SqlPasskeyStore(connection)
         self.identities = SqlIdentityStore(connection)
+        self.totp = SqlTotpStore(connection)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

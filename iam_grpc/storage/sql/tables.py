@@ -39,6 +39,8 @@ __all__ = [
     "roles",
     "sessions",
     "signing_keys",
+    "totp_factors",
+    "totp_recovery_codes",
     "user_devices",
     "user_roles",
     "users",
@@ -316,5 +318,30 @@ identities = Table(
     Column("linked_at", UtcDateTime(), nullable=False),
     PrimaryKeyConstraint("user_id", "provider"),
     UniqueConstraint("provider", "subject"),
+    **_MYSQL_TABLE,
+)
+
+# TOTP (migration 0005): one enabled factor per user, its secret sealed under the master key's
+# ``totp`` sub-key; ``last_step`` is the newest time-step a code was accepted for, advanced by a
+# compare-and-set, so a code works once on every replica. Recovery codes are keyed hashes, spent
+# once (``used_at``).
+totp_factors = Table(
+    "totp_factors",
+    metadata,
+    Column("user_id", Key(26), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("secret_enc", Blob, nullable=False),
+    Column("enabled_at", UtcDateTime(), nullable=False),
+    Column("last_step", LongId, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+totp_recovery_codes = Table(
+    "totp_recovery_codes",
+    metadata,
+    Column("code_hash", ascii_str(64), primary_key=True),
+    Column("user_id", Key(26), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("used_at", UtcDateTime(), nullable=True),
+    Index(None, "user_id"),
     **_MYSQL_TABLE,
 )
