@@ -16,11 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from typing import Any, Protocol
 
 from iam_grpc.storage.credential_ports import IdentityStore, PasskeyStore
 from iam_grpc.storage.factor_ports import TotpStore
+from iam_grpc.storage.mail_ports import (
+    MailError,
+    MailTransport,
+    MessageRenderer,
+    PermanentMailError,
+    TransientMailError,
+)
 from iam_grpc.storage.records import (
     AuditEvent,
     Device,
@@ -443,42 +449,6 @@ class Database(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-class MailError(Exception):
-    """A failed send. ``summary`` is safe to store: an SMTP code and a fixed text, never the message."""
-
-    def __init__(self, summary: str) -> None:
-        super().__init__(summary)
-        self.summary = summary[:255]
-
-
-class TransientMailError(MailError):
-    """Try again later (connection failure, timeout, 4xx)."""
-
-
-class PermanentMailError(MailError):
-    """Never try again (5xx, a template that would leak a secret)."""
-
-
-class MailTransport(Protocol):
-    """Hands a rendered message to SMTP, or writes it to a folder in embedded mode."""
-
-    async def send(self, message: EmailMessage) -> str:
-        """Deliver; return the provider's message id (or ours). Raises a :class:`MailError`."""
-        ...
-
-    async def check(self) -> None:
-        """Raise :class:`TransientMailError` when the transport cannot be reached (startup check)."""
-        ...
-
-
-class MessageRenderer(Protocol):
-    """Turns an outbox row (and its opened secrets) into an email."""
-
-    def render(self, row: OutboxMessage, secrets: dict[str, str]) -> EmailMessage:
-        """Raises :class:`PermanentMailError` when the row cannot be rendered safely."""
-        ...
 
 
 class LimiterStore(Protocol):
