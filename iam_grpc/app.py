@@ -213,6 +213,8 @@ class Application:
         except ListenError as exc:
             raise StartupError(str(exc)) from None
         stack.push_async_callback(self._stop_server, self.server)
+        # after the server has stopped: the last noted API-token uses are written
+        stack.push_async_callback(self._flush_api_token_use, c)
         await self.server.start()
         stack.push_async_callback(self._drain)
         jobs = Scheduler()
@@ -220,8 +222,16 @@ class Application:
         jobs.every("keys", s.keys.reload_interval, c.keys.maintain)
         jobs.every("deny-list", s.tokens.denylist_replay, c.denylist.replay)
         jobs.every("cleanup", s.cleanup.interval, c.cleanup.run)
+        jobs.every("api-token-use", s.api_tokens.last_used_flush, c.api_tokens.flush_use)
         await stack.enter_async_context(jobs)
         await self.readiness.start_serving(c)
+
+    @staticmethod
+    async def _flush_api_token_use(c: Components) -> None:
+        try:
+            await c.api_tokens.flush_use()
+        except Exception:  # shutdown goes on; these timestamps are advisory
+            log.warning("last API-token uses not written at shutdown")
 
     # shutdown -----------------------------------------------------------------------------------
 

@@ -27,6 +27,10 @@ holding an ``ErrorInfo`` in domain ``iam.v1``.
     │   ├── ReauthRequired          FAILED_PRECONDITION  REAUTH_REQUIRED
     │   ├── CallerUnknown           UNAUTHENTICATED      CALLER_UNKNOWN
     │   ├── CallerForbidden         PERMISSION_DENIED    CALLER_UNKNOWN
+    │   ├── UserNotFound            NOT_FOUND            USER_NOT_FOUND (admin RPCs only)
+    │   ├── TokenLimit              FAILED_PRECONDITION  TOKEN_LIMIT
+    │   ├── ScopeRequired           PERMISSION_DENIED    SCOPE_REQUIRED (metadata missing)
+    │   ├── IpNotAllowed            PERMISSION_DENIED    IP_NOT_ALLOWED
     │   └── NotImplementedYet       UNIMPLEMENTED        UNIMPLEMENTED (declared, not served yet)
     └── ServerError                 our side is at fault; details never shown
         ├── BackendUnavailable      UNAVAILABLE          BACKEND_UNAVAILABLE
@@ -63,6 +67,7 @@ __all__ = [
     "InternalError",
     "InvalidArgument",
     "InvalidCredentials",
+    "IpNotAllowed",
     "LinkUsed",
     "NotImplementedYet",
     "PasswordBreached",
@@ -70,11 +75,14 @@ __all__ = [
     "ReauthRequired",
     "RefreshTokenReused",
     "RoleRequired",
+    "ScopeRequired",
     "ServerError",
     "SessionExpired",
     "SessionRevoked",
     "TokenExpired",
     "TokenInvalid",
+    "TokenLimit",
+    "UserNotFound",
 ]
 
 DOMAIN = "iam.v1"
@@ -94,6 +102,7 @@ class ErrorCode(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
     UNIMPLEMENTED = "unimplemented"
+    NOT_FOUND = "not_found"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +272,35 @@ class CallerForbidden(ClientError):
     code = ErrorCode.PERMISSION_DENIED
     reason = "CALLER_UNKNOWN"
     message = "The calling service may not call this method."
+
+
+class UserNotFound(ClientError):
+    """Only admin RPCs answer it: end-user RPCs never say whether an account exists."""
+
+    code = ErrorCode.NOT_FOUND
+    reason = "USER_NOT_FOUND"
+    message = "No such user."
+
+
+class TokenLimit(ClientError):
+    code = ErrorCode.FAILED_PRECONDITION
+    reason = "TOKEN_LIMIT"
+    message = "Too many live API tokens; revoke one first."
+
+
+class ScopeRequired(ClientError):
+    code = ErrorCode.PERMISSION_DENIED
+    reason = "SCOPE_REQUIRED"
+    message = "A required scope is missing."
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(metadata={"missing": ",".join(sorted(missing))})
+
+
+class IpNotAllowed(ClientError):
+    code = ErrorCode.PERMISSION_DENIED
+    reason = "IP_NOT_ALLOWED"
+    message = "This token may not be used from this address."
 
 
 class NotImplementedYet(ClientError):

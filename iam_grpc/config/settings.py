@@ -18,6 +18,7 @@ from iam_grpc.config.checks import (
     RateLimitSettings,
     UaSettings,
 )
+from iam_grpc.config.directory import ApiTokensSettings
 from iam_grpc.config.flows import (
     EmailChangeSettings,
     LinksSettings,
@@ -99,6 +100,7 @@ class Settings(BaseSettings):
     roles: RolesSettings = RolesSettings()
     logging: LoggingSettings = LoggingSettings()
     audit: AuditSettings = AuditSettings()
+    api_tokens: ApiTokensSettings = ApiTokensSettings()
     cleanup: CleanupSettings = CleanupSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
 

@@ -33,7 +33,9 @@ __all__ = [
     "seal_with_secret",
 ]
 
-Purpose = Literal["refresh", "otp", "grant", "link", "ratelimit", "email", "log", "outbox", "kek"]
+Purpose = Literal[
+    "refresh", "otp", "grant", "link", "ratelimit", "email", "log", "outbox", "kek", "api_token"
+]
 _PURPOSES: tuple[Purpose, ...] = (
     "refresh",
     "otp",
@@ -44,6 +46,7 @@ _PURPOSES: tuple[Purpose, ...] = (
     "log",
     "outbox",
     "kek",
+    "api_token",
 )
 _NONCE = 12
 

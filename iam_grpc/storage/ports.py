@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Protocol
 
+from iam_grpc.storage.directory_ports import ApiTokenStore, Directory
 from iam_grpc.storage.records import (
     AuditEvent,
     Device,
@@ -404,6 +405,12 @@ class Transaction(Protocol):
 
     @property
     def revocations(self) -> RevocationStore: ...
+
+    @property
+    def api_tokens(self) -> ApiTokenStore: ...
+
+    @property
+    def directory(self) -> Directory: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

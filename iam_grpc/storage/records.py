@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "ApiTokenRecord",
     "AuditEvent",
     "Device",
     "HitResult",
@@ -23,6 +24,7 @@ __all__ = [
     "TokenContext",
     "User",
     "UserDevice",
+    "UserQuery",
 ]
 
 
@@ -213,3 +215,34 @@ class HitResult:
     blocked: bool  # refused because a block is in force (imposed now or earlier)
     new_block_ms: int  # > 0: a block of this length was imposed by this call
     buckets: tuple[int, ...]  # bucket index consumed in each window (for refunds)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTokenRecord:
+    """A personal API token: its metadata and the keyed hash of its current secret."""
+
+    id: str
+    user_id: str
+    name: str
+    prefix: str
+    secret_hash: str
+    key_version: int
+    scopes: list[str]
+    allowed_cidrs: list[str]
+    created_at: datetime
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    rotated_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoke_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserQuery:
+    """One page of ListUsers: users after ``after_id`` in id order, filtered."""
+
+    limit: int
+    after_id: str | None = None
+    email_prefix: str | None = None
+    role: str | None = None
+    status: str | None = None

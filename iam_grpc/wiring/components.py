@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from iam_grpc.clock import Clock
 from iam_grpc.config import Settings
 from iam_grpc.core.anomalies import AnomalyChecks
+from iam_grpc.core.api_tokens import ApiTokens
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenges
 from iam_grpc.core.cleanup import Cleanup
@@ -32,6 +33,7 @@ from iam_grpc.core.mfa.step_up import StepUp
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
 from iam_grpc.core.passwords import PasswordHashing
+from iam_grpc.core.profiles import Profiles
 from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.core.risk import RiskScores
 from iam_grpc.core.runtime import Runtime
@@ -51,6 +53,7 @@ from iam_grpc.storage.sql.database import SqlDatabase
 from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
+from iam_grpc.wiring import directory as d
 from iam_grpc.wiring.stores import Stores
 
 __all__ = ["Components", "build_components"]
@@ -103,6 +106,9 @@ class Components:
     email_change: EmailChange
     # maintenance
     cleanup: Cleanup
+    # the user directory and personal API tokens
+    api_tokens: ApiTokens
+    profiles: Profiles
 
     @property
     def db(self) -> SqlDatabase:
@@ -201,4 +207,6 @@ def build_components(
         password_change=a.build_password_change(settings, run, access, rules, hashing, sessions, agents),
         email_change=a.build_email_change(settings, run, material, access, domains, sessions, links, agents),
         cleanup=b.build_cleanup(settings, stores, clock),
+        api_tokens=d.build_api_tokens(settings, run, material, access, denylist),
+        profiles=d.build_profiles(run, access, step_up, d.build_user_access(stores, run, denylist)),
     )

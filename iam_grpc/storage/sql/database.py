@@ -24,6 +24,7 @@ from iam_grpc.errors import BackendUnavailable, InvalidArgument
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.breaker import Breaker
 from iam_grpc.storage.ports import Conflict
+from iam_grpc.storage.sql.api_tokens import SqlApiTokenStore
 from iam_grpc.storage.sql.audit import SqlAuditLog
 from iam_grpc.storage.sql.connection import (
     InlineConnection,
@@ -32,6 +33,7 @@ from iam_grpc.storage.sql.connection import (
     inline_sqlite_engine,
 )
 from iam_grpc.storage.sql.devices import SqlDeviceStore
+from iam_grpc.storage.sql.directory import SqlDirectory
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
 from iam_grpc.storage.sql.outbox import SqlOutbox
@@ -257,6 +259,8 @@ class SqlTransaction:
         self.audit = SqlAuditLog(connection)
         self.maintenance = SqlMaintenance(connection)
         self.revocations = SqlRevocationStore(connection, dialect)
+        self.api_tokens = SqlApiTokenStore(connection)
+        self.directory = SqlDirectory(connection)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

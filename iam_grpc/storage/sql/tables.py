@@ -28,6 +28,7 @@ from sqlalchemy import (
 from iam_grpc.storage.sql.types import Blob, Json, Key, LongId, UtcDateTime, ascii_str, text_bin
 
 __all__ = [
+    "api_tokens",
     "audit_events",
     "devices",
     "email_outbox",
@@ -276,5 +277,28 @@ revocations = Table(
     Column("expires_at", UtcDateTime(), nullable=False),
     UniqueConstraint("kind", "value"),
     Index(None, "expires_at"),
+    **_MYSQL_TABLE,
+)
+
+# Personal API tokens: only a keyed hash of each secret (api.md, ApiTokenService).
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Key(26), primary_key=True),
+    Column("user_id", Key(26), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("prefix", ascii_str(16), nullable=False),
+    Column("secret_hash", Key(43), nullable=False),
+    Column("key_version", SmallInteger(), nullable=False),
+    Column("scopes", Json, nullable=False),
+    Column("allowed_cidrs", Json, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("expires_at", UtcDateTime(), nullable=True),
+    Column("last_used_at", UtcDateTime(), nullable=True),
+    Column("rotated_at", UtcDateTime(), nullable=True),
+    Column("revoked_at", UtcDateTime(), nullable=True),
+    Column("revoke_reason", ascii_str(32), nullable=True),
+    UniqueConstraint("secret_hash"),
+    Index(None, "user_id", "revoked_at"),
     **_MYSQL_TABLE,
 )

@@ -1,0 +1,227 @@
+"""iam.v1.UserService: the signed-in user's own profile (core/profiles.py) and the admin RPCs,
+which call the operator use-cases of ``iam_grpc.admin`` over the running service's components
+(the CLI's ``users`` and ``roles`` commands call the same functions)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+from datetime import UTC
+from typing import TypeVar
+
+from iam_grpc.admin import (
+    AdminTools,
+    Invalid,
+    NotFound,
+    delete_user,
+    export_user,
+    get_user,
+    grant_role,
+    list_audit_events,
+    list_users,
+    revoke_role,
+    set_status,
+)
+from iam_grpc.core.call import current_call
+from iam_grpc.core.profiles import ProfileChanges, Profiles, UserProfile
+from iam_grpc.core.validation import Violations
+from iam_grpc.errors import InvalidArgument, UserNotFound
+from iam_grpc.interceptors.base import Context as Ctx
+from iam_grpc.proto import common_pb2, user_pb2, user_pb2_grpc
+from iam_grpc.services.convert import client_info, timestamp
+from iam_grpc.storage.records import AuditEvent
+
+__all__ = ["UserService", "user_message"]
+
+T = TypeVar("T")
+_STATUS = {"active": user_pb2.USER_STATUS_ACTIVE, "disabled": user_pb2.USER_STATUS_DISABLED}
+_STATUS_FILTER = {user_pb2.USER_STATUS_ACTIVE: "active", user_pb2.USER_STATUS_DISABLED: "disabled"}
+
+
+def user_message(profile: UserProfile) -> user_pb2.User:
+    user = profile.user
+    message = user_pb2.User(
+        user_id=user.id,
+        email=user.email,
+        email_verified=user.email_verified_at is not None,
+        name=user.name,
+        last_name=user.last_name,
+        locale=user.locale or "",
+        roles=profile.roles,
+        status=_STATUS.get(user.status, user_pb2.USER_STATUS_DISABLED),
+        created_at=timestamp(user.created_at),
+        mfa_methods=list(profile.methods.mfa_methods),
+        identities=[
+            common_pb2.Identity(
+                provider=i.provider, subject=i.subject, email=i.email, linked_at=timestamp(i.linked_at)
+            )
+            for i in profile.methods.identities
+        ],
+    )
+    if user.last_login_at is not None:
+        message.last_login_at.CopyFrom(timestamp(user.last_login_at))
+    return message
+
+
+def audit_message(event: AuditEvent) -> user_pb2.AuditEvent:
+    return user_pb2.AuditEvent(
+        id=str(event.id),
+        kind=event.type,
+        at=timestamp(event.occurred_at),
+        user_id=event.user_id or "",
+        session_id=event.session_id or "",
+        ip=event.ip or "",
+        detail_json=json.dumps(event.details, separators=(",", ":"), sort_keys=True),
+    )
+
+
+async def _admin(step: Awaitable[T], field: str = "user_id") -> T:
+    """An operator use-case's failures as the contract's errors."""
+    try:
+        return await step
+    except NotFound:
+        raise UserNotFound() from None
+    except Invalid as invalid:
+        raise InvalidArgument.one(field, str(invalid)) from None
+
+
+def _note_user(user_id: str) -> None:
+    call = current_call()
+    if call is not None:
+        call.user_id = user_id
+
+
+class UserService(user_pb2_grpc.UserServiceServicer):
+    def __init__(self, profiles: Profiles, tools: AdminTools) -> None:
+        self._profiles = profiles
+        self._tools = tools
+
+    # the signed-in user ----------------------------------------------------------------------
+
+    async def GetMe(self, request: user_pb2.GetMeRequest, context: Ctx) -> user_pb2.GetMeResponse:
+        violations = Violations()
+        client = client_info(request.client, violations)
+        violations.raise_any()
+        profile = await self._profiles.get_me(client, request.access_token)
+        _note_user(profile.user.id)
+        return user_pb2.GetMeResponse(user=user_message(profile))
+
+    async def UpdateProfile(
+        self, request: user_pb2.UpdateProfileRequest, context: Ctx
+    ) -> user_pb2.UpdateProfileResponse:
+        violations = Violations()
+        client = client_info(request.client, violations)
+        violations.raise_any()
+        form = ProfileChanges(
+            paths=list(request.update_mask.paths),
+            name=request.name,
+            last_name=request.last_name,
+            locale=request.locale,
+        )
+        profile = await self._profiles.update(client, request.access_token, form)
+        _note_user(profile.user.id)
+        return user_pb2.UpdateProfileResponse(user=user_message(profile))
+
+    async def DeleteMyAccount(
+        self, request: user_pb2.DeleteMyAccountRequest, context: Ctx
+    ) -> user_pb2.DeleteMyAccountResponse:
+        violations = Violations()
+        client = client_info(request.client, violations)
+        violations.raise_any()
+        await self._profiles.delete_my_account(client, request.access_token, request.step_up_grant)
+        return user_pb2.DeleteMyAccountResponse()
+
+    # admin -------------------------------------------------------------------------------------
+
+    async def _user(self, user_id: str) -> user_pb2.User:
+        return user_message(await _admin(get_user(self._tools, user_id=user_id)))
+
+    async def GetUser(self, request: user_pb2.GetUserRequest, context: Ctx) -> user_pb2.GetUserResponse:
+        key = request.WhichOneof("key")
+        if key is None or not getattr(request, key):
+            raise InvalidArgument.one("key", "give user_id or email")
+        lookup = get_user(self._tools, user_id=request.user_id, email=request.email)
+        return user_pb2.GetUserResponse(user=user_message(await _admin(lookup, key)))
+
+    async def ListUsers(self, request: user_pb2.ListUsersRequest, context: Ctx) -> user_pb2.ListUsersResponse:
+        page = await _admin(
+            list_users(
+                self._tools,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                email_prefix=request.email_prefix,
+                role=request.role,
+                status=_STATUS_FILTER.get(request.status, ""),
+            ),
+            "page_token" if request.page_token else "page_size",
+        )
+        return user_pb2.ListUsersResponse(
+            users=[user_message(p) for p in page.users], next_page_token=page.next_page_token
+        )
+
+    async def DisableUser(
+        self, request: user_pb2.DisableUserRequest, context: Ctx
+    ) -> user_pb2.DisableUserResponse:
+        if len(request.reason) > 500:
+            raise InvalidArgument.one("reason", "must be at most 500 characters")
+        await self._known(request.user_id)
+        await _admin(set_status(self._tools, request.user_id, "disabled", reason=request.reason))
+        return user_pb2.DisableUserResponse(user=await self._user(request.user_id))
+
+    async def EnableUser(
+        self, request: user_pb2.EnableUserRequest, context: Ctx
+    ) -> user_pb2.EnableUserResponse:
+        await self._known(request.user_id)
+        await _admin(set_status(self._tools, request.user_id, "active"))
+        return user_pb2.EnableUserResponse(user=await self._user(request.user_id))
+
+    async def GrantRole(self, request: user_pb2.GrantRoleRequest, context: Ctx) -> user_pb2.GrantRoleResponse:
+        await self._known(request.user_id)
+        grant = grant_role(self._tools, request.user_id, request.role, end_sessions=request.end_sessions)
+        await _admin(grant, "role")
+        return user_pb2.GrantRoleResponse(user=await self._user(request.user_id))
+
+    async def RevokeRole(
+        self, request: user_pb2.RevokeRoleRequest, context: Ctx
+    ) -> user_pb2.RevokeRoleResponse:
+        await self._known(request.user_id)
+        revoke = revoke_role(
+            self._tools, request.user_id, request.role, now=False, end_sessions=request.end_sessions
+        )
+        await _admin(revoke, "role")
+        return user_pb2.RevokeRoleResponse(user=await self._user(request.user_id))
+
+    async def _known(self, user_id: str) -> None:
+        """Admin RPCs take ids only (the CLI also takes an email address)."""
+        await _admin(get_user(self._tools, user_id=user_id))
+
+    async def DeleteUser(
+        self, request: user_pb2.DeleteUserRequest, context: Ctx
+    ) -> user_pb2.DeleteUserResponse:
+        await _admin(delete_user(self._tools, request.user_id))
+        return user_pb2.DeleteUserResponse()
+
+    async def ExportUser(
+        self, request: user_pb2.ExportUserRequest, context: Ctx
+    ) -> user_pb2.ExportUserResponse:
+        await self._known(request.user_id)
+        export = await _admin(export_user(self._tools, request.user_id))
+        return user_pb2.ExportUserResponse(json=json.dumps(export, separators=(",", ":"), sort_keys=True))
+
+    async def ListAuditEvents(
+        self, request: user_pb2.ListAuditEventsRequest, context: Ctx
+    ) -> user_pb2.ListAuditEventsResponse:
+        page = await _admin(
+            list_audit_events(
+                self._tools,
+                user_id=request.user_id,
+                kinds=list(request.kinds),
+                since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+            "page_token" if request.page_token else "page_size",
+        )
+        return user_pb2.ListAuditEventsResponse(
+            events=[audit_message(e) for e in page.events], next_page_token=page.next_page_token
+        )
