@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from iam_grpc.core.api_tokens import ApiTokens, NewApiToken
+from iam_grpc.core.api_tokens import SCOPE, ApiTokens, NewApiToken
 from iam_grpc.core.call import current_call
 from iam_grpc.core.validation import Violations
+from iam_grpc.ids import ULID_RE
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.proto import api_token_pb2, api_token_pb2_grpc
 from iam_grpc.services.convert import client_info, timestamp
+from iam_grpc.services.user_requests import check_used_from
 from iam_grpc.storage.records import ApiTokenRecord
 
 __all__ = ["ApiTokenService", "api_token_message"]
@@ -40,6 +42,11 @@ def verified_ip(offered: str) -> str:
     if call is not None and call.caller is not None and call.caller.trust_client_ip and offered:
         return offered
     return (call.peer_ip if call is not None else None) or ""
+
+
+def _check_token_id(violations: Violations, token_id: str) -> None:
+    if not ULID_RE.match(token_id):
+        violations.add("token_id", "must be an API token id (26 characters, ULID)")
 
 
 class ApiTokenService(api_token_pb2_grpc.ApiTokenServiceServicer):
@@ -79,6 +86,8 @@ class ApiTokenService(api_token_pb2_grpc.ApiTokenServiceServicer):
         violations = Violations()
         client = client_info(request.client, violations)
         violations.raise_any()
+        _check_token_id(violations, request.token_id)
+        violations.raise_any()
         await self._tokens.revoke(client, request.access_token, request.token_id)
         return api_token_pb2.RevokeApiTokenResponse()
 
@@ -87,6 +96,8 @@ class ApiTokenService(api_token_pb2_grpc.ApiTokenServiceServicer):
     ) -> api_token_pb2.RotateApiTokenResponse:
         violations = Violations()
         client = client_info(request.client, violations)
+        violations.raise_any()
+        _check_token_id(violations, request.token_id)
         violations.raise_any()
         issued = await self._tokens.rotate(client, request.access_token, request.token_id)
         return api_token_pb2.RotateApiTokenResponse(
@@ -99,6 +110,9 @@ class ApiTokenService(api_token_pb2_grpc.ApiTokenServiceServicer):
         violations = Violations()
         if len(request.required_scopes) > _MAX_REQUIRED:
             violations.add("required_scopes", "at most 32 scopes")
+        elif not all(SCOPE.match(s) for s in request.required_scopes):
+            violations.add("required_scopes", "each scope matches ^[a-z0-9:._-]{1,64}$")
+        check_used_from(violations, request.ip)
         violations.raise_any()
         verified = await self._tokens.verify(
             request.secret, verified_ip(request.ip), list(request.required_scopes)

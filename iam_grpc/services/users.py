@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable
-from datetime import UTC
 from typing import TypeVar
 
 from iam_grpc.admin import (
@@ -24,11 +23,19 @@ from iam_grpc.admin import (
 )
 from iam_grpc.core.call import current_call
 from iam_grpc.core.profiles import ProfileChanges, Profiles, UserProfile
-from iam_grpc.core.validation import Violations
+from iam_grpc.core.validation import Violations, check_email
 from iam_grpc.errors import InvalidArgument, UserNotFound
 from iam_grpc.interceptors.base import Context as Ctx
 from iam_grpc.proto import common_pb2, user_pb2, user_pb2_grpc
 from iam_grpc.services.convert import client_info, timestamp
+from iam_grpc.services.user_requests import (
+    check_audit_kinds,
+    check_email_prefix,
+    check_page,
+    check_role,
+    check_since,
+    check_user_id,
+)
 from iam_grpc.storage.records import AuditEvent
 
 __all__ = ["UserService", "user_message"]
@@ -137,24 +144,35 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         return user_message(await _admin(get_user(self._tools, user_id=user_id)))
 
     async def GetUser(self, request: user_pb2.GetUserRequest, context: Ctx) -> user_pb2.GetUserResponse:
+        violations = Violations()
         key = request.WhichOneof("key")
-        if key is None or not getattr(request, key):
-            raise InvalidArgument.one("key", "give user_id or email")
+        if key == "user_id":
+            check_user_id(violations, "user_id", request.user_id)
+        elif key == "email":
+            check_email(violations, "email", request.email)
+        else:
+            violations.add("key", "give user_id or email")
+        violations.raise_any()
         lookup = get_user(self._tools, user_id=request.user_id, email=request.email)
-        return user_pb2.GetUserResponse(user=user_message(await _admin(lookup, key)))
+        return user_pb2.GetUserResponse(user=user_message(await _admin(lookup, key or "key")))
 
     async def ListUsers(self, request: user_pb2.ListUsersRequest, context: Ctx) -> user_pb2.ListUsersResponse:
-        page = await _admin(
-            list_users(
-                self._tools,
-                page_size=request.page_size,
-                page_token=request.page_token,
-                email_prefix=request.email_prefix,
-                role=request.role,
-                status=_STATUS_FILTER.get(request.status, ""),
-            ),
-            "page_token" if request.page_token else "page_size",
+        violations = Violations()
+        check_page(violations, request.page_size, request.page_token)
+        check_email_prefix(violations, request.email_prefix)
+        check_role(violations, "role", request.role, required=False)
+        if request.status not in _STATUS_FILTER and request.status != user_pb2.USER_STATUS_UNSPECIFIED:
+            violations.add("status", "must be a UserStatus")
+        violations.raise_any()
+        listing = list_users(
+            self._tools,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            email_prefix=request.email_prefix,
+            role=request.role,
+            status=_STATUS_FILTER.get(request.status, ""),
         )
+        page = await _admin(listing, "page_token")
         return user_pb2.ListUsersResponse(
             users=[user_message(p) for p in page.users], next_page_token=page.next_page_token
         )
@@ -162,21 +180,23 @@ class UserService(user_pb2_grpc.UserServiceServicer):
     async def DisableUser(
         self, request: user_pb2.DisableUserRequest, context: Ctx
     ) -> user_pb2.DisableUserResponse:
-        if len(request.reason) > 500:
-            raise InvalidArgument.one("reason", "must be at most 500 characters")
-        await self._known(request.user_id)
+        violations = Violations()
+        check_user_id(violations, "user_id", request.user_id)
+        if len(request.reason) > 500 or any(ord(ch) < 32 and ch not in "\t" for ch in request.reason):
+            violations.add("reason", "at most 500 characters, no control characters")
+        violations.raise_any()
         await _admin(set_status(self._tools, request.user_id, "disabled", reason=request.reason))
         return user_pb2.DisableUserResponse(user=await self._user(request.user_id))
 
     async def EnableUser(
         self, request: user_pb2.EnableUserRequest, context: Ctx
     ) -> user_pb2.EnableUserResponse:
-        await self._known(request.user_id)
+        _one_user_id(request.user_id)
         await _admin(set_status(self._tools, request.user_id, "active"))
         return user_pb2.EnableUserResponse(user=await self._user(request.user_id))
 
     async def GrantRole(self, request: user_pb2.GrantRoleRequest, context: Ctx) -> user_pb2.GrantRoleResponse:
-        await self._known(request.user_id)
+        _role_change(request.user_id, request.role)
         grant = grant_role(self._tools, request.user_id, request.role, end_sessions=request.end_sessions)
         await _admin(grant, "role")
         return user_pb2.GrantRoleResponse(user=await self._user(request.user_id))
@@ -184,44 +204,59 @@ class UserService(user_pb2_grpc.UserServiceServicer):
     async def RevokeRole(
         self, request: user_pb2.RevokeRoleRequest, context: Ctx
     ) -> user_pb2.RevokeRoleResponse:
-        await self._known(request.user_id)
+        _role_change(request.user_id, request.role)
         revoke = revoke_role(
             self._tools, request.user_id, request.role, now=False, end_sessions=request.end_sessions
         )
         await _admin(revoke, "role")
         return user_pb2.RevokeRoleResponse(user=await self._user(request.user_id))
 
-    async def _known(self, user_id: str) -> None:
-        """Admin RPCs take ids only (the CLI also takes an email address)."""
-        await _admin(get_user(self._tools, user_id=user_id))
-
     async def DeleteUser(
         self, request: user_pb2.DeleteUserRequest, context: Ctx
     ) -> user_pb2.DeleteUserResponse:
+        _one_user_id(request.user_id)
         await _admin(delete_user(self._tools, request.user_id))
         return user_pb2.DeleteUserResponse()
 
     async def ExportUser(
         self, request: user_pb2.ExportUserRequest, context: Ctx
     ) -> user_pb2.ExportUserResponse:
-        await self._known(request.user_id)
+        _one_user_id(request.user_id)
         export = await _admin(export_user(self._tools, request.user_id))
         return user_pb2.ExportUserResponse(json=json.dumps(export, separators=(",", ":"), sort_keys=True))
 
     async def ListAuditEvents(
         self, request: user_pb2.ListAuditEventsRequest, context: Ctx
     ) -> user_pb2.ListAuditEventsResponse:
-        page = await _admin(
-            list_audit_events(
-                self._tools,
-                user_id=request.user_id,
-                kinds=list(request.kinds),
-                since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
-                page_size=request.page_size,
-                page_token=request.page_token,
-            ),
-            "page_token" if request.page_token else "page_size",
+        violations = Violations()
+        if request.user_id:
+            check_user_id(violations, "user_id", request.user_id)
+        check_audit_kinds(violations, list(request.kinds))
+        since = check_since(violations, request.since if request.HasField("since") else None)
+        check_page(violations, request.page_size, request.page_token)
+        violations.raise_any()
+        listing = list_audit_events(
+            self._tools,
+            user_id=request.user_id,
+            kinds=list(request.kinds),
+            since=since,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
+        page = await _admin(listing, "page_token")
         return user_pb2.ListAuditEventsResponse(
             events=[audit_message(e) for e in page.events], next_page_token=page.next_page_token
         )
+
+
+def _one_user_id(user_id: str) -> None:
+    violations = Violations()
+    check_user_id(violations, "user_id", user_id)
+    violations.raise_any()
+
+
+def _role_change(user_id: str, role: str) -> None:
+    violations = Violations()
+    check_user_id(violations, "user_id", user_id)
+    check_role(violations, "role", role)
+    violations.raise_any()

@@ -3,6 +3,7 @@ from process memory after the first check, with revocation seen within the acces
 
 from iam_grpc.core.api_tokens.secrets import PREFIX, display_prefix, new_secret, well_formed
 from iam_grpc.core.api_tokens.tokens import (
+    SCOPE,
     ApiTokenPolicy,
     ApiTokens,
     IssuedApiToken,
@@ -13,6 +14,7 @@ from iam_grpc.core.api_tokens.tokens import (
 
 __all__ = [
     "PREFIX",
+    "SCOPE",
     "ApiTokenPolicy",
     "ApiTokens",
     "IssuedApiToken",

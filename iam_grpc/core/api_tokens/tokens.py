@@ -48,6 +48,7 @@ from iam_grpc.storage.ports import Transaction
 from iam_grpc.storage.records import ApiTokenRecord
 
 __all__ = [
+    "SCOPE",
     "ApiTokenPolicy",
     "ApiTokens",
     "IssuedApiToken",
