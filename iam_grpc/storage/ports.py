@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Protocol
 
+from iam_grpc.storage.event_ports import EventLog
 from iam_grpc.storage.records import (
     AuditEvent,
     Device,
@@ -404,6 +405,9 @@ class Transaction(Protocol):
 
     @property
     def revocations(self) -> RevocationStore: ...
+
+    @property
+    def events(self) -> EventLog: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

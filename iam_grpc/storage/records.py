@@ -13,6 +13,8 @@ from typing import Any
 __all__ = [
     "AuditEvent",
     "Device",
+    "EventDelivery",
+    "EventRecord",
     "HitResult",
     "LimitSpec",
     "LimitWindow",
@@ -213,3 +215,32 @@ class HitResult:
     blocked: bool  # refused because a block is in force (imposed now or earlier)
     new_block_ms: int  # > 0: a block of this length was imposed by this call
     buckets: tuple[int, ...]  # bucket index consumed in each window (for refunds)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One row of the event outbox; ``seq`` (the stream cursor) is None until sequenced."""
+
+    id: str
+    kind: str
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+    user_id: str | None = None
+    session_id: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventDelivery:
+    """One push delivery of one event to one sink, with its retry state."""
+
+    id: int
+    sink: str
+    seq: int
+    event_id: str
+    status: str  # pending, delivered, dead
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None = None
+    last_error: str | None = None

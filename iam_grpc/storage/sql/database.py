@@ -32,6 +32,7 @@ from iam_grpc.storage.sql.connection import (
     inline_sqlite_engine,
 )
 from iam_grpc.storage.sql.devices import SqlDeviceStore
+from iam_grpc.storage.sql.events import SqlEventLog
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
 from iam_grpc.storage.sql.outbox import SqlOutbox
@@ -257,6 +258,7 @@ class SqlTransaction:
         self.audit = SqlAuditLog(connection)
         self.maintenance = SqlMaintenance(connection)
         self.revocations = SqlRevocationStore(connection, dialect)
+        self.events = SqlEventLog(connection, dialect)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

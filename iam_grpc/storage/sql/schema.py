@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["HEAD", "database_revision"]
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 async def database_revision(engine: AsyncEngine) -> str | None:
