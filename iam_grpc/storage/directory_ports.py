@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from iam_grpc.storage.records import ApiTokenRecord, AuditEvent, SessionRecord, User, UserQuery
 
-__all__ = ["ApiTokenStore", "Directory"]
+__all__ = ["ApiTokenStore", "Directory", "DirectoryStores"]
 
 
 class ApiTokenStore(Protocol):
@@ -85,3 +85,13 @@ class Directory(Protocol):
     async def erase(self, user_id: str, now: datetime) -> bool:
         """Remove the user's personal data; the row stays under its id with status ``deleted``."""
         ...
+
+
+class DirectoryStores(Protocol):
+    """The stores of this module as a transaction offers them (``Transaction`` extends this)."""
+
+    @property
+    def api_tokens(self) -> ApiTokenStore: ...
+
+    @property
+    def directory(self) -> Directory: ...

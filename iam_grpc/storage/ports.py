@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Protocol
 
-from iam_grpc.storage.directory_ports import ApiTokenStore, Directory
+from iam_grpc.storage.directory_ports import DirectoryStores
+from iam_grpc.storage.event_ports import EventLog
 from iam_grpc.storage.records import (
     AuditEvent,
     Device,
@@ -379,7 +380,7 @@ class RevocationStore(Protocol):
         ...
 
 
-class Transaction(Protocol):
+class Transaction(DirectoryStores, Protocol):
     """One database transaction with a store per table family."""
 
     @property
@@ -407,10 +408,7 @@ class Transaction(Protocol):
     def revocations(self) -> RevocationStore: ...
 
     @property
-    def api_tokens(self) -> ApiTokenStore: ...
-
-    @property
-    def directory(self) -> Directory: ...
+    def events(self) -> EventLog: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

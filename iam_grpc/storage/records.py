@@ -14,6 +14,8 @@ __all__ = [
     "ApiTokenRecord",
     "AuditEvent",
     "Device",
+    "EventDelivery",
+    "EventRecord",
     "HitResult",
     "LimitSpec",
     "LimitWindow",
@@ -246,3 +248,32 @@ class UserQuery:
     email_prefix: str | None = None
     role: str | None = None
     status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One row of the event outbox; ``seq`` (the stream cursor) is None until sequenced."""
+
+    id: str
+    kind: str
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+    user_id: str | None = None
+    session_id: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventDelivery:
+    """One push delivery of one event to one sink, with its retry state."""
+
+    id: int
+    sink: str
+    seq: int
+    event_id: str
+    status: str  # pending, delivered, dead
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None = None
+    last_error: str | None = None

@@ -34,6 +34,7 @@ from iam_grpc.storage.sql.connection import (
 )
 from iam_grpc.storage.sql.devices import SqlDeviceStore
 from iam_grpc.storage.sql.directory import SqlDirectory
+from iam_grpc.storage.sql.events import SqlEventLog
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
 from iam_grpc.storage.sql.outbox import SqlOutbox
@@ -261,6 +262,7 @@ class SqlTransaction:
         self.revocations = SqlRevocationStore(connection, dialect)
         self.api_tokens = SqlApiTokenStore(connection)
         self.directory = SqlDirectory(connection)
+        self.events = SqlEventLog(connection, dialect)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

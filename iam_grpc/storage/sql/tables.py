@@ -32,6 +32,9 @@ __all__ = [
     "audit_events",
     "devices",
     "email_outbox",
+    "event_deliveries",
+    "event_marks",
+    "events",
     "metadata",
     "refresh_tokens",
     "revocations",
@@ -300,5 +303,59 @@ api_tokens = Table(
     Column("revoke_reason", ascii_str(32), nullable=True),
     UniqueConstraint("secret_hash"),
     Index(None, "user_id", "revoked_at"),
+    **_MYSQL_TABLE,
+)
+
+# The event outbox (api.md EventService): a row is inserted in the transaction of the change it
+# describes, without a cursor (``seq`` NULL). A sequencer then numbers committed rows in one
+# transaction at a time (core/events: auto-increment ids are handed out at insert, not at commit,
+# so on MariaDB a smaller ``pos`` can become visible after a larger one; ``seq`` cannot). ``seq`` is
+# the cursor a watcher resumes from.
+events = Table(
+    "events",
+    metadata,
+    Column("pos", LongId, primary_key=True, autoincrement=True),
+    Column("seq", LongId, nullable=True),
+    Column("id", Key(26), nullable=False),
+    Column("kind", ascii_str(48), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("user_id", Key(26), nullable=True),
+    Column("session_id", Key(26), nullable=True),
+    Column("data", Json, nullable=False),
+    UniqueConstraint("seq"),
+    UniqueConstraint("id"),
+    Index(None, "at"),
+    **_MYSQL_TABLE,
+)
+
+# Named positions in the event stream: ``sequence`` (the last seq handed out), ``purged`` (every
+# seq up to it was deleted by the retention job), one per push sink (the last seq it took on).
+event_marks = Table(
+    "event_marks",
+    metadata,
+    Column("name", ascii_str(32), primary_key=True),
+    Column("value", LongId, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+# One push delivery of one event to one sink (a webhook): retried with backoff until delivered or
+# dead (after the last attempt); ``iam-grpc events deliveries replay`` puts a dead one back.
+event_deliveries = Table(
+    "event_deliveries",
+    metadata,
+    Column("id", LongId, primary_key=True, autoincrement=True),
+    Column("sink", ascii_str(16), nullable=False),
+    Column("seq", LongId, nullable=False),
+    Column("event_id", Key(26), nullable=False),
+    Column("status", ascii_str(12), nullable=False),
+    Column("attempts", SmallInteger(), nullable=False, server_default=text("0")),
+    Column("next_attempt_at", UtcDateTime(), nullable=False),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", UtcDateTime(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("delivered_at", UtcDateTime(), nullable=True),
+    Column("last_error", String(255), nullable=True),
+    UniqueConstraint("sink", "seq"),
+    Index(None, "status", "next_attempt_at"),
     **_MYSQL_TABLE,
 )

@@ -1,7 +1,7 @@
 """Personal API tokens (api.md, ApiTokenService).
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-07
 
 Only a keyed hash of each secret is stored (``secret_hash``, HMAC under a sub-key of the master
@@ -19,7 +19,7 @@ from alembic import op
 from sqlalchemy.dialects import mysql
 
 revision: str = "0004"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003"
 branch_labels: str | None = None
 depends_on: str | None = None
 
