@@ -145,10 +145,10 @@ class UserService(user_pb2_grpc.UserServiceServicer):
 
     async def GetUser(self, request: user_pb2.GetUserRequest, context: Ctx) -> user_pb2.GetUserResponse:
         violations = Violations()
-        key = request.WhichOneof("key")
-        if key == "user_id":
+        key = request.WhichOneof("key")  # which field of the oneof is set, not a secret
+        if request.HasField("user_id"):
             check_user_id(violations, "user_id", request.user_id)
-        elif key == "email":
+        elif request.HasField("email"):
             check_email(violations, "email", request.email)
         else:
             violations.add("key", "give user_id or email")
