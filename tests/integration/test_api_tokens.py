@@ -4,6 +4,7 @@ last use, and revocations seen by a second replica at once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -248,6 +249,19 @@ async def test_twenty_live_tokens_per_user_then_token_limit(
         )
     )
     await create(stub, session)
+
+
+async def test_parallel_creations_never_exceed_the_limit(
+    iam: RunningService, stub: api_token_pb2_grpc.ApiTokenServiceStub
+) -> None:
+    """25 creations at once for one user: exactly 20 succeed, the others answer TOKEN_LIMIT."""
+    _, session = await new_session(iam.app)
+    answers = await asyncio.gather(
+        *(create(stub, session, name=f"parallel {i}") for i in range(25)), return_exceptions=True
+    )
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(answers) - len(refused) == 20
+    assert {error_details(e).reason for e in refused} == {"TOKEN_LIMIT"}
 
 
 async def test_creation_needs_a_recent_sign_in(

@@ -10,7 +10,7 @@ from sqlalchemy import bindparam, func, insert, or_, select, update
 from iam_grpc.storage.records import ApiTokenRecord
 from iam_grpc.storage.sql._rows import to_record, to_values
 from iam_grpc.storage.sql.connection import SqlConnection
-from iam_grpc.storage.sql.tables import api_tokens
+from iam_grpc.storage.sql.tables import api_tokens, users
 
 __all__ = ["SqlApiTokenStore"]
 
@@ -52,6 +52,9 @@ class SqlApiTokenStore:
         return [ApiTokenRecord(**dict(row._mapping)) for row in await self._c.execute(query)]
 
     async def count_live(self, user_id: str, now: datetime) -> int:
+        # the user's row locked first (MariaDB; SQLite has one writer): concurrent creations of one
+        # user count one after the other, so the limit holds across replicas
+        await self._c.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
         query = (
             select(func.count()).select_from(api_tokens).where(api_tokens.c.user_id == user_id, _live(now))
         )
