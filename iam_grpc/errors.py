@@ -27,6 +27,7 @@ holding an ``ErrorInfo`` in domain ``iam.v1``.
     │   ├── ReauthRequired          FAILED_PRECONDITION  REAUTH_REQUIRED
     │   ├── CallerUnknown           UNAUTHENTICATED      CALLER_UNKNOWN
     │   ├── CallerForbidden         PERMISSION_DENIED    CALLER_UNKNOWN
+    │   ├── CursorExpired           OUT_OF_RANGE         CURSOR_EXPIRED
     │   └── NotImplementedYet       UNIMPLEMENTED        UNIMPLEMENTED (declared, not served yet)
     └── ServerError                 our side is at fault; details never shown
         ├── BackendUnavailable      UNAVAILABLE          BACKEND_UNAVAILABLE
@@ -54,6 +55,7 @@ __all__ = [
     "ChallengeExpired",
     "ClientError",
     "CodeInvalid",
+    "CursorExpired",
     "DeadlineExceeded",
     "EmailDomainRejected",
     "EmailTaken",
@@ -94,6 +96,7 @@ class ErrorCode(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
     UNIMPLEMENTED = "unimplemented"
+    OUT_OF_RANGE = "out_of_range"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +266,15 @@ class CallerForbidden(ClientError):
     code = ErrorCode.PERMISSION_DENIED
     reason = "CALLER_UNKNOWN"
     message = "The calling service may not call this method."
+
+
+class CursorExpired(ClientError):
+    """An event cursor older than the retention (its events are gone), or one this stream never
+    handed out: resume from now or from a newer cursor."""
+
+    code = ErrorCode.OUT_OF_RANGE
+    reason = "CURSOR_EXPIRED"
+    message = "The cursor is older than the event retention."
 
 
 class NotImplementedYet(ClientError):

@@ -26,6 +26,7 @@ from iam_grpc.config.flows import (
     ResetSettings,
     StepUpSettings,
 )
+from iam_grpc.config.events import EventsSettings
 from iam_grpc.config.mail import MailSettings
 from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
 from iam_grpc.config.security import HibpSettings, PasswordsSettings, SecretsSettings
@@ -101,6 +102,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     cleanup: CleanupSettings = CleanupSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    events: EventsSettings = EventsSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenges
 from iam_grpc.core.cleanup import Cleanup
 from iam_grpc.core.email_change import EmailChange
+from iam_grpc.core.event_stream import EventStream
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.links import Links
@@ -51,6 +52,7 @@ from iam_grpc.storage.sql.database import SqlDatabase
 from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
+from iam_grpc.wiring.events import build_event_stream
 from iam_grpc.wiring.stores import Stores
 
 __all__ = ["Components", "build_components"]
@@ -103,6 +105,8 @@ class Components:
     email_change: EmailChange
     # maintenance
     cleanup: Cleanup
+    # the event stream (WatchEvents) and its push sinks
+    events: EventStream
 
     @property
     def db(self) -> SqlDatabase:
@@ -201,4 +205,5 @@ def build_components(
         password_change=a.build_password_change(settings, run, access, rules, hashing, sessions, agents),
         email_change=a.build_email_change(settings, run, material, access, domains, sessions, links, agents),
         cleanup=b.build_cleanup(settings, stores, clock),
+        events=build_event_stream(settings, stores, clock),
     )
