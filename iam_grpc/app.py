@@ -208,6 +208,7 @@ class Application:
                     f"http.host/http.port (IAM_HTTP_LISTEN): cannot listen on {where}"
                 ) from None
         await stack.enter_async_context(c.sender)
+        await stack.enter_async_context(c.events)  # the event poller; its position is taken here
         try:
             self.server, self.grpc_port = build_server(c, self.readiness.servicer)
         except ListenError as exc:
@@ -216,6 +217,7 @@ class Application:
         # after the server has stopped: the last noted API-token uses are written
         stack.push_async_callback(self._flush_api_token_use, c)
         await self.server.start()
+        stack.push_async_callback(c.events.end_watches)  # after the drain delay, before the grace
         stack.push_async_callback(self._drain)
         jobs = Scheduler()
         jobs.every("health-probe", self._probe_interval, self.readiness.probe_once, jitter=0.0)
@@ -223,6 +225,7 @@ class Application:
         jobs.every("deny-list", s.tokens.denylist_replay, c.denylist.replay)
         jobs.every("cleanup", s.cleanup.interval, c.cleanup.run)
         jobs.every("api-token-use", s.api_tokens.last_used_flush, c.api_tokens.flush_use)
+        jobs.every("events-retention", s.cleanup.interval, c.events.purge_expired)
         await stack.enter_async_context(jobs)
         await self.readiness.start_serving(c)
 

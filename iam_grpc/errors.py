@@ -31,6 +31,7 @@ holding an ``ErrorInfo`` in domain ``iam.v1``.
     │   ├── TokenLimit              FAILED_PRECONDITION  TOKEN_LIMIT
     │   ├── ScopeRequired           PERMISSION_DENIED    SCOPE_REQUIRED (metadata missing)
     │   ├── IpNotAllowed            PERMISSION_DENIED    IP_NOT_ALLOWED
+    │   ├── CursorExpired           OUT_OF_RANGE         CURSOR_EXPIRED
     │   └── NotImplementedYet       UNIMPLEMENTED        UNIMPLEMENTED (declared, not served yet)
     └── ServerError                 our side is at fault; details never shown
         ├── BackendUnavailable      UNAVAILABLE          BACKEND_UNAVAILABLE
@@ -58,6 +59,7 @@ __all__ = [
     "ChallengeExpired",
     "ClientError",
     "CodeInvalid",
+    "CursorExpired",
     "DeadlineExceeded",
     "EmailDomainRejected",
     "EmailTaken",
@@ -103,6 +105,7 @@ class ErrorCode(enum.Enum):
     INTERNAL = "internal"
     UNIMPLEMENTED = "unimplemented"
     NOT_FOUND = "not_found"
+    OUT_OF_RANGE = "out_of_range"
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +304,15 @@ class IpNotAllowed(ClientError):
     code = ErrorCode.PERMISSION_DENIED
     reason = "IP_NOT_ALLOWED"
     message = "This token may not be used from this address."
+
+
+class CursorExpired(ClientError):
+    """An event cursor older than the retention (its events are gone), or one this stream never
+    handed out: resume from now or from a newer cursor."""
+
+    code = ErrorCode.OUT_OF_RANGE
+    reason = "CURSOR_EXPIRED"
+    message = "The cursor is older than the event retention."
 
 
 class NotImplementedYet(ClientError):

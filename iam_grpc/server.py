@@ -26,8 +26,16 @@ from iam_grpc.interceptors.errors import ErrorMappingInterceptor
 from iam_grpc.interceptors.failpoints import FailpointInterceptor
 from iam_grpc.interceptors.ratelimit import RateLimitInterceptor
 from iam_grpc.metrics import Metrics
-from iam_grpc.proto import api_token_pb2, api_token_pb2_grpc, user_pb2, user_pb2_grpc
+from iam_grpc.proto import (
+    api_token_pb2,
+    api_token_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
+)
 from iam_grpc.services.auth import AuthFlows, AuthService
+from iam_grpc.services.events import EventService
 from iam_grpc.services.mfa import MfaService
 from iam_grpc.services.token import TokenService
 from iam_grpc.storage.ports import Ephemeral
@@ -89,12 +97,17 @@ def _api_tokens(c: Components, server: grpc.aio.Server) -> None:
     api_token_pb2_grpc.add_ApiTokenServiceServicer_to_server(ApiTokenService(c.api_tokens), server)
 
 
+def _events(c: Components, server: grpc.aio.Server) -> None:
+    event_pb2_grpc.add_EventServiceServicer_to_server(EventService(c.events), server)
+
+
 SERVICES: tuple[Service, ...] = (
     Service(auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name, _auth),
     Service(token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name, _token),
     Service(mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name, _mfa),
     Service(user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name, _users),
     Service(api_token_pb2.DESCRIPTOR.services_by_name["ApiTokenService"].full_name, _api_tokens),
+    Service(event_pb2.DESCRIPTOR.services_by_name["EventService"].full_name, _events),
 )
 """The services of ``iam.v1``: a new one is a servicer and one entry here."""
 SERVICE_NAMES = tuple(service.name for service in SERVICES)

@@ -35,6 +35,7 @@ from iam_grpc.config.flows import (
     ResetSettings,
     StepUpSettings,
 )
+from iam_grpc.config.events import EventsSettings, NatsSettings, WebhookSettings
 from iam_grpc.config.mail import MailSettings, SmtpSettings
 from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
 from iam_grpc.config.production import production_refusals
@@ -83,6 +84,7 @@ __all__ = [
     "EmailChangeSettings",
     "EmailChecksSettings",
     "EphemeralSettings",
+    "EventsSettings",
     "ExtAuthzRule",
     "ExtAuthzSettings",
     "GeoipSettings",
@@ -97,6 +99,7 @@ __all__ = [
     "MailSettings",
     "MaskedUrl",
     "MfaSettings",
+    "NatsSettings",
     "PasswordsSettings",
     "RateLimitSettings",
     "RedisSettings",
@@ -113,6 +116,7 @@ __all__ = [
     "TlsSettings",
     "TokensSettings",
     "UaSettings",
+    "WebhookSettings",
     "join_host_port",
     "load_settings",
     "mask_url",

@@ -19,6 +19,7 @@ from iam_grpc.config.checks import (
     UaSettings,
 )
 from iam_grpc.config.directory import ApiTokensSettings
+from iam_grpc.config.events import EventsSettings
 from iam_grpc.config.flows import (
     EmailChangeSettings,
     LinksSettings,
@@ -103,6 +104,7 @@ class Settings(BaseSettings):
     api_tokens: ApiTokensSettings = ApiTokensSettings()
     cleanup: CleanupSettings = CleanupSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    events: EventsSettings = EventsSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -160,6 +160,7 @@ CONTRACT: tuple[ContractName, ...] = (
     ContractName("IAM_ARGON2_MEMORY_KIB", ("passwords.memory_kib",)),
     ContractName("IAM_ARGON2_TIME_COST", ("passwords.time_cost",)),
     ContractName("IAM_ARGON2_PARALLELISM", ("passwords.parallelism",)),
+    ContractName("IAM_NATS_URL", ("events.nats.url",)),
     # not in api.md: the test suite's fault hooks, which production refuses
     ContractName("IAM_TEST_FAILPOINTS", ("test_failpoints",), _failpoints),
 )

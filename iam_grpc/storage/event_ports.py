@@ -28,6 +28,10 @@ class EventLog(Protocol):
         """Number the oldest committed, unnumbered events; how many."""
         ...
 
+    async def waiting(self) -> bool:
+        """Whether a committed event waits for its cursor."""
+        ...
+
     async def head(self) -> int:
         """The newest cursor handed out (0 before any)."""
         ...

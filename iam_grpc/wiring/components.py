@@ -20,6 +20,7 @@ from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenges
 from iam_grpc.core.cleanup import Cleanup
 from iam_grpc.core.email_change import EmailChange
+from iam_grpc.core.event_stream import EventStream
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.links import Links
@@ -54,6 +55,7 @@ from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
 from iam_grpc.wiring import directory as d
+from iam_grpc.wiring.events import build_event_stream
 from iam_grpc.wiring.stores import Stores
 
 __all__ = ["Components", "build_components"]
@@ -109,6 +111,8 @@ class Components:
     # the user directory and personal API tokens
     api_tokens: ApiTokens
     profiles: Profiles
+    # the event stream (WatchEvents) and its push sinks
+    events: EventStream
 
     @property
     def db(self) -> SqlDatabase:
@@ -209,4 +213,5 @@ def build_components(
         cleanup=b.build_cleanup(settings, stores, clock),
         api_tokens=d.build_api_tokens(settings, run, material, access, denylist),
         profiles=d.build_profiles(run, access, step_up, d.build_user_access(stores, run, denylist)),
+        events=build_event_stream(settings, stores, clock),
     )

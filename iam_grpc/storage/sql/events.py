@@ -120,6 +120,11 @@ class SqlEventLog:
         await write_mark(self._c, SEQUENCE_MARK, start + len(waiting), known=last)
         return len(waiting)
 
+    async def waiting(self) -> bool:
+        """Whether a committed event waits for its cursor."""
+        query = select(events.c.pos).where(events.c.seq.is_(None)).limit(1)
+        return (await self._c.execute(query)).first() is not None
+
     async def head(self) -> int:
         """The newest cursor handed out (0 before the first event)."""
         return await read_mark(self._c, SEQUENCE_MARK) or 0
