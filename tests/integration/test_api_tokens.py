@@ -343,11 +343,12 @@ async def test_a_disabled_user_s_tokens_and_a_rotation_fail_on_the_other_replica
     shared_backend: Backend, tmp_path: Path
 ) -> None:
     """Two replicas on one MariaDB and Redis: B has verified (and remembers) an API token and an
-    access token; DisableUser on A makes both fail on B at once; a rotation on A kills the old
-    secret on B at once."""
+    access token; DisableUser on A makes both fail on B at once, and a watcher on B sees
+    user.disabled; a rotation on A kills the old secret on B at once."""
     from iam_grpc.proto import user_pb2, user_pb2_grpc
+    from tests.integration.test_event_stream import Watch
 
-    env = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS}
+    env = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS, "IAM_EVENTS__POLL_INTERVAL": "20ms"}
     async with (
         running_service(tmp_path / "a", env) as a,
         running_service(tmp_path / "b", env) as b,
@@ -374,10 +375,17 @@ async def test_a_disabled_user_s_tokens_and_a_rotation_fail_on_the_other_replica
         verify_access = token_pb2_grpc.TokenServiceStub(on_b).VerifyAccessToken
         await verify_access(token_pb2.VerifyAccessTokenRequest(access_token=session.access_token))
         assert await verify(tokens_b, secret) == "OK"
-        await user_pb2_grpc.UserServiceStub(on_a).DisableUser(
-            user_pb2.DisableUserRequest(user_id=user.id, reason="offboarded")
-        )
-        assert await verify(tokens_b, secret) == "TOKEN_INVALID"
+        watch = Watch(b, kinds=("user.disabled",))
+        try:
+            await watch.started()
+            await user_pb2_grpc.UserServiceStub(on_a).DisableUser(
+                user_pb2.DisableUserRequest(user_id=user.id, reason="offboarded")
+            )
+            assert await verify(tokens_b, secret) == "TOKEN_INVALID"
+            seen = await watch.next_of(user.id)
+            assert (seen.kind, json.loads(seen.data_json)) == ("user.disabled", {"reason": "offboarded"})
+        finally:
+            await watch.close()
         _code, details = await failure(
             verify_access(token_pb2.VerifyAccessTokenRequest(access_token=session.access_token))
         )
