@@ -149,10 +149,12 @@ class ApiTokens:
 
     # the owner's RPCs --------------------------------------------------------------------------
 
-    async def _signed_in(self, client: ClientInfo, access_token: str, *, recent: bool) -> AccessClaims:
-        claims = await self._access.verify_from_device(access_token, client.device_id)
-        if not recent:
-            return claims
+    async def _signed_in(self, client: ClientInfo, access_token: str) -> AccessClaims:
+        return await self._access.verify_from_device(access_token, client.device_id)
+
+    async def _recently(self, claims: AccessClaims) -> None:
+        """The recent sign-in rule of sensitive changes (as RequestEmailChange): the session's last
+        sign-in or step-up within ``max_auth_age``, else REAUTH_REQUIRED."""
         async with self._run.db.transaction(read_only=True) as tx:
             session = await tx.sessions.get(claims.session_id)
             user = await tx.users.get(claims.user_id)
@@ -160,7 +162,6 @@ class ApiTokens:
             raise SessionRevoked()
         if self._run.clock.now() - session.auth_at > self._policy.max_auth_age:
             raise ReauthRequired()
-        return claims
 
     def _hashed(self, secret: str) -> tuple[str, int]:
         return self._material.keyed_hash("api_token", secret), self._material.version
@@ -171,9 +172,9 @@ class ApiTokens:
         if form.ttl is not None and not timedelta(minutes=1) <= form.ttl <= self._policy.max_ttl:
             violations.add("ttl", "must be unset or between 1 minute and 3650 days")
         violations.raise_any()
-        claims = await self._access.verify_from_device(access_token, client.device_id)
+        claims = await self._signed_in(client, access_token)
         await self._run.limiter.hit("api_token.create_user", claims.user_id)
-        await self._signed_in(client, access_token, recent=True)
+        await self._recently(claims)
         now = self._run.clock.now()
         secret = new_secret()
         secret_hash, version = self._hashed(secret)
@@ -208,7 +209,7 @@ class ApiTokens:
         return IssuedApiToken(token, secret)
 
     async def list(self, client: ClientInfo, access_token: str) -> list[ApiTokenRecord]:
-        claims = await self._signed_in(client, access_token, recent=False)
+        claims = await self._signed_in(client, access_token)
         async with self._run.db.transaction(read_only=True) as tx:
             tokens = await tx.api_tokens.live_of(claims.user_id, self._run.clock.now())
         return [self._with_recent_use(t) for t in tokens]
@@ -221,7 +222,7 @@ class ApiTokens:
 
     async def revoke(self, client: ClientInfo, access_token: str, token_id: str) -> None:
         """Idempotent, and silent about tokens of other users."""
-        claims = await self._signed_in(client, access_token, recent=False)
+        claims = await self._signed_in(client, access_token)
         if not ULID_RE.match(token_id):
             return
         audit = self._run.audit
@@ -244,9 +245,9 @@ class ApiTokens:
         await self.forget([token.secret_hash])
 
     async def rotate(self, client: ClientInfo, access_token: str, token_id: str) -> IssuedApiToken:
-        claims = await self._access.verify_from_device(access_token, client.device_id)
+        claims = await self._signed_in(client, access_token)
         await self._run.limiter.hit("api_token.create_user", claims.user_id)
-        await self._signed_in(client, access_token, recent=True)
+        await self._recently(claims)
         now = self._run.clock.now()
         secret = new_secret()
         secret_hash, version = self._hashed(secret)
