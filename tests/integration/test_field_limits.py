@@ -61,6 +61,8 @@ QUIET = {
     "IAM_CLEANUP__INTERVAL": "1h",
     "IAM_KEYS__RELOAD_INTERVAL": "1h",
     "IAM_TOKENS__DENYLIST_REPLAY": "1h",
+    "IAM_EVENTS__POLL_INTERVAL": "1h",  # the event stream's poller
+    "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
 }
 PROBE_INTERVAL = 3600.0
 
