@@ -228,6 +228,7 @@ class Application:
         tracing = self._open_tracing(c)
         if tracing is not None:
             stack.callback(tracing.close)
+        await stack.enter_async_context(c.events)  # the event poller; its position is taken here
         try:
             self.server, self.grpc_port = build_server(
                 c, self.readiness.servicer, tracing.interceptors() if tracing else ()
@@ -235,15 +236,27 @@ class Application:
         except ListenError as exc:
             raise StartupError(str(exc)) from None
         stack.push_async_callback(self._stop_server, self.server)
+        # after the server has stopped: the last noted API-token uses are written
+        stack.push_async_callback(self._flush_api_token_use, c)
         await self.server.start()
+        stack.push_async_callback(c.events.end_watches)  # after the drain delay, before the grace
         stack.push_async_callback(self._drain)
         jobs = Scheduler()
         jobs.every("health-probe", self._probe_interval, self.readiness.probe_once, jitter=0.0)
         jobs.every("keys", s.keys.reload_interval, c.keys.maintain)
         jobs.every("deny-list", s.tokens.denylist_replay, c.denylist.replay)
         jobs.every("cleanup", s.cleanup.interval, c.cleanup.run)
+        jobs.every("api-token-use", s.api_tokens.last_used_flush, c.api_tokens.flush_use)
+        jobs.every("events-retention", s.cleanup.interval, c.events.purge_expired)
         await stack.enter_async_context(jobs)
         await self.readiness.start_serving(c)
+
+    @staticmethod
+    async def _flush_api_token_use(c: Components) -> None:
+        try:
+            await c.api_tokens.flush_use()
+        except Exception:  # shutdown goes on; these timestamps are advisory
+            log.warning("last API-token uses not written at shutdown")
 
     # shutdown -----------------------------------------------------------------------------------
 

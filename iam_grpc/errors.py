@@ -32,6 +32,11 @@ holding an ``ErrorInfo`` in domain ``iam.v1``.
     │   ├── AccountLinkRequired     FAILED_PRECONDITION  ACCOUNT_LINK_REQUIRED
     │   ├── IdentityTaken           ALREADY_EXISTS       IDENTITY_TAKEN
     │   ├── LastSignInMethod        FAILED_PRECONDITION  LAST_SIGN_IN_METHOD
+    │   ├── UserNotFound            NOT_FOUND            USER_NOT_FOUND (admin RPCs only)
+    │   ├── TokenLimit              FAILED_PRECONDITION  TOKEN_LIMIT
+    │   ├── ScopeRequired           PERMISSION_DENIED    SCOPE_REQUIRED (metadata missing)
+    │   ├── IpNotAllowed            PERMISSION_DENIED    IP_NOT_ALLOWED
+    │   ├── CursorExpired           OUT_OF_RANGE         CURSOR_EXPIRED
     │   └── NotImplementedYet       UNIMPLEMENTED        UNIMPLEMENTED (declared, not served yet)
     └── ServerError                 our side is at fault; details never shown
         ├── BackendUnavailable      UNAVAILABLE          BACKEND_UNAVAILABLE
@@ -60,6 +65,7 @@ __all__ = [
     "ChallengeExpired",
     "ClientError",
     "CodeInvalid",
+    "CursorExpired",
     "DeadlineExceeded",
     "EmailDomainRejected",
     "EmailTaken",
@@ -71,6 +77,7 @@ __all__ = [
     "InternalError",
     "InvalidArgument",
     "InvalidCredentials",
+    "IpNotAllowed",
     "LastSignInMethod",
     "LinkUsed",
     "NotImplementedYet",
@@ -79,12 +86,15 @@ __all__ = [
     "ReauthRequired",
     "RefreshTokenReused",
     "RoleRequired",
+    "ScopeRequired",
     "ServerError",
     "SessionExpired",
     "SessionRevoked",
     "TokenExpired",
     "TokenInvalid",
+    "TokenLimit",
     "TotpAlreadyEnabled",
+    "UserNotFound",
 ]
 
 DOMAIN = "iam.v1"
@@ -104,6 +114,8 @@ class ErrorCode(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
     UNIMPLEMENTED = "unimplemented"
+    NOT_FOUND = "not_found"
+    OUT_OF_RANGE = "out_of_range"
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +291,44 @@ class CallerForbidden(ClientError):
     code = ErrorCode.PERMISSION_DENIED
     reason = "CALLER_UNKNOWN"
     message = "The calling service may not call this method."
+
+
+class UserNotFound(ClientError):
+    """Only admin RPCs answer it: end-user RPCs never say whether an account exists."""
+
+    code = ErrorCode.NOT_FOUND
+    reason = "USER_NOT_FOUND"
+    message = "No such user."
+
+
+class TokenLimit(ClientError):
+    code = ErrorCode.FAILED_PRECONDITION
+    reason = "TOKEN_LIMIT"
+    message = "Too many live API tokens; revoke one first."
+
+
+class ScopeRequired(ClientError):
+    code = ErrorCode.PERMISSION_DENIED
+    reason = "SCOPE_REQUIRED"
+    message = "A required scope is missing."
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(metadata={"missing": ",".join(sorted(missing))})
+
+
+class IpNotAllowed(ClientError):
+    code = ErrorCode.PERMISSION_DENIED
+    reason = "IP_NOT_ALLOWED"
+    message = "This token may not be used from this address."
+
+
+class CursorExpired(ClientError):
+    """An event cursor older than the retention (its events are gone), or one this stream never
+    handed out: resume from now or from a newer cursor."""
+
+    code = ErrorCode.OUT_OF_RANGE
+    reason = "CURSOR_EXPIRED"
+    message = "The cursor is older than the event retention."
 
 
 class NotImplementedYet(ClientError):

@@ -25,8 +25,22 @@ from iam_grpc.interceptors.errors import ErrorMappingInterceptor
 from iam_grpc.interceptors.failpoints import FailpointInterceptor
 from iam_grpc.interceptors.ratelimit import RateLimitInterceptor
 from iam_grpc.metrics import Metrics
-from iam_grpc.proto import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grpc, token_pb2, token_pb2_grpc
+from iam_grpc.proto import (
+    api_token_pb2,
+    api_token_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    mfa_pb2,
+    mfa_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
+)
 from iam_grpc.services.auth import AuthFlows, AuthService
+from iam_grpc.services.events import EventService
 from iam_grpc.services.mfa import MfaService
 from iam_grpc.services.token import TokenService
 from iam_grpc.storage.ports import Ephemeral
@@ -74,10 +88,31 @@ def _mfa(c: Components, server: grpc.aio.Server) -> None:
     mfa_pb2_grpc.add_MfaServiceServicer_to_server(service, server)
 
 
+def _users(c: Components, server: grpc.aio.Server) -> None:
+    from iam_grpc.admin import AdminTools
+    from iam_grpc.services.users import UserService
+
+    tools = AdminTools.from_components(c)
+    user_pb2_grpc.add_UserServiceServicer_to_server(UserService(c.profiles, tools), server)
+
+
+def _api_tokens(c: Components, server: grpc.aio.Server) -> None:
+    from iam_grpc.services.api_tokens import ApiTokenService
+
+    api_token_pb2_grpc.add_ApiTokenServiceServicer_to_server(ApiTokenService(c.api_tokens), server)
+
+
+def _events(c: Components, server: grpc.aio.Server) -> None:
+    event_pb2_grpc.add_EventServiceServicer_to_server(EventService(c.events), server)
+
+
 SERVICES: tuple[Service, ...] = (
     Service(auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name, _auth),
     Service(token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name, _token),
     Service(mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name, _mfa),
+    Service(user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name, _users),
+    Service(api_token_pb2.DESCRIPTOR.services_by_name["ApiTokenService"].full_name, _api_tokens),
+    Service(event_pb2.DESCRIPTOR.services_by_name["EventService"].full_name, _events),
 )
 """The services of ``iam.v1``: a new one is a servicer and one entry here."""
 SERVICE_NAMES = tuple(service.name for service in SERVICES)
@@ -184,7 +219,7 @@ def build_server(
     if settings.ext_authz.enabled:
         from iam_grpc.services import ext_authz
 
-        ext_authz.add_to_server(components.access, settings.ext_authz.rules, server)
+        ext_authz.add_to_server(components.access, settings.ext_authz.rules, server, components.api_tokens)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
         reflection.enable_server_reflection(

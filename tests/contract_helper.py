@@ -21,23 +21,6 @@ SERVICE_MODULES: tuple[ModuleType, ...] = (auth_pb2, token_pb2, mfa_pb2, user_pb
 # "Service/Method" of every RPC declared but not served yet.
 PENDING_RPCS: frozenset[str] = frozenset(
     {
-        "UserService/GetMe",
-        "UserService/UpdateProfile",
-        "UserService/GetUser",
-        "UserService/ListUsers",
-        "UserService/DisableUser",
-        "UserService/EnableUser",
-        "UserService/GrantRole",
-        "UserService/RevokeRole",
-        "UserService/DeleteUser",
-        "UserService/DeleteMyAccount",
-        "UserService/ExportUser",
-        "UserService/ListAuditEvents",
-        "ApiTokenService/CreateApiToken",
-        "ApiTokenService/ListApiTokens",
-        "ApiTokenService/RevokeApiToken",
-        "ApiTokenService/RotateApiToken",
-        "ApiTokenService/VerifyApiToken",
         "EventService/WatchEvents",
     }
 )

@@ -9,6 +9,15 @@ are :class:`AdminError`.
 """
 
 from iam_grpc.admin.context import AdminTools, open_admin, open_outbox
+from iam_grpc.admin.directory import (
+    AuditPage,
+    UserPage,
+    delete_user,
+    export_user,
+    get_user,
+    list_audit_events,
+    list_users,
+)
 from iam_grpc.admin.errors import AdminError, Invalid, NotFound, Unavailable
 from iam_grpc.admin.keys import KeyRotated, KeyView, list_keys, rotate_key
 from iam_grpc.admin.limits import clear_limits, show_limits
@@ -35,6 +44,7 @@ from iam_grpc.admin.users import (
 __all__ = [
     "AdminError",
     "AdminTools",
+    "AuditPage",
     "Invalid",
     "KeyRotated",
     "KeyView",
@@ -44,14 +54,20 @@ __all__ = [
     "RoleView",
     "SessionsEnded",
     "Unavailable",
+    "UserPage",
     "UserView",
     "clear_limits",
     "create_role",
     "delete_role",
+    "delete_user",
+    "export_user",
+    "get_user",
     "grant_role",
+    "list_audit_events",
     "list_keys",
     "list_outbox",
     "list_roles",
+    "list_users",
     "live_sessions",
     "open_admin",
     "open_outbox",

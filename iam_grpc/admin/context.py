@@ -14,6 +14,7 @@ from iam_grpc.core.cleanup import Cleanup
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.ratelimit import RateLimiter, email_key
 from iam_grpc.core.tokens.denylist import DenyList
+from iam_grpc.core.user_access import UserAccess
 from iam_grpc.ids import ULID_RE
 from iam_grpc.metrics import Metrics
 from iam_grpc.secret_material import resolve_secrets
@@ -49,11 +50,16 @@ class AdminTools:
         """The tools of a running service (for admin RPCs): its own state, always reachable."""
         return cls(c.clock, c.stores, c.keys, c.audit, c.denylist, c.limiter, c.cleanup, True)
 
+    @property
+    def user_access(self) -> UserAccess:
+        """Disabling and erasing users (``iam_grpc.core.user_access``) over these tools."""
+        ephemeral = self.stores.ephemeral if self.reaches_service_state else None
+        return UserAccess(self.db, self.clock, self.audit, self.denylist, ephemeral)
+
     async def find_user(self, tx: Transaction, who: str) -> User | None:
-        """By id (a ULID) or by email address."""
-        if ULID_RE.match(who):
-            return await tx.users.get(who)
-        return await tx.users.get_by_email(email_key(who))
+        """By id (a ULID) or by email address; an erased user is not found."""
+        found = await tx.users.get(who) if ULID_RE.match(who) else await tx.users.get_by_email(email_key(who))
+        return None if found is None or found.status == "deleted" else found
 
     async def revoke_user_sessions(self, user: User, reason: str) -> list[str]:
         """Every live session of ``user`` ends (SQL first, then the deny-list and challenges)."""

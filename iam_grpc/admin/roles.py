@@ -54,27 +54,45 @@ async def delete_role(tools: AdminTools, name: str) -> None:
         )
 
 
-async def grant_role(tools: AdminTools, who: str, role: str) -> bool:
-    """True when granted now; False when the user already held it."""
+async def grant_role(tools: AdminTools, who: str, role: str, *, end_sessions: bool = False) -> bool:
+    """True when granted now; False when the user already held it. ``end_sessions``: every session
+    of the user ends, so the role reaches tokens at once (at the next sign-in)."""
     _check_name(role)
     now = tools.clock.now()
+    access = tools.user_access
+    sessions: list[str] = []
     async with tools.db.transaction() as tx:
         found = await tools.find_user(tx, who)
         if found is None:
             raise NotFound("no such user")
         await tx.users.ensure_roles([role], now)
-        granted = bool(await tx.users.grant_role(found.id, role, "cli", now))
+        granted = bool(await tx.users.grant_role(found.id, role, _granted_by(tools), now))
         if granted:
+            details = {"role": role, "end_sessions": end_sessions}
             await tools.audit.record(
-                tools.audit.event("roles.granted", "ok", user_id=found.id, details={"role": role}), tx
+                tools.audit.event("roles.granted", "ok", user_id=found.id, details=details), tx
             )
+        if end_sessions:
+            sessions = await tx.sessions.revoke_all(found.id, "roles", now)
+            await tools.audit.sessions_revoked(tx, found.id, sessions, "roles")
+    await access.after_commit(sessions, [])
     return granted
 
 
-async def revoke_role(tools: AdminTools, who: str, role: str, *, now: bool) -> RoleRevoked:
-    """Revoke ``role``; with ``now`` the user's current access tokens stop verifying at once."""
+def _granted_by(tools: AdminTools) -> str:
+    """ "cli" from the command line, else the calling service's id."""
+    caller = tools.audit.event("roles.granted", "ok").caller
+    return (caller or "cli")[:64]
+
+
+async def revoke_role(
+    tools: AdminTools, who: str, role: str, *, now: bool, end_sessions: bool = False
+) -> RoleRevoked:
+    """Revoke ``role``; with ``now`` the user's current access tokens stop verifying at once; with
+    ``end_sessions`` every session of the user ends too."""
     at = tools.clock.now()
     jtis: list[str] = []
+    sessions: list[str] = []
     async with tools.db.transaction() as tx:
         found = await tools.find_user(tx, who)
         if found is None:
@@ -85,9 +103,13 @@ async def revoke_role(tools: AdminTools, who: str, role: str, *, now: bool) -> R
             # SQL first, in this transaction: the deny-list cache is rebuilt from it
             await tools.denylist.record_tokens(tx, jtis)
         if revoked:
-            details = {"role": role, "now": now, "tokens": len(jtis)}
+            details = {"role": role, "now": now, "tokens": len(jtis), "end_sessions": end_sessions}
             await tools.audit.record(
                 tools.audit.event("roles.revoked", "ok", user_id=found.id, details=details), tx
             )
+        if end_sessions:
+            sessions = await tx.sessions.revoke_all(found.id, "roles", at)
+            await tools.audit.sessions_revoked(tx, found.id, sessions, "roles")
     cached = await tools.denylist.revoke_tokens(jtis) if jtis else True
+    await tools.user_access.after_commit(sessions, [])
     return RoleRevoked(revoked, len(jtis), cached, tools.reaches_service_state)

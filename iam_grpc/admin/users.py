@@ -74,20 +74,28 @@ async def live_sessions(tools: AdminTools, who: str) -> list[SessionRecord]:
         return list(await tx.sessions.list_live(found.id, tools.clock.now()))
 
 
-async def set_status(tools: AdminTools, who: str, status: Literal["active", "disabled"]) -> SessionsEnded:
-    """Disable an account (every session ends; logins fail like a wrong password) or enable it."""
-    now = tools.clock.now()
+async def set_status(
+    tools: AdminTools, who: str, status: Literal["active", "disabled"], *, reason: str = ""
+) -> SessionsEnded:
+    """Disable an account (every session, API token and mailed link ends at once; logins fail like
+    a wrong password) or enable it (what was ended stays ended). Idempotent: setting the status
+    the account has changes nothing and writes no event."""
+    access = tools.user_access
+    sessions: list[str] = []
+    secrets: list[str] = []
     async with tools.db.transaction() as tx:
         found = await tools.find_user(tx, who)
         if found is None:
             raise NotFound("no such user")
-        await tx.users.set_status(found.id, status, now)
-        kind = "user.disabled" if status == "disabled" else "user.enabled"
-        await tools.audit.record(tools.audit.event(kind, "ok", user_id=found.id), tx)
-    if status != "disabled":
-        return SessionsEnded(0, tools.reaches_service_state)
-    ended = await tools.revoke_user_sessions(found, "disabled")
-    return SessionsEnded(len(ended), tools.reaches_service_state)
+        if found.status != status:
+            await tx.users.set_status(found.id, status, tools.clock.now())
+            if status == "disabled":
+                sessions, secrets = await access.end_in(tx, found.id, "disabled")
+            kind = "user.disabled" if status == "disabled" else "user.enabled"
+            details = {"reason": reason} if reason else None
+            await tools.audit.record(tools.audit.event(kind, "ok", user_id=found.id, details=details), tx)
+    await access.after_commit(sessions, secrets)
+    return SessionsEnded(len(sessions), tools.reaches_service_state)
 
 
 async def revoke_sessions(tools: AdminTools, who: str) -> SessionsEnded:

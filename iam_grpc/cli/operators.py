@@ -236,12 +236,21 @@ def roles_delete(name: str, config: ConfigOption = None) -> None:
     typer.echo(f"role {name} deleted")
 
 
+_END_SESSIONS_HELP = "End the user's sessions now (GrantRole/RevokeRole end_sessions)."
+
+
 @roles_app.command("grant")
-def roles_grant(user: str, role: str, config: ConfigOption = None) -> None:
+def roles_grant(
+    user: str,
+    role: str,
+    end_sessions: Annotated[bool, typer.Option("--end-sessions", help=_END_SESSIONS_HELP)] = False,
+    config: ConfigOption = None,
+) -> None:
     """Grant ROLE to USER (id or email); it appears in tokens from the next refresh."""
     from iam_grpc.admin import grant_role
 
-    typer.echo("granted" if _run(config, lambda tools: grant_role(tools, user, role)) else "already held")
+    granted = _run(config, lambda tools: grant_role(tools, user, role, end_sessions=end_sessions))
+    typer.echo("granted" if granted else "already held")
 
 
 @roles_app.command("revoke")
@@ -251,12 +260,15 @@ def roles_revoke(
     now_flag: Annotated[
         bool, typer.Option("--now", help="Also invalidate the user's current access tokens.")
     ] = False,
+    end_sessions: Annotated[bool, typer.Option("--end-sessions", help=_END_SESSIONS_HELP)] = False,
     config: ConfigOption = None,
 ) -> None:
     """Revoke ROLE from USER; with --now the current access tokens stop verifying at once."""
     from iam_grpc.admin import revoke_role
 
-    revoked = _run(config, lambda tools: revoke_role(tools, user, role, now=now_flag))
+    revoked = _run(
+        config, lambda tools: revoke_role(tools, user, role, now=now_flag, end_sessions=end_sessions)
+    )
     if revoked.tokens:
         _note_unreached(revoked.reached_service_state)
         _note_uncached(revoked.cached)
@@ -292,11 +304,15 @@ def users_sessions(user: str, config: ConfigOption = None) -> None:
 
 
 @users_app.command("disable")
-def users_disable(user: str, config: ConfigOption = None) -> None:
-    """Disable an account: every session ends, logins fail like a wrong password."""
+def users_disable(
+    user: str,
+    reason: Annotated[str, typer.Option("--reason", help="Why (audit trail, user.disabled event).")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Disable an account: every session and API token ends, logins fail like a wrong password."""
     from iam_grpc.admin import set_status
 
-    ended = _run(config, lambda tools: set_status(tools, user, "disabled"))
+    ended = _run(config, lambda tools: set_status(tools, user, "disabled", reason=reason[:500]))
     _note_unreached(ended.reached_service_state)
     typer.echo(f"disabled; {ended.count} sessions ended")
 

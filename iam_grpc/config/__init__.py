@@ -26,6 +26,7 @@ from iam_grpc.config.checks import (
     RateLimitSettings,
     UaSettings,
 )
+from iam_grpc.config.events import EventsSettings, NatsSettings, WebhookSettings
 from iam_grpc.config.flows import (
     EmailChangeSettings,
     LinkPaths,
@@ -89,6 +90,7 @@ __all__ = [
     "EmailChangeSettings",
     "EmailChecksSettings",
     "EphemeralSettings",
+    "EventsSettings",
     "ExtAuthzRule",
     "ExtAuthzSettings",
     "GeoipSettings",
@@ -103,6 +105,7 @@ __all__ = [
     "MailSettings",
     "MaskedUrl",
     "MfaSettings",
+    "NatsSettings",
     "PasswordsSettings",
     "RateLimitSettings",
     "RedisSettings",
@@ -120,6 +123,7 @@ __all__ = [
     "TokensSettings",
     "TracingSettings",
     "UaSettings",
+    "WebhookSettings",
     "join_host_port",
     "load_settings",
     "mask_url",

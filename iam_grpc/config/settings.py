@@ -18,6 +18,8 @@ from iam_grpc.config.checks import (
     RateLimitSettings,
     UaSettings,
 )
+from iam_grpc.config.directory import ApiTokensSettings
+from iam_grpc.config.events import EventsSettings
 from iam_grpc.config.flows import (
     EmailChangeSettings,
     EmailVerificationSettings,
@@ -108,11 +110,13 @@ class Settings(BaseSettings):
     roles: RolesSettings = RolesSettings()
     logging: LoggingSettings = LoggingSettings()
     audit: AuditSettings = AuditSettings()
+    api_tokens: ApiTokensSettings = ApiTokensSettings()
     cleanup: CleanupSettings = CleanupSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     tracing: TracingSettings = TracingSettings()
     webauthn: WebauthnSettings = WebauthnSettings()
     oidc: OidcSettings = OidcSettings()
+    events: EventsSettings = EventsSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -179,6 +179,7 @@ CONTRACT: tuple[ContractName, ...] = (
     ContractName("IAM_WEBAUTHN_RP_ID", ("webauthn.rp_id",)),
     ContractName("IAM_WEBAUTHN_ORIGINS", ("webauthn.origins",), _origins),
     ContractName("IAM_OIDC_PROVIDERS", ("oidc.providers",), _providers),
+    ContractName("IAM_NATS_URL", ("events.nats.url",)),
     # not in api.md: the test suite's fault hooks, which production refuses
     ContractName("IAM_TEST_FAILPOINTS", ("test_failpoints",), _failpoints),
 )

@@ -1,6 +1,8 @@
 """Audit events (behaviour.md 9.6): written to ``audit_events`` in the same
 transaction as the change they describe, and to the audit log sink once that
-transaction has committed, so a rollback leaves no trace in either."""
+transaction has committed, so a rollback leaves no trace in either. The audit
+rows that are also stream events (``core/events.py``) write their event rows
+in that transaction too."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Self
 from iam_grpc.clock import Clock
 from iam_grpc.core.call import current_call
 from iam_grpc.core.crypto import SecretMaterial
+from iam_grpc.core.events import FROM_AUDIT, event_data
 from iam_grpc.logging import AUDIT, component_logger
 from iam_grpc.storage.ports import Database, Transaction
 from iam_grpc.storage.records import AuditEvent, UserDevice
@@ -141,12 +144,23 @@ class AuditTrail:
     async def record(self, event: AuditEvent, tx: Transaction | None = None) -> None:
         """Append ``event`` within ``tx`` (or a transaction of its own) and log it after commit."""
         if tx is not None:
-            await tx.audit.append(event)
-            tx.after_commit(lambda: self._emit(event))
+            await self._append(event, tx)
             return
         async with self._db.transaction() as own:
-            await own.audit.append(event)
-            own.after_commit(lambda: self._emit(event))
+            await self._append(event, own)
+
+    async def _append(self, event: AuditEvent, tx: Transaction) -> None:
+        await tx.audit.append(event)
+        # the events this row also is (core/events.py), in the same transaction
+        for kind in FROM_AUDIT.get(event.type, ()):
+            await tx.events.append(
+                kind,
+                event.occurred_at,
+                user_id=event.user_id,
+                session_id=event.session_id,
+                data=event_data(event.details),
+            )
+        tx.after_commit(lambda: self._emit(event))
 
     def _emit(self, event: AuditEvent) -> None:
         for listener in self._listeners:

@@ -33,7 +33,9 @@ __all__ = [
     "seal_with_secret",
 ]
 
-Purpose = Literal["refresh", "otp", "grant", "link", "ratelimit", "email", "log", "outbox", "kek", "totp"]
+Purpose = Literal[
+    "refresh", "otp", "grant", "link", "ratelimit", "email", "log", "outbox", "kek", "totp", "api_token"
+]
 _PURPOSES: tuple[Purpose, ...] = (
     "refresh",
     "otp",
@@ -45,6 +47,7 @@ _PURPOSES: tuple[Purpose, ...] = (
     "outbox",
     "kek",
     "totp",
+    "api_token",
 )
 _NONCE = 12
 

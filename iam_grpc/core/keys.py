@@ -140,6 +140,15 @@ class KeyRing:
                             row.kid, deactivate_at=activate, unpublish_at=activate + self._retire_after
                         )
                 await tx.keys.insert(new)
+                await tx.events.append(
+                    "keys.rotated",
+                    now,
+                    data={
+                        "kid": new.kid,
+                        "activate_at": activate.isoformat(),
+                        "revoked_kid": revoke or "",
+                    },
+                )
         await self.reload()
         return new
 

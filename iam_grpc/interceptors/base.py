@@ -2,13 +2,17 @@
 
 grpc.aio server interceptors only see the method name and metadata. To act
 around the call, or on the decoded request, an interceptor returns a copy of
-the real handler whose behaviour function is wrapped. Only unary-unary
-handlers are wrapped (every iam.v1 RPC is unary); streaming handlers (health
-Watch, reflection) pass through untouched.
+the real handler whose behaviour function is wrapped. Unary-unary handlers
+and the server-streaming handlers of iam.v1 (EventService.WatchEvents) are
+wrapped; a streaming behaviour is first turned into one call that writes its
+messages with ``context.write`` (:func:`drive_stream`), so every interceptor's
+``wrap`` surrounds the whole stream unchanged. Client-streaming handlers and
+the exempt services (health Watch, reflection) pass through untouched.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +28,7 @@ __all__ = [
     "Handler",
     "RequestInterceptor",
     "UnaryInterceptor",
+    "drive_stream",
     "is_exempt",
 ]
 
@@ -47,8 +52,24 @@ def is_exempt(method: str) -> bool:
     return method.startswith(EXEMPT_PREFIXES)
 
 
+def drive_stream(behaviour: Callable[[Any, Context], Any]) -> Behaviour:
+    """A server-streaming behaviour (an async generator, or a coroutine already writing with
+    ``context.write``) as one awaitable call that writes every message and returns None."""
+
+    async def drive(request: Any, context: Context) -> None:
+        produced = behaviour(request, context)
+        if inspect.isasyncgen(produced):
+            async for message in produced:
+                await context.write(message)
+            return
+        await produced
+
+    return drive
+
+
 class UnaryInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the behaviour of unary-unary handlers; subclasses implement :meth:`wrap`."""
+    """Wraps the behaviour of unary-unary and (outside the exempt services) server-streaming
+    handlers; subclasses implement :meth:`wrap`."""
 
     def applies_to(self, method: str) -> bool:
         return True
@@ -68,13 +89,25 @@ class UnaryInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         return self.transform(handler, handler_call_details.method)
 
+    def wrap_stream(self, behaviour: Callable[[Any, Context], Any], method: str) -> Behaviour:
+        """A server-streaming behaviour wrapped like a unary one, around the whole stream."""
+        return self.wrap(drive_stream(behaviour), method)
+
     def transform(self, handler: Handler | None, method: str) -> Handler | None:
         """The handler this interceptor hands outwards (by default: the behaviour wrapped)."""
-        if handler is None or handler.unary_unary is None or not self.applies_to(method):
+        if handler is None or not self.applies_to(method):
             return handler
-        adapted: Any = self.adapt(handler)  # a namedtuple at runtime: _replace keeps the other parts
-        replaced: Handler = adapted._replace(unary_unary=self.wrap(adapted.unary_unary, method))
-        return replaced
+        if handler.unary_unary is not None:
+            adapted: Any = self.adapt(handler)  # a namedtuple at runtime: _replace keeps the other parts
+            replaced: Handler = adapted._replace(unary_unary=self.wrap(adapted.unary_unary, method))
+            return replaced
+        if handler.unary_stream is not None and not is_exempt(method):
+            streaming: Any = self.adapt(handler)
+            wrapped: Handler = streaming._replace(
+                unary_stream=self.wrap_stream(streaming.unary_stream, method)
+            )
+            return wrapped
+        return handler
 
 
 class RequestInterceptor(UnaryInterceptor):

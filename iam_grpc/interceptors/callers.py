@@ -133,7 +133,6 @@ async def _deny(request: Any, context: Context) -> None:
 def _refuse_streaming(handler: Handler) -> Handler:
     adapted: Any = handler
     replaced: Handler = adapted._replace(
-        unary_stream=_deny if adapted.unary_stream else None,
         stream_unary=_deny if adapted.stream_unary else None,
         stream_stream=_deny if adapted.stream_stream else None,
     )
@@ -180,8 +179,14 @@ class CallerAuthInterceptor(UnaryInterceptor):
         return not is_exempt(method)
 
     def transform(self, handler: Handler | None, method: str) -> Handler | None:
-        if handler is not None and handler.unary_unary is None and not is_exempt(method):
-            # Streaming handlers are not wrapped by the chain, so none may be served unauthenticated.
+        if (
+            handler is not None
+            and handler.unary_unary is None
+            and handler.unary_stream is None
+            and not is_exempt(method)
+        ):
+            # Client-streaming handlers are not wrapped by the chain, so none may be served
+            # unauthenticated (server-streaming ones are: base.drive_stream).
             return _refuse_streaming(handler)
         return super().transform(handler, method)
 

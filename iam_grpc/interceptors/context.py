@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -13,7 +14,7 @@ from loguru import logger
 
 from iam_grpc.core.call import CallInfo, reset_current, set_current
 from iam_grpc.ids import REQUEST_ID
-from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor
+from iam_grpc.interceptors.base import Behaviour, Context, UnaryInterceptor, drive_stream
 
 __all__ = ["RequestContextInterceptor", "parse_peer"]
 
@@ -50,7 +51,13 @@ class RequestContextInterceptor(UnaryInterceptor):
         self._default = default_deadline.total_seconds()
 
     def wrap(self, behaviour: Behaviour, method: str) -> Behaviour:
-        default = self._default
+        return self._wrap(behaviour, method, self._default)
+
+    def wrap_stream(self, behaviour: Callable[[Any, Context], Any], method: str) -> Behaviour:
+        # A stream (WatchEvents) lasts as long as the caller wants: only its own deadline ends it.
+        return self._wrap(drive_stream(behaviour), method, None)
+
+    def _wrap(self, behaviour: Behaviour, method: str, default: float | None) -> Behaviour:
 
         async def run(request: Any, context: Context) -> Any:
             offered = _metadata_value(context, REQUEST_ID_KEY)
@@ -65,7 +72,7 @@ class RequestContextInterceptor(UnaryInterceptor):
                 request_id=request_id,
                 peer=peer,
                 peer_ip=parse_peer(peer),
-                deadline=time.monotonic() + budget,
+                deadline=None if budget is None else time.monotonic() + budget,
             )
             echo = ((REQUEST_ID_KEY, request_id),)
             await context.send_initial_metadata(echo)

@@ -10,7 +10,9 @@ caller:
 
 - allowed: ``authorization`` and every other ``x-iam-*`` header from the client are removed, and
   ``x-iam-user-id``, ``x-iam-session-id`` and ``x-iam-roles`` are set (overwriting), so the
-  upstream can trust them;
+  upstream can trust them; a personal API token (``Bearer iam_pat_...``, verified like
+  VerifyApiToken from the request's source address, a rule's roles required as its scopes) sets
+  ``x-iam-user-id`` and ``x-iam-token-id`` instead;
 - bad, missing, expired or revoked token: status UNAUTHENTICATED, HTTP 401 with
   ``www-authenticate: Bearer error="invalid_token"``;
 - a rule's role missing: PERMISSION_DENIED, HTTP 403;
@@ -35,6 +37,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from iam_grpc.config import ExtAuthzRule
+from iam_grpc.core.api_tokens import PREFIX as API_TOKEN_PREFIX
+from iam_grpc.core.api_tokens import ApiTokens, VerifiedApiToken
 from iam_grpc.core.call import current_call
 from iam_grpc.core.tokens.access import AccessClaims, AccessTokens
 from iam_grpc.errors import ErrorCode, IamError, InternalError, ServerError, TokenInvalid
@@ -59,6 +63,7 @@ IDENTITY_PREFIX = "x-iam-"
 USER_HEADER = "x-iam-user-id"
 SESSION_HEADER = "x-iam-session-id"
 ROLES_HEADER = "x-iam-roles"
+TOKEN_HEADER = "x-iam-token-id"  # noqa: S105 - a header name, not a secret
 CHALLENGE = 'Bearer error="invalid_token"'
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -213,10 +218,51 @@ def _answer_error(error: IamError) -> external_auth_pb2.CheckResponse:
     return refused(error)
 
 
+def allowed_api_token(
+    verified: VerifiedApiToken, headers: Mapping[str, str]
+) -> external_auth_pb2.CheckResponse:
+    """OK for a personal API token: ``x-iam-user-id`` and ``x-iam-token-id`` set, the credential
+    and every client copy of an identity header removed (an API token has no session)."""
+    identity = [(USER_HEADER, verified.user_id), (TOKEN_HEADER, verified.token_id)]
+    remove = {
+        "authorization",
+        SESSION_HEADER,
+        ROLES_HEADER,
+        *(n for n in headers if n.startswith(IDENTITY_PREFIX)),
+    }
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[_header(name, value) for name, value in identity],
+            headers_to_remove=sorted(remove - {USER_HEADER, TOKEN_HEADER}),
+        ),
+    )
+
+
 class ExtAuthzService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]  # no stubs
-    def __init__(self, access: AccessTokens, rules: Sequence[ExtAuthzRule]) -> None:
+    def __init__(
+        self, access: AccessTokens, rules: Sequence[ExtAuthzRule], api_tokens: ApiTokens | None = None
+    ) -> None:
         self._access = access
         self._rules = PathRules(rules)
+        self._api_tokens = api_tokens
+
+    async def _check_api_token(
+        self, request: external_auth_pb2.CheckRequest, token: str, headers: Mapping[str, str]
+    ) -> external_auth_pb2.CheckResponse:
+        """``Bearer iam_pat_...``: verified like VerifyApiToken from the request's source address;
+        a path rule's roles are required as the token's scopes."""
+        assert self._api_tokens is not None
+        http = request.attributes.request.http
+        source = request.attributes.source.address.socket_address.address
+        try:
+            verified = await self._api_tokens.verify(token, source, self._rules.roles_for(http.path))
+        except IamError as error:
+            return _answer_error(error)
+        call = current_call()
+        if call is not None:
+            call.user_id = verified.user_id
+        return allowed_api_token(verified, headers)
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: Context
@@ -227,6 +273,8 @@ class ExtAuthzService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ig
             token = bearer_token(headers.get("authorization", ""))
             if not token:
                 raise TokenInvalid()
+            if token.startswith(API_TOKEN_PREFIX) and self._api_tokens is not None:
+                return await self._check_api_token(request, token, headers)
             claims = await self._access.verify(token, self._rules.roles_for(http.path))
         except IamError as error:
             return _answer_error(error)
@@ -259,5 +307,12 @@ class CheckAnswerInterceptor(UnaryInterceptor):
         return run
 
 
-def add_to_server(access: AccessTokens, rules: Sequence[ExtAuthzRule], server: grpc.aio.Server) -> None:
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(ExtAuthzService(access, rules), server)
+def add_to_server(
+    access: AccessTokens,
+    rules: Sequence[ExtAuthzRule],
+    server: grpc.aio.Server,
+    api_tokens: ApiTokens | None = None,
+) -> None:
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        ExtAuthzService(access, rules, api_tokens), server
+    )

@@ -19,6 +19,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from iam_grpc.storage.credential_ports import IdentityStore, PasskeyStore
+from iam_grpc.storage.directory_ports import DirectoryStores
+from iam_grpc.storage.event_ports import EventLog
 from iam_grpc.storage.factor_ports import TotpStore
 from iam_grpc.storage.mail_ports import (
     MailError,
@@ -386,7 +388,7 @@ class RevocationStore(Protocol):
         ...
 
 
-class Transaction(Protocol):
+class Transaction(DirectoryStores, Protocol):
     """One database transaction with a store per table family."""
 
     @property
@@ -421,6 +423,9 @@ class Transaction(Protocol):
 
     @property
     def totp(self) -> TotpStore: ...
+
+    @property
+    def events(self) -> EventLog: ...
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction has committed (never after a rollback)."""

@@ -11,8 +11,11 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "ApiTokenRecord",
     "AuditEvent",
     "Device",
+    "EventDelivery",
+    "EventRecord",
     "HitResult",
     "IdentityRecord",
     "LimitSpec",
@@ -25,6 +28,7 @@ __all__ = [
     "TokenContext",
     "User",
     "UserDevice",
+    "UserQuery",
 ]
 
 
@@ -245,3 +249,63 @@ class IdentityRecord:
     subject: str
     email: str
     linked_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTokenRecord:
+    """A personal API token: its metadata and the keyed hash of its current secret."""
+
+    id: str
+    user_id: str
+    name: str
+    prefix: str
+    secret_hash: str
+    key_version: int
+    scopes: list[str]
+    allowed_cidrs: list[str]
+    created_at: datetime
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    rotated_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoke_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserQuery:
+    """One page of ListUsers: users after ``after_id`` in id order, filtered."""
+
+    limit: int
+    after_id: str | None = None
+    email_prefix: str | None = None
+    role: str | None = None
+    status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One row of the event outbox; ``seq`` (the stream cursor) is None until sequenced."""
+
+    id: str
+    kind: str
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+    user_id: str | None = None
+    session_id: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventDelivery:
+    """One push delivery of one event to one sink, with its retry state."""
+
+    id: int
+    sink: str
+    seq: int
+    event_id: str
+    status: str  # pending, delivered, dead
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None = None
+    last_error: str | None = None

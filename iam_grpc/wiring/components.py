@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from iam_grpc.clock import Clock
 from iam_grpc.config import Settings
 from iam_grpc.core.anomalies import AnomalyChecks
+from iam_grpc.core.api_tokens import ApiTokens
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.core.challenges import Challenges
 from iam_grpc.core.cleanup import Cleanup
 from iam_grpc.core.email_change import EmailChange
 from iam_grpc.core.email_verification import EmailVerification
+from iam_grpc.core.event_stream import EventStream
 from iam_grpc.core.failpoints import Failpoints
 from iam_grpc.core.keys import KeyRing
 from iam_grpc.core.links import Links
@@ -35,6 +37,7 @@ from iam_grpc.core.mfa.totp_enrollment import TotpEnrollment
 from iam_grpc.core.password_change import PasswordChange
 from iam_grpc.core.password_reset import PasswordReset
 from iam_grpc.core.passwords import PasswordHashing
+from iam_grpc.core.profiles import Profiles
 from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.core.risk import RiskScores
 from iam_grpc.core.runtime import Runtime
@@ -54,7 +57,9 @@ from iam_grpc.storage.sql.database import SqlDatabase
 from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
+from iam_grpc.wiring import directory as d
 from iam_grpc.wiring import factors as f
+from iam_grpc.wiring.events import build_event_stream
 from iam_grpc.wiring.signin import SignInMethods, build_sign_in_methods
 from iam_grpc.wiring.stores import Stores
 
@@ -112,6 +117,11 @@ class Components:
     sign_in: SignInMethods  # passkeys, other providers' ID tokens
     # maintenance
     cleanup: Cleanup
+    # the user directory and personal API tokens
+    api_tokens: ApiTokens
+    profiles: Profiles
+    # the event stream (WatchEvents) and its push sinks
+    events: EventStream
 
     @property
     def db(self) -> SqlDatabase:
@@ -235,4 +245,7 @@ def build_components(
         email_change=a.build_email_change(settings, run, material, access, domains, sessions, links, agents),
         sign_in=sign_in,
         cleanup=b.build_cleanup(settings, stores, clock),
+        api_tokens=d.build_api_tokens(settings, run, material, access, denylist),
+        profiles=d.build_profiles(run, access, step_up, d.build_user_access(stores, run, denylist)),
+        events=build_event_stream(settings, stores, clock),
     )

@@ -828,3 +828,90 @@ async def test_s64_through_envoy_a_user_without_roles_cannot_claim_any(
     assert status == 200
     assert envoy.upstream.values(before, "x-iam-user-id") == [user.id]
     assert envoy.upstream.values(before, "x-iam-roles") == []
+
+
+# personal API tokens ---------------------------------------------------------------------------
+
+
+async def api_token(
+    iam: RunningService, scopes: list[str], cidrs: list[str] | None = None
+) -> tuple[str, str]:
+    """A fresh user's API token: (user id, secret)."""
+    from iam_grpc.core.api_tokens import NewApiToken
+    from iam_grpc.core.client import ClientInfo
+
+    user, session = await new_session(iam.app)
+    issued = await iam.app.components.api_tokens.create(
+        ClientInfo(ip="198.51.100.10", device_id=session.device_id),
+        session.access_token,
+        NewApiToken("ci", scopes, None, cidrs or []),
+    )
+    return user.id, issued.secret
+
+
+async def check_from(
+    channel: grpc.aio.Channel, path: str, headers: dict[str, str], source: str
+) -> external_auth_pb2.CheckResponse:
+    """Check with the downstream client's address, as Envoy reports it."""
+    from envoy.config.core.v3 import address_pb2
+
+    request = external_auth_pb2.CheckRequest(
+        attributes=attribute_context_pb2.AttributeContext(
+            source=attribute_context_pb2.AttributeContext.Peer(
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address=source, port_value=5555)
+                )
+            ),
+            request=attribute_context_pb2.AttributeContext.Request(
+                http=attribute_context_pb2.AttributeContext.HttpRequest(
+                    method="GET", host="app.example", scheme="http", path=path, headers=headers
+                )
+            ),
+        )
+    )
+    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    answer: external_auth_pb2.CheckResponse = await stub.Check(
+        request, metadata=(("x-iam-api-key", ENVOY_KEY),)
+    )
+    return answer
+
+
+async def test_an_api_token_is_allowed_with_its_user_and_token_id(
+    iam: RunningService, channel: grpc.aio.Channel
+) -> None:
+    """Bearer iam_pat_...: OK sets x-iam-user-id and x-iam-token-id; the credential and every
+    client copy of an identity header (session and roles included) are removed."""
+    user_id, secret = await api_token(iam, ["orders:read"])
+    headers = {"authorization": f"Bearer {secret}", "x-iam-session-id": "forged", "x-iam-roles": "admin"}
+    answer = await check(channel, "/orders/42", headers)
+    assert answer.status.code == code_pb2.OK
+    found = upstream_headers(answer)
+    assert set(found) == {"x-iam-user-id", "x-iam-token-id"}
+    assert found["x-iam-user-id"] == (user_id, OVERWRITE)
+    assert list(answer.ok_response.headers_to_remove) == ["authorization", "x-iam-roles", "x-iam-session-id"]
+
+
+async def test_a_rule_s_roles_are_required_as_an_api_token_s_scopes(
+    iam: RunningService, channel: grpc.aio.Channel
+) -> None:
+    """/billing needs "billing": a token without that scope is 403, one with it is allowed."""
+    _, plain = await api_token(iam, ["orders:read"])
+    _, billing = await api_token(iam, ["billing"])
+    refused = await check(channel, "/billing/invoices", {"authorization": f"Bearer {plain}"})
+    assert (refused.status.code, refused.denied_response.status.code) == (code_pb2.PERMISSION_DENIED, 403)
+    allowed = await check(channel, "/billing/invoices", {"authorization": f"Bearer {billing}"})
+    assert allowed.status.code == code_pb2.OK
+
+
+async def test_a_mistyped_or_revoked_api_token_is_401_and_a_foreign_address_403(
+    iam: RunningService, channel: grpc.aio.Channel
+) -> None:
+    """A checksum typo is 401 with the challenge; a token limited to 203.0.113.0/24 is 403 from
+    another source address and allowed from inside."""
+    _, secret = await api_token(iam, [], ["203.0.113.0/24"])
+    typo = secret[:-1] + ("A" if secret[-1] != "A" else "B")
+    assert_unauthenticated(await check(channel, "/orders", {"authorization": f"Bearer {typo}"}))
+    outside = await check_from(channel, "/orders", {"authorization": f"Bearer {secret}"}, "198.51.100.7")
+    assert (outside.status.code, outside.denied_response.status.code) == (code_pb2.PERMISSION_DENIED, 403)
+    inside = await check_from(channel, "/orders", {"authorization": f"Bearer {secret}"}, "203.0.113.9")
+    assert inside.status.code == code_pb2.OK

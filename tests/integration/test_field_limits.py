@@ -41,6 +41,14 @@ from tests.sessions_helper import FIREFOX
 
 NEW_PASSWORD = "a different long passphrase 7"
 IP = "203.0.113.10"
+SOME_ID = "01HZZZZZZZZZZZZZZZZZZZZZZZ"  # a well-formed user id of no one
+USER_IDS = [
+    ("empty", ""),
+    ("malformed", "not-a-user"),
+    ("oversize", "0" * 1000),
+    ("lowercase", SOME_ID.lower()),
+]
+PAGE_TOKENS = [("garbage", "not-a-token"), ("oversize", "A" * 600)]
 
 # Nothing but the calls under test may run SQL while the counter is read, so every background job
 # that touches the database is pushed an hour away: the mail poller (a queued mail still wakes it at
@@ -53,6 +61,8 @@ QUIET = {
     "IAM_CLEANUP__INTERVAL": "1h",
     "IAM_KEYS__RELOAD_INTERVAL": "1h",
     "IAM_TOKENS__DENYLIST_REPLAY": "1h",
+    "IAM_EVENTS__POLL_INTERVAL": "1h",  # the event stream's poller
+    "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
 }
 PROBE_INTERVAL = 3600.0
 
@@ -168,6 +178,48 @@ def _valid_fields(method: str, account: Account) -> dict[str, Any]:
         "MfaService/ConfirmTotp": lambda: {**signed_in, "enrollment_id": "te_" + "A" * 22, "code": "123456"},
         "MfaService/DisableTotp": lambda: {**signed_in, "step_up_grant": _token("iamg_")},
         "AuthService/RequestEmailVerification": lambda: signed_in,
+        "UserService/GetMe": lambda: dict(signed_in),
+        "UserService/UpdateProfile": lambda: {
+            **signed_in,
+            "name": "Ada",
+            "last_name": "Lovelace",
+            "locale": "en-GB",
+            "update_mask": {"paths": ["name", "last_name", "locale"]},
+        },
+        "UserService/DeleteMyAccount": lambda: {**signed_in, "step_up_grant": _token("iamg_")},
+        "ApiTokenService/CreateApiToken": lambda: {
+            **signed_in,
+            "name": "deploy script",
+            "scopes": ["repo:read"],
+            "allowed_cidrs": ["203.0.113.0/24"],
+        },
+        "ApiTokenService/ListApiTokens": lambda: dict(signed_in),
+        "ApiTokenService/RevokeApiToken": lambda: {**signed_in, "token_id": "01HZZZZZZZZZZZZZZZZZZZZZZZ"},
+        "ApiTokenService/RotateApiToken": lambda: {**signed_in, "token_id": "01HZZZZZZZZZZZZZZZZZZZZZZZ"},
+        "ApiTokenService/VerifyApiToken": lambda: {
+            "secret": "iam_pat_" + "A" * 38,
+            "ip": IP,
+            "required_scopes": ["repo:read"],
+        },
+        "UserService/GetUser": lambda: {"user_id": SOME_ID},
+        "UserService/ListUsers": lambda: {
+            "page_size": 10,
+            "email_prefix": "ada",
+            "role": "user",
+            "status": 1,
+        },
+        "UserService/DisableUser": lambda: {"user_id": SOME_ID, "reason": "left the company"},
+        "UserService/EnableUser": lambda: {"user_id": SOME_ID},
+        "UserService/GrantRole": lambda: {"user_id": SOME_ID, "role": "admin"},
+        "UserService/RevokeRole": lambda: {"user_id": SOME_ID, "role": "admin"},
+        "UserService/DeleteUser": lambda: {"user_id": SOME_ID},
+        "UserService/ExportUser": lambda: {"user_id": SOME_ID},
+        "UserService/ListAuditEvents": lambda: {
+            "user_id": SOME_ID,
+            "kinds": ["login.success"],
+            "since": {"seconds": 1_700_000_000},
+            "page_size": 10,
+        },
     }[method]()
 
 
@@ -386,6 +438,90 @@ FIELD_CASES: list[Case] = [
         ],
     ),
     *_cases("MfaService/DisableTotp", "step_up_grant", [("empty", "")]),
+    *_cases("UserService/UpdateProfile", "name", [("empty", ""), ("blank", "   "), *NAMES]),
+    *_cases("UserService/UpdateProfile", "last_name", NAMES),
+    *_cases(
+        "UserService/UpdateProfile",
+        "locale",
+        [("oversize", "en-" + "abcdefgh-" * 5), ("malformed", "en_GB"), ("control_character", "en\x07")],
+    ),
+    *_cases(
+        "UserService/UpdateProfile",
+        "update_mask",
+        [("empty", {"paths": []}), ("unknown_path", {"paths": ["email"]})],
+    ),
+    *_cases("ApiTokenService/CreateApiToken", "name", [("empty", ""), ("blank", "   "), *NAMES]),
+    *_cases(
+        "ApiTokenService/CreateApiToken",
+        "scopes",
+        [
+            ("too_many", [f"scope-{i}" for i in range(33)]),
+            ("uppercase", ["Repo:read"]),
+            ("empty_name", [""]),
+            ("oversize_name", ["a" * 65]),
+            ("newline", ["repo\n"]),
+        ],
+    ),
+    *_cases(
+        "ApiTokenService/CreateApiToken",
+        "allowed_cidrs",
+        [
+            ("malformed", ["203.0.113.0/33"]),
+            ("not_an_address", ["example.com"]),
+            ("too_many", [f"10.0.{i}.0/24" for i in range(33)]),
+        ],
+    ),
+    Case("ApiTokenService/CreateApiToken", "ttl", "too_short", {"seconds": 30}),
+    Case("ApiTokenService/CreateApiToken", "ttl", "negative", {"seconds": -60}),
+    *_cases(
+        "ApiTokenService/RevokeApiToken",
+        "token_id",
+        [("empty", ""), ("malformed", "tok"), ("oversize", "0" * 999)],
+    ),
+    *_cases(
+        "ApiTokenService/RotateApiToken",
+        "token_id",
+        [("empty", ""), ("malformed", "tok"), ("oversize", "0" * 999)],
+    ),
+    *_cases("ApiTokenService/VerifyApiToken", "ip", [("malformed", "300.1.2.3"), ("oversize", "1" * 1000)]),
+    *_cases(
+        "ApiTokenService/VerifyApiToken",
+        "required_scopes",
+        [("too_many", [f"s{i}" for i in range(33)]), ("uppercase", ["Repo"]), ("empty_name", [""])],
+    ),
+    *_cases("UserService/GetUser", "user_id", USER_IDS),
+    *_cases("UserService/GetUser", "email", EMAILS),
+    *_cases("UserService/ListUsers", "page_size", [("negative", -1), ("oversize", 1001)]),
+    *_cases("UserService/ListUsers", "page_token", PAGE_TOKENS),
+    *_cases("UserService/ListUsers", "email_prefix", [("oversize", "a" * 255), ("newline", "ada\n")]),
+    *_cases("UserService/ListUsers", "role", [("uppercase", "Admin"), ("oversize", "a" * 65)]),
+    *_cases("UserService/ListUsers", "status", [("unknown", 99)]),
+    *_cases("UserService/DisableUser", "user_id", USER_IDS),
+    *_cases(
+        "UserService/DisableUser", "reason", [("oversize", "x" * 501), ("control_character", "gone\x07")]
+    ),
+    *_cases("UserService/EnableUser", "user_id", USER_IDS),
+    *_cases("UserService/GrantRole", "user_id", USER_IDS),
+    *_cases("UserService/GrantRole", "role", [("empty", ""), ("uppercase", "Admin"), ("oversize", "a" * 65)]),
+    *_cases("UserService/RevokeRole", "user_id", USER_IDS),
+    *_cases(
+        "UserService/RevokeRole", "role", [("empty", ""), ("uppercase", "Admin"), ("oversize", "a" * 65)]
+    ),
+    *_cases("UserService/DeleteUser", "user_id", USER_IDS),
+    *_cases("UserService/ExportUser", "user_id", USER_IDS),
+    *_cases("UserService/ListAuditEvents", "user_id", USER_IDS[1:]),
+    *_cases(
+        "UserService/ListAuditEvents",
+        "kinds",
+        [
+            ("too_many", [f"k{i}" for i in range(33)]),
+            ("uppercase", ["Login.success"]),
+            ("oversize", ["a" * 49]),
+        ],
+    ),
+    *_cases("UserService/ListAuditEvents", "since", [("beyond_year_9999", {"seconds": 253402300800})]),
+    *_cases("UserService/ListAuditEvents", "page_size", [("negative", -1), ("oversize", 1001)]),
+    *_cases("UserService/ListAuditEvents", "page_token", PAGE_TOKENS),
 ]
 
 JWT_LIKE_OVERSIZE = "e30." + "a" * 5000 + ".sig"
@@ -418,6 +554,13 @@ TOKEN_CASES: list[tuple[Case, grpc.StatusCode, str]] = [
             "MfaService/ConfirmTotp",
             "MfaService/DisableTotp",
             "AuthService/RequestEmailVerification",
+            "UserService/GetMe",
+            "UserService/UpdateProfile",
+            "UserService/DeleteMyAccount",
+            "ApiTokenService/CreateApiToken",
+            "ApiTokenService/ListApiTokens",
+            "ApiTokenService/RevokeApiToken",
+            "ApiTokenService/RotateApiToken",
         )
         for label, value in (("empty", ""), ("malformed", "not-a-jwt"), ("oversize", JWT_LIKE_OVERSIZE))
     ),
@@ -436,6 +579,28 @@ TOKEN_CASES: list[tuple[Case, grpc.StatusCode, str]] = [
             "CHALLENGE_EXPIRED",
         )
         for label, value in (("empty", ""), ("malformed", "iamg_short"), ("oversize", "iamg_" + "A" * 5000))
+    ),
+    *(
+        (
+            Case("UserService/DeleteMyAccount", "step_up_grant", label, value),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "CHALLENGE_EXPIRED",
+        )
+        for label, value in (("empty", ""), ("malformed", "iamg_short"), ("oversize", "iamg_" + "A" * 5000))
+    ),
+    *(
+        (
+            Case("ApiTokenService/VerifyApiToken", "secret", label, value),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_INVALID",
+        )
+        for label, value in (
+            ("empty", ""),
+            ("malformed", "not-a-token"),
+            ("bad_checksum", "iam_pat_" + "A" * 38),
+            ("oversize", "iam_pat_" + "A" * 5000),
+            ("newline", "iam_pat_" + "A" * 37 + "\n"),
+        )
     ),
 ]
 

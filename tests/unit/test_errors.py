@@ -35,6 +35,10 @@ CONTRACT = [
     (errors.ReauthRequired(), grpc.StatusCode.FAILED_PRECONDITION, "REAUTH_REQUIRED"),
     (errors.CallerUnknown(), grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNKNOWN"),
     (errors.CallerForbidden(), grpc.StatusCode.PERMISSION_DENIED, "CALLER_UNKNOWN"),
+    (errors.UserNotFound(), grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND"),
+    (errors.TokenLimit(), grpc.StatusCode.FAILED_PRECONDITION, "TOKEN_LIMIT"),
+    (errors.ScopeRequired(["read"]), grpc.StatusCode.PERMISSION_DENIED, "SCOPE_REQUIRED"),
+    (errors.IpNotAllowed(), grpc.StatusCode.PERMISSION_DENIED, "IP_NOT_ALLOWED"),
     (errors.BackendUnavailable(), grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE"),
     (errors.InternalError(), grpc.StatusCode.INTERNAL, "INTERNAL"),
 ]

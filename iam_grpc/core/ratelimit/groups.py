@@ -160,6 +160,10 @@ DEFAULT_GROUPS: dict[str, Group] = {
         _g("verify_email.user", "user", "5/24h"),
         _g("grant.caller_fail", "caller", "60/1m f"),
         _g("sessions.user", "user", "30/1m", 3, "1m", "10m"),
+        # second round: API tokens (creation and rotation per user; failed verifications per caller)
+        _g("api_token.create_user", "user", "30/1h"),
+        _g("api_token.caller_invalid", "caller", "300/1m f"),
+        _g("profile.user", "user", "30/1h"),
         # behaviour.md 7.4: per recipient, per user and per IP; never one global mail limit
         _g("mail.recipient", "email", "10/1h + 30/24h"),
         _g("mail.user_challenge", "user", "8/24h", 1, "12h", "12h"),

@@ -46,7 +46,12 @@ def kid_key(kid: str) -> str:
     return f"{DENY_TAG}:kid:{kid}"
 
 
-_KEY_OF = {"jti": jti_key, "kid": kid_key}
+def pat_key(secret_hash: str) -> str:
+    """A personal API token's secret (by its keyed hash) revoked or rotated away."""
+    return f"{DENY_TAG}:pat:{secret_hash}"
+
+
+_KEY_OF = {"jti": jti_key, "kid": kid_key, "pat": pat_key}
 
 
 class DenyList:
@@ -89,6 +94,31 @@ class DenyList:
         """Record single access tokens as revoked, in ``tx``: the authority the cache follows."""
         now = self._clock.now()
         await tx.revocations.add("jti", jtis, now, now + self._memory)
+
+    async def record_api_secrets(self, tx: Transaction, secret_hashes: Sequence[str]) -> None:
+        """Record API-token secrets (keyed hashes) as dead, in ``tx``: remembered as long as a
+        replica may hold a verification of them in memory (:attr:`memory`)."""
+        now = self._clock.now()
+        await tx.revocations.add("pat", secret_hashes, now, now + self._memory)
+
+    async def revoke_api_secrets(self, secret_hashes: Iterable[str]) -> bool:
+        """Write entries for secrets recorded with :meth:`record_api_secrets` (after the commit)."""
+        return await self._write([(pat_key(h), _MARK) for h in secret_hashes])
+
+    async def api_secret_dead(self, secret_hash: str) -> bool | None:
+        """Whether an API-token secret is on the deny-list: one round trip while the cache is
+        trusted; None when it is not (the caller reads the token's row instead)."""
+        cache = self.cache
+        if not cache.trusted:
+            return None
+        epoch = cache.epoch
+        try:
+            found = await self._ephemeral.get_many([pat_key(secret_hash), GENERATION_KEY])
+        except BackendUnavailable:
+            return None
+        if cache.accept(found[-1]) and cache.epoch == epoch:
+            return found[0] is not None
+        return None
 
     # caching (after the commit) ------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from iam_grpc.errors import BackendUnavailable, InvalidArgument
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.breaker import Breaker
 from iam_grpc.storage.ports import Conflict
+from iam_grpc.storage.sql.api_tokens import SqlApiTokenStore
 from iam_grpc.storage.sql.audit import SqlAuditLog
 from iam_grpc.storage.sql.connection import (
     InlineConnection,
@@ -33,6 +34,8 @@ from iam_grpc.storage.sql.connection import (
 )
 from iam_grpc.storage.sql.credentials import SqlIdentityStore, SqlPasskeyStore
 from iam_grpc.storage.sql.devices import SqlDeviceStore
+from iam_grpc.storage.sql.directory import SqlDirectory
+from iam_grpc.storage.sql.events import SqlEventLog
 from iam_grpc.storage.sql.keys import SqlKeyStore
 from iam_grpc.storage.sql.maintenance import SqlMaintenance
 from iam_grpc.storage.sql.outbox import SqlOutbox
@@ -262,6 +265,9 @@ class SqlTransaction:
         self.passkeys = SqlPasskeyStore(connection)
         self.identities = SqlIdentityStore(connection)
         self.totp = SqlTotpStore(connection)
+        self.api_tokens = SqlApiTokenStore(connection)
+        self.directory = SqlDirectory(connection)
+        self.events = SqlEventLog(connection, dialect)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

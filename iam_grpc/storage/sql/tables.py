@@ -28,9 +28,13 @@ from sqlalchemy import (
 from iam_grpc.storage.sql.types import Blob, Json, Key, LongId, UtcDateTime, ascii_str, text_bin
 
 __all__ = [
+    "api_tokens",
     "audit_events",
     "devices",
     "email_outbox",
+    "event_deliveries",
+    "event_marks",
+    "events",
     "identities",
     "metadata",
     "passkeys",
@@ -343,5 +347,82 @@ totp_recovery_codes = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     Column("used_at", UtcDateTime(), nullable=True),
     Index(None, "user_id"),
+    **_MYSQL_TABLE,
+)
+
+# Personal API tokens: only a keyed hash of each secret (api.md, ApiTokenService).
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Key(26), primary_key=True),
+    Column("user_id", Key(26), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("prefix", ascii_str(16), nullable=False),
+    Column("secret_hash", Key(43), nullable=False),
+    Column("key_version", SmallInteger(), nullable=False),
+    Column("scopes", Json, nullable=False),
+    Column("allowed_cidrs", Json, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("expires_at", UtcDateTime(), nullable=True),
+    Column("last_used_at", UtcDateTime(), nullable=True),
+    Column("rotated_at", UtcDateTime(), nullable=True),
+    Column("revoked_at", UtcDateTime(), nullable=True),
+    Column("revoke_reason", ascii_str(32), nullable=True),
+    UniqueConstraint("secret_hash"),
+    Index(None, "user_id", "revoked_at"),
+    **_MYSQL_TABLE,
+)
+
+# The event outbox (api.md EventService): a row is inserted in the transaction of the change it
+# describes, without a cursor (``seq`` NULL). A sequencer then numbers committed rows in one
+# transaction at a time (core/events: auto-increment ids are handed out at insert, not at commit,
+# so on MariaDB a smaller ``pos`` can become visible after a larger one; ``seq`` cannot). ``seq`` is
+# the cursor a watcher resumes from.
+events = Table(
+    "events",
+    metadata,
+    Column("pos", LongId, primary_key=True, autoincrement=True),
+    Column("seq", LongId, nullable=True),
+    Column("id", Key(26), nullable=False),
+    Column("kind", ascii_str(48), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("user_id", Key(26), nullable=True),
+    Column("session_id", Key(26), nullable=True),
+    Column("data", Json, nullable=False),
+    UniqueConstraint("seq"),
+    UniqueConstraint("id"),
+    Index(None, "at"),
+    **_MYSQL_TABLE,
+)
+
+# Named positions in the event stream: ``sequence`` (the last seq handed out), ``purged`` (every
+# seq up to it was deleted by the retention job), one per push sink (the last seq it took on).
+event_marks = Table(
+    "event_marks",
+    metadata,
+    Column("name", ascii_str(32), primary_key=True),
+    Column("value", LongId, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+# One push delivery of one event to one sink (a webhook): retried with backoff until delivered or
+# dead (after the last attempt); ``iam-grpc events deliveries replay`` puts a dead one back.
+event_deliveries = Table(
+    "event_deliveries",
+    metadata,
+    Column("id", LongId, primary_key=True, autoincrement=True),
+    Column("sink", ascii_str(16), nullable=False),
+    Column("seq", LongId, nullable=False),
+    Column("event_id", Key(26), nullable=False),
+    Column("status", ascii_str(12), nullable=False),
+    Column("attempts", SmallInteger(), nullable=False, server_default=text("0")),
+    Column("next_attempt_at", UtcDateTime(), nullable=False),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", UtcDateTime(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("delivered_at", UtcDateTime(), nullable=True),
+    Column("last_error", String(255), nullable=True),
+    UniqueConstraint("sink", "seq"),
+    Index(None, "status", "next_attempt_at"),
     **_MYSQL_TABLE,
 )

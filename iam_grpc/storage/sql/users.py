@@ -109,7 +109,13 @@ class SqlUserStore:
         result = await self._c.execute(
             update(users)
             .where(users.c.id == user_id)
-            .values(status=status, disabled_at=now if status == "disabled" else None, updated_at=now)
+            .values(
+                status=status,
+                disabled_at=now if status == "disabled" else None,
+                updated_at=now,
+                # disabling voids every link mailed before (each carries the credential version)
+                credential_version=users.c.credential_version + (1 if status == "disabled" else 0),
+            )
         )
         return result.rowcount == 1
 
