@@ -16,7 +16,7 @@ from iam_grpc._proto.iam.v1 import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grp
 from iam_grpc.config import Settings
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.interceptors.access_log import AccessLogInterceptor
-from iam_grpc.interceptors.base import RequestInterceptor
+from iam_grpc.interceptors.base import RequestInterceptor, UnaryInterceptor
 from iam_grpc.interceptors.callers import CallerAuthInterceptor, CallerRegistry, host_is_loopback
 from iam_grpc.interceptors.client_ip import ClientIpInterceptor
 from iam_grpc.interceptors.context import RequestContextInterceptor
@@ -24,6 +24,7 @@ from iam_grpc.interceptors.deadline import DeadlineInterceptor
 from iam_grpc.interceptors.decode import DecodeGuardInterceptor
 from iam_grpc.interceptors.errors import ErrorMappingInterceptor
 from iam_grpc.interceptors.failpoints import FailpointInterceptor
+from iam_grpc.interceptors.fused import FusedChain
 from iam_grpc.interceptors.ratelimit import RateLimitInterceptor
 from iam_grpc.metrics import Metrics
 from iam_grpc.services.auth import AuthFlows, AuthService
@@ -126,9 +127,9 @@ def interceptor_chain(
     *,
     audit: AuditTrail | None = None,
     ephemeral: Ephemeral | None = None,
-) -> list[grpc.aio.ServerInterceptor]:
+) -> list[UnaryInterceptor]:
     """The interceptors, outermost first; each has one job (see ``iam_grpc.interceptors``)."""
-    check_answers: list[grpc.aio.ServerInterceptor] = []
+    check_answers: list[UnaryInterceptor] = []
     if settings.ext_authz.enabled:
         from iam_grpc.services.ext_authz import CheckAnswerInterceptor
 
@@ -165,10 +166,11 @@ def build_server(components: Components, health: health_aio.HealthServicer) -> t
     hooks: list[RequestInterceptor] = [RateLimitInterceptor(components.limiter)]
     if components.failpoints.enabled:
         hooks.append(FailpointInterceptor(components.failpoints))
+    chain = interceptor_chain(
+        settings, components.metrics, hooks, audit=components.audit, ephemeral=components.ephemeral
+    )
     server = grpc.aio.server(
-        interceptors=interceptor_chain(
-            settings, components.metrics, hooks, audit=components.audit, ephemeral=components.ephemeral
-        ),
+        interceptors=[FusedChain(chain)],  # one interceptor: the chain composed once per method
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )

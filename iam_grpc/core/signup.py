@@ -141,6 +141,6 @@ class SignupFlow:
             if conflict.constraint == "users.email_norm":
                 raise EmailTaken() from None
             raise
-        await self._sessions.after_revocations(evicted)
+        await self._sessions.after_revocations(evicted, evicted=True)
         log.bind(user_id=user.id).info("signed up")
         return issued

@@ -151,6 +151,11 @@ class RedisEphemeral:
         return self._topology.server_id
 
     @property
+    def call_budget(self) -> float:
+        """Seconds one call may take, not counting the event loop's lateness."""
+        return self._budget
+
+    @property
     def prefix(self) -> str:
         return self._prefix
 

@@ -11,10 +11,16 @@ the entries written. The entries are a cache guarded by a generation marker
 down, restarted, flushed, failed over, or a write failed) every check reads SQL instead, session,
 token and key alike, so a revoked token is refused through any store event.
 ``tokens.denylist_fallback = "closed"`` answers UNAVAILABLE instead of reading SQL.
+
+With a change feed (Redis), each worker answers checks from an in-memory copy
+(:mod:`~iam_grpc.core.tokens.denylist_mirror`) while it is current (``tokens.denylist_staleness``),
+and per call as above (or refuses: ``tokens.denylist_stale``) while it is not. A revocation's call
+answers only after that bound, so once it has answered no replica accepts the token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
@@ -22,6 +28,7 @@ from typing import Literal, Self
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.telemetry import CoreMetrics
+from iam_grpc.core.tokens.denylist_mirror import DenyFeed, DenyMirror
 from iam_grpc.core.tokens.revocation_cache import GENERATION_KEY, RevocationCache
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
@@ -61,6 +68,9 @@ class DenyList:
         leeway: timedelta,
         fallback: Literal["sql", "closed"] = "sql",
         server_id: Callable[[], str] | None = None,
+        feed: DenyFeed | None = None,
+        staleness: timedelta = timedelta(seconds=1),
+        stale: Literal["per_call", "refuse"] = "per_call",
     ) -> None:
         self._ephemeral = ephemeral
         self._db = db
@@ -77,6 +87,20 @@ class DenyList:
             server_id=server_id or (lambda: ""),
             on_rebuilt=lambda _count: metrics.denylist_rebuilds.inc(),
         )
+        self._feed = feed if staleness > timedelta(0) else None
+        self._stale = stale
+        self.mirror: DenyMirror | None = None
+        if self._feed is not None:
+            cache = self.cache
+            self.mirror = mirror = DenyMirror(
+                self._feed,
+                self.entries_from_sql,
+                lambda: cache.trusted,
+                marker_key=GENERATION_KEY,
+                staleness=staleness,
+                entry_ttl=self._ttl,
+            )
+            cache.listeners.append(lambda trusted: None if trusted else mirror.lost())
 
     @property
     def memory(self) -> timedelta:
@@ -92,9 +116,11 @@ class DenyList:
 
     # caching (after the commit) ------------------------------------------------------------
 
-    async def revoke_sessions(self, session_ids: Iterable[str]) -> bool:
-        """Write entries for sessions already revoked in SQL (call after the commit)."""
-        return await self._write([(sid_key(s), _MARK) for s in session_ids])
+    async def revoke_sessions(self, session_ids: Iterable[str], *, wait: bool = True) -> bool:
+        """Write entries for sessions already revoked in SQL (call after the commit). ``wait=False``
+        answers before every worker's copy has them (within the staleness bound): for sessions
+        a new sign-in evicted, whose owner is not the caller."""
+        return await self._write([(sid_key(s), _MARK) for s in session_ids], wait=wait)
 
     async def revoke_tokens(self, jtis: Iterable[str]) -> bool:
         """Write entries for tokens recorded with :meth:`record_tokens` (after the commit)."""
@@ -105,7 +131,7 @@ class DenyList:
         next key-table reload."""
         return await self._write([(kid_key(kid), _MARK)])
 
-    async def _write(self, entries: list[tuple[str, bytes]]) -> bool:
+    async def _write(self, entries: list[tuple[str, bytes]], *, wait: bool = True) -> bool:
         """True when cached; the revocation's call answers only after this returns.
 
         SQL already holds the revocation. When the store does not take the entries, this waits
@@ -116,6 +142,31 @@ class DenyList:
         cache is rebuilt with them (a replica cut off from Redis alone)."""
         if not entries:
             return True
+        keys = [key for key, _ in entries]
+        if self.mirror is not None:
+            self.mirror.add(keys)  # this worker refuses them at once
+        if not await self._store(entries):
+            return False
+        if self._feed is not None:
+            try:
+                await self._feed.publish(keys, within=self.cache.lease + timedelta(milliseconds=100))
+            except BackendUnavailable:
+                # the other workers' copies miss it: drop the marker, so they reload from SQL
+                log.bind(entries=len(keys)).warning(
+                    "deny-list change not published; the cache is rebuilt from SQL"
+                )
+                self.cache.lost("feed write failed", force=True)
+                if self.mirror is not None and wait:  # the others' copies go stale or see it lost
+                    await asyncio.sleep(self.mirror.staleness)
+                return False
+        if self.mirror is not None and wait:
+            # The revocation's call answers once every worker's copy has it: a copy is current
+            # only while its last read of the feed started within the bound, so after the bound
+            # every current copy has read past this change (refused "at once" for the client).
+            await asyncio.sleep(self.mirror.staleness)
+        return True
+
+    async def _store(self, entries: list[tuple[str, bytes]]) -> bool:
         try:
             await self._ephemeral.set_many(entries, self._ttl)
             return True
@@ -133,8 +184,20 @@ class DenyList:
     async def check(
         self, session_id: str, jti: str, kid: str = ""
     ) -> Literal["session", "token", "key"] | None:
-        """Which deny-list holds the token: one round trip to the cache while it is trusted, SQL
-        otherwise."""
+        """Which deny-list holds the token: this worker's copy while it is current, else one round
+        trip to the shared cache while it is trusted, SQL otherwise."""
+        mirror = self.mirror
+        if mirror is not None:
+            if mirror.current():
+                if kid and mirror.holds(kid_key(kid)):
+                    return "key"
+                if mirror.holds(sid_key(session_id)):
+                    return "session"
+                if mirror.holds(jti_key(jti)):
+                    return "token"
+                return None
+            if self._stale == "refuse":
+                raise BackendUnavailable()
         cache = self.cache
         if cache.trusted:
             epoch = cache.epoch
@@ -206,15 +269,22 @@ class DenyList:
                 self.cache.lost("not verified at startup")
                 return
             await self.cache.refresh()
+            if self.mirror is not None:
+                await self.mirror.reload()  # the full list, before the worker serves
         except BackendUnavailable:
             self.cache.lost("store failed at startup")
             log.warning("deny-list not verified at startup; reading SQL until the store answers")
+        finally:
+            if self.mirror is not None:
+                self.mirror.start()
 
     async def replay(self) -> int:
         """The periodic replay (``tokens.denylist_replay``): rewrite the entries from SQL."""
         return await self.cache.refresh()
 
     async def close(self) -> None:
+        if self.mirror is not None:
+            await self.mirror.close()
         await self.cache.close()
 
     async def __aenter__(self) -> Self:
