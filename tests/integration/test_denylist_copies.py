@@ -18,7 +18,8 @@ from tests.conftest import Backend
 from tests.integration.test_tokens import client
 from tests.sessions_helper import NO_ANOMALY_CHECKS, new_session
 
-BOUND = 1.0  # tokens.denylist_staleness's default
+BOUND = 1.0  # tokens.denylist_staleness set below
+COPY = {"IAM_TOKENS__DENYLIST_STALENESS": "1s"}  # the copy is off by default
 
 
 async def verify(service: RunningService, token: str) -> str:
@@ -47,7 +48,7 @@ async def refused_within(service: RunningService, token: str, reason: str, secon
 async def test_revocations_reach_the_other_replica_within_the_bound_from_memory(
     shared_backend: Backend, tmp_path: Path
 ) -> None:
-    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS}
+    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS, **COPY}
     async with running_service(tmp_path / "a", environ) as a, running_service(tmp_path / "b", environ) as b:
         mirror_b = b.app.components.denylist.mirror
         assert mirror_b is not None
@@ -88,7 +89,7 @@ async def test_a_cache_that_lost_data_is_rebuilt_from_sql_and_every_copy_reloads
     """A revocation that reached SQL only (its cache write and feed change lost, as in a Redis
     failover to a replica that missed them), then the marker lost: both replicas' copies reload
     from SQL and refuse the session; none accepts it once the loss is known."""
-    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS}
+    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS, **COPY}
     async with running_service(tmp_path / "a", environ) as a, running_service(tmp_path / "b", environ) as b:
         _, session = await new_session(a.app)
         assert await verify(b, session.access_token) == "OK"
@@ -116,7 +117,7 @@ async def test_a_copy_that_lost_its_feed_reads_per_call_or_refuses(
     """Past the bound without a successful read of the feed, A (``per_call``) asks the shared
     cache for each check, and so sees a revocation the feed never brought it; B (``refuse``)
     answers BACKEND_UNAVAILABLE."""
-    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS}
+    environ = {**shared_backend.isolated(), **NO_ANOMALY_CHECKS, **COPY}
     refusing = {**environ, "IAM_TOKENS__DENYLIST_STALE": "refuse"}
     async with (
         running_service(tmp_path / "a", environ) as a,
