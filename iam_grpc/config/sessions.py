@@ -21,7 +21,7 @@ class TokensSettings(SettingsGroup):
     # Each worker's in-memory copy of the deny-lists (with Redis): how old it may be before
     # checks read per call (0: no copy), and what they do then. Off by default until a Sentinel
     # failover with the master killed passes with it (tests/integration/test_redis_topologies.py).
-    denylist_staleness: Duration = timedelta(0)
+    denylist_staleness: Duration = timedelta(seconds=1)
     denylist_stale: Literal["per_call", "refuse"] = "per_call"
 
 

@@ -117,7 +117,9 @@ class RedisEphemeral:
         # loop itself was late (loop_lag.patient_timeout): a saturated loop must not turn Redis
         # answers that arrived in time into failures. redis-py's own socket time-out is only the
         # backstop (the patient time-out's cap).
-        self._budget = socket_timeout.total_seconds()
+        # A call may have to open its connection first (redis-py connects lazily): the budget
+        # covers the connect time-out too, as the two separate time-outs did before.
+        self._budget = socket_timeout.total_seconds() + connect_timeout.total_seconds()
         self._backstop = max(10 * self._budget, 5.0)
         self._topology = connect(
             url,

@@ -189,8 +189,8 @@ async def test_revocations_survive_a_restart_of_the_node_holding_the_deny_list(
         for replica in (a, b):
             assert replica.app.components.denylist is not None
             assert replica.app.components.denylist.cache.trusted
-        assert a.app.ephemeral is not None
-        assert await a.app.ephemeral.exists([sid_key(ended.session_id)]) == [True]
+        assert a.app.components.ephemeral is not None
+        assert await a.app.components.ephemeral.exists([sid_key(ended.session_id)]) == [True]
 
 
 # Sentinel ------------------------------------------------------------------------------------------
@@ -322,9 +322,9 @@ async def test_a_refresh_chain_goes_on_through_a_sentinel_failover(
             for replica in (a, b):
                 assert replica.app.components.denylist is not None
                 assert replica.app.components.denylist.cache.trusted
-                assert replica.app.ephemeral is not None
-                assert isinstance(replica.app.ephemeral, RedisEphemeral)
-                assert replica.app.ephemeral.server_id == run_id(redis_sentinel.master_port())
+                assert replica.app.components.ephemeral is not None
+                assert isinstance(replica.app.components.ephemeral, RedisEphemeral)
+                assert replica.app.components.ephemeral.server_id == run_id(redis_sentinel.master_port())
     finally:
         redis_sentinel.settle()
 

@@ -96,6 +96,7 @@ class DenyList:
                 self._feed,
                 self.entries_from_sql,
                 lambda: cache.trusted,
+                complete=cache.complete,
                 marker_key=GENERATION_KEY,
                 staleness=staleness,
                 entry_ttl=self._ttl,
@@ -145,26 +146,33 @@ class DenyList:
         keys = [key for key, _ in entries]
         if self.mirror is not None:
             self.mirror.add(keys)  # this worker refuses them at once
-        if not await self._store(entries):
-            return False
-        if self._feed is not None:
-            try:
-                await self._feed.publish(keys, within=self.cache.lease + timedelta(milliseconds=100))
-            except BackendUnavailable:
-                # the other workers' copies miss it: drop the marker, so they reload from SQL
-                log.bind(entries=len(keys)).warning(
-                    "deny-list change not published; the cache is rebuilt from SQL"
-                )
-                self.cache.lost("feed write failed", force=True)
-                if self.mirror is not None and wait:  # the others' copies go stale or see it lost
-                    await asyncio.sleep(self.mirror.staleness)
-                return False
+        started = time.monotonic()
+        stored = await self._store(entries)
+        done = stored and await self._publish(keys)
         if self.mirror is not None and wait:
-            # The revocation's call answers once every worker's copy has it: a copy is current
-            # only while its last read of the feed started within the bound, so after the bound
-            # every current copy has read past this change (refused "at once" for the client).
+            if not done:  # the copies that could read since the write began go stale or see it lost
+                await asyncio.sleep(max(0.0, self.mirror.staleness - (time.monotonic() - started)))
+                return False
+            # The revocation's call answers once no worker's copy can accept the tokens: a copy is
+            # current only while its last read of the feed started within the bound, so after it
+            # every current copy has read past this change, or (the store failed) has seen the
+            # cache lost or a new server, or has gone stale and reads per call.
             await asyncio.sleep(self.mirror.staleness)
-        return True
+        return done
+
+    async def _publish(self, keys: list[str]) -> bool:
+        if self._feed is None:
+            return True
+        try:
+            await self._feed.publish(keys, within=self.cache.lease + timedelta(milliseconds=100))
+            return True
+        except BackendUnavailable:
+            # the other workers' copies miss it: drop the marker, so they reload from SQL
+            log.bind(entries=len(keys)).warning(
+                "deny-list change not published; the cache is rebuilt from SQL"
+            )
+            self.cache.lost("feed write failed", force=True)
+            return False
 
     async def _store(self, entries: list[tuple[str, bytes]]) -> bool:
         try:

@@ -36,7 +36,6 @@ __all__ = ["DenyFeed", "DenyMirror"]
 
 log = component_logger("iam.denylist")
 
-_VALID = b"ok:"
 _PRUNE_EVERY = 10.0
 _FULL_RELOAD_AFTER = 300.0  # seconds without a successful read: the feed may be trimmed past us
 
@@ -68,6 +67,7 @@ class DenyMirror:
         load: Callable[[], Awaitable[Sequence[tuple[str, bytes]]]],
         trusted: Callable[[], bool],
         *,
+        complete: Callable[[bytes | None], bool],
         marker_key: str,
         staleness: timedelta,
         entry_ttl: timedelta,
@@ -75,6 +75,7 @@ class DenyMirror:
         self._feed = feed
         self._load = load
         self._trusted = trusted
+        self._complete = complete  # a valid marker of the server this worker is connected to
         self._marker_key = marker_key
         self._staleness = staleness.total_seconds()
         self._ttl = entry_ttl.total_seconds()
@@ -113,7 +114,7 @@ class DenyMirror:
         started = time.monotonic()
         cursor = await self._feed.head()
         marker, _, _ = await self._feed.read(cursor, self._marker_key)
-        if not self._trusted() or marker is None or not marker.startswith(_VALID):
+        if not self._trusted() or not self._complete(marker):
             self._loaded = False
             return False
         entries = await self._load()
@@ -135,9 +136,9 @@ class DenyMirror:
                 await self.reload()
             return
         marker, cursor, keys = await self._feed.read(self._cursor, self._marker_key)
-        if marker != self._marker:
-            self._loaded = False
-            if self._trusted() and marker is not None and marker.startswith(_VALID):
+        if marker != self._marker or not self._complete(marker):
+            self._loaded = False  # rebuilt, lost, or a replicated marker of another server
+            if self._trusted() and self._complete(marker):
                 await self.reload()  # rebuilt meanwhile: the feed may have lost changes
             return
         self.add(keys)
