@@ -38,7 +38,7 @@ class FusedChain(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         known = self._composed.get(method)
         if known is not None and known[0] is handler:
             return known[1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 __all__ = ["TICK", "LoopLag", "patient_timeout"]
@@ -78,28 +78,31 @@ def loop_lag() -> LoopLag:
 
 
 @asynccontextmanager
-async def patient_timeout(budget: float, *, cap: float | None = None) -> AsyncIterator[None]:
+async def patient_timeout(
+    budget: float, *, cap: float | None = None, grace: Callable[[], float] | None = None
+) -> AsyncIterator[None]:
     """Raise TimeoutError when the awaited work took more than ``budget`` seconds of the time the
-    loop was on time, or ``cap`` seconds in all (default: ten budgets, at least 5 s)."""
+    loop was on time, or ``cap`` seconds in all (default: ten budgets, at least 5 s). ``grace()``,
+    asked when the budget is spent, may add seconds (e.g. a connection was opened meanwhile)."""
     loop = asyncio.get_running_loop()
     lag = loop_lag()
     start = loop.time()
     lag_at_start = lag.total()
     limit = start + (cap if cap is not None else max(10 * budget, 5.0))
     async with asyncio.timeout(None) as timeout:
+        handles: list[asyncio.TimerHandle] = []
 
         def check() -> None:
             now = loop.time()
             owed = lag.total() - lag_at_start  # how late the loop ran during the wait
-            due = start + budget + owed
+            due = start + budget + owed + (grace() if grace is not None else 0.0)
             if now >= due - 0.001 or now >= limit:
                 timeout.reschedule(now)  # fires: the dependency itself was slow
                 return
-            nonlocal handle
-            handle = loop.call_at(min(due, limit), check)
+            handles[0] = loop.call_at(min(due, limit), check)
 
-        handle = loop.call_at(start + budget, check)
+        handles.append(loop.call_at(start + budget, check))
         try:
             yield
         finally:
-            handle.cancel()
+            handles[0].cancel()

@@ -117,9 +117,8 @@ class RedisEphemeral:
         # loop itself was late (loop_lag.patient_timeout): a saturated loop must not turn Redis
         # answers that arrived in time into failures. redis-py's own socket time-out is only the
         # backstop (the patient time-out's cap).
-        # A call may have to open its connection first (redis-py connects lazily): the budget
-        # covers the connect time-out too, as the two separate time-outs did before.
-        self._budget = socket_timeout.total_seconds() + connect_timeout.total_seconds()
+        self._budget = socket_timeout.total_seconds()
+        self._connect_budget = connect_timeout.total_seconds()
         self._backstop = max(10 * self._budget, 5.0)
         self._topology = connect(
             url,
@@ -129,6 +128,9 @@ class RedisEphemeral:
             home_tag=DENY_TAG,
         )
         self._client = self._topology.client
+        if self._topology.kind == "cluster":
+            # one call may follow a redirection, refresh the slot map and reconnect to a node
+            self._budget += self._connect_budget
         self._cas = self._client.register_script(_COMPARE_AND_SET)
         self._delete_if = self._client.register_script(_DELETE_IF)
         self._incr = self._client.register_script(_INCR_WITH_TTL)
@@ -174,8 +176,13 @@ class RedisEphemeral:
         """Turn any Redis or socket failure into BackendUnavailable; fail at once while the
         breaker is open."""
         self.breaker.allow()
+        handshakes = self._topology.handshakes
+
+        def connecting() -> float:  # a call that opened a connection also gets the connect time-out
+            return self._connect_budget if self._topology.handshakes != handshakes else 0.0
+
         try:
-            async with patient_timeout(self._budget, cap=self._backstop):
+            async with patient_timeout(self._budget, cap=self._backstop, grace=connecting):
                 await self._topology.ready()
                 yield
         except (*_UNREACHABLE, TimeoutError) as exc:
@@ -270,7 +277,8 @@ class RedisEphemeral:
         while True:
             try:
                 while done < len(items):
-                    async with patient_timeout(self._budget, cap=self._backstop):
+                    remaining = max(0.05, deadline - loop.time())  # the last try ends by the deadline
+                    async with patient_timeout(min(self._budget, remaining), cap=self._backstop):
                         await self._set_batch(items[done : done + _BATCH], millis)
                     done += _BATCH
                 return True

@@ -26,8 +26,10 @@ _READ_COUNT = 1000
 _PAUSE = 0.05  # between tries of a publication
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisDenyFeed:

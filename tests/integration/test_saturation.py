@@ -73,7 +73,7 @@ async def test_saturation_reports_no_failure_of_healthy_stores(backend: Backend,
             async def hog() -> None:
                 while time.monotonic() < stop_at - 0.5:
                     await asyncio.sleep(0.2)
-                    time.sleep(HOG)  # the whole loop is late: every reply waits in its socket
+                    time.sleep(HOG)  # noqa: ASYNC251 (the whole loop is late: every reply waits in its socket)
 
             async def checker() -> None:
                 nonlocal not_serving

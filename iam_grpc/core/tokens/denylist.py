@@ -175,12 +175,15 @@ class DenyList:
             return False
 
     async def _store(self, entries: list[tuple[str, bytes]]) -> bool:
+        started = time.monotonic()
         try:
             await self._ephemeral.set_many(entries, self._ttl)
             return True
         except BackendUnavailable:
             self.cache.lost("write failed")
-        wait = self.cache.lease + timedelta(milliseconds=100)
+        # the lease counts from the first try: a stall longer than it has expired the marker
+        spent = timedelta(seconds=time.monotonic() - started)
+        wait = max(timedelta(0), self.cache.lease + timedelta(milliseconds=100) - spent)
         if await self._ephemeral.set_many_waiting(entries, self._ttl, within=wait):
             return True
         log.bind(entries=len(entries)).warning("deny-list entries not written; the cache is rebuilt from SQL")
