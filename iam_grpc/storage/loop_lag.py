@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 __all__ = ["TICK", "LoopLag", "patient_timeout"]
@@ -78,12 +78,9 @@ def loop_lag() -> LoopLag:
 
 
 @asynccontextmanager
-async def patient_timeout(
-    budget: float, *, cap: float | None = None, grace: Callable[[], float] | None = None
-) -> AsyncIterator[None]:
+async def patient_timeout(budget: float, *, cap: float | None = None) -> AsyncIterator[None]:
     """Raise TimeoutError when the awaited work took more than ``budget`` seconds of the time the
-    loop was on time, or ``cap`` seconds in all (default: ten budgets, at least 5 s). ``grace()``,
-    asked when the budget is spent, may add seconds (e.g. a connection was opened meanwhile)."""
+    loop was on time, or ``cap`` seconds in all (default: ten budgets, at least 5 s)."""
     loop = asyncio.get_running_loop()
     lag = loop_lag()
     start = loop.time()
@@ -95,7 +92,7 @@ async def patient_timeout(
         def check() -> None:
             now = loop.time()
             owed = lag.total() - lag_at_start  # how late the loop ran during the wait
-            due = start + budget + owed + (grace() if grace is not None else 0.0)
+            due = start + budget + owed
             if now >= due - 0.001 or now >= limit:
                 timeout.reschedule(now)  # fires: the dependency itself was slow
                 return

@@ -176,13 +176,8 @@ class RedisEphemeral:
         """Turn any Redis or socket failure into BackendUnavailable; fail at once while the
         breaker is open."""
         self.breaker.allow()
-        handshakes = self._topology.handshakes
-
-        def connecting() -> float:  # a call that opened a connection also gets the connect time-out
-            return self._connect_budget if self._topology.handshakes != handshakes else 0.0
-
         try:
-            async with patient_timeout(self._budget, cap=self._backstop, grace=connecting):
+            async with patient_timeout(self._budget, cap=self._backstop):
                 await self._topology.ready()
                 yield
         except (*_UNREACHABLE, TimeoutError) as exc:

@@ -201,7 +201,6 @@ class Topology:
     def __init__(self) -> None:
         self.listeners: list[Callable[[str], None]] = []
         self._server_id = ""
-        self.handshakes = 0  # connections opened so far (a call that opened one may take longer)
 
     @property
     def client(self) -> aioredis.Redis | RedisCluster:
@@ -214,7 +213,6 @@ class Topology:
 
     async def on_connect(self, connection: Any) -> None:
         """The connection handshake, then the server's run_id."""
-        self.handshakes += 1
         await connection.on_connect()
         try:
             await connection.send_command("INFO", "server", check_health=False)
