@@ -213,6 +213,7 @@ def start_iam(folder: Path, name: str, extra: dict[str, str], workers: int = 1) 
         IAM_SHUTDOWN__DRAIN_DELAY="0",
         IAM_SERVER__WORKERS=str(workers),
         **caller_env(),
+        **json.loads(os.environ.get("BENCH_IAM_ENV", "{}")),  # extra settings, e.g. the deny-list copy
         **extra,
     )
     log = folder / "stdout.log"

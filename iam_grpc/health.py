@@ -11,7 +11,6 @@ reported apart from readiness (``iam_grpc.dependencies``).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from grpc_health.v1 import health_pb2
@@ -21,6 +20,7 @@ from iam_grpc.dependencies import Dependencies, ObservedTransport, ProbedDepende
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 from iam_grpc.metrics import Metrics
+from iam_grpc.storage.loop_lag import patient_timeout
 from iam_grpc.wiring import Components
 
 __all__ = ["PROBE_FAILURES", "Readiness"]
@@ -95,7 +95,7 @@ class Readiness:
         ok = True
         for store, probe in (("sql", self._components.db), ("ephemeral", self._components.ephemeral)):
             try:
-                async with asyncio.timeout(_PROBE_TIMEOUT):
+                async with patient_timeout(_PROBE_TIMEOUT):  # a late loop is no failed store
                     await probe.ping()
                 answered = True
             except (BackendUnavailable, TimeoutError):

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from iam_grpc.config import Settings
 from iam_grpc.core.audit import AuditTrail
 from iam_grpc.interceptors.access_log import AccessLogInterceptor
-from iam_grpc.interceptors.base import RequestInterceptor
+from iam_grpc.interceptors.base import RequestInterceptor, UnaryInterceptor
 from iam_grpc.interceptors.callers import CallerAuthInterceptor, CallerRegistry, host_is_loopback
 from iam_grpc.interceptors.client_ip import ClientIpInterceptor
 from iam_grpc.interceptors.context import RequestContextInterceptor
@@ -23,6 +23,7 @@ from iam_grpc.interceptors.deadline import DeadlineInterceptor
 from iam_grpc.interceptors.decode import DecodeGuardInterceptor
 from iam_grpc.interceptors.errors import ErrorMappingInterceptor
 from iam_grpc.interceptors.failpoints import FailpointInterceptor
+from iam_grpc.interceptors.fused import FusedChain
 from iam_grpc.interceptors.ratelimit import RateLimitInterceptor
 from iam_grpc.metrics import Metrics
 from iam_grpc.proto import (
@@ -161,9 +162,9 @@ def interceptor_chain(
     *,
     audit: AuditTrail | None = None,
     ephemeral: Ephemeral | None = None,
-) -> list[grpc.aio.ServerInterceptor]:
+) -> list[UnaryInterceptor]:
     """The interceptors, outermost first; each has one job (see ``iam_grpc.interceptors``)."""
-    check_answers: list[grpc.aio.ServerInterceptor] = []
+    check_answers: list[UnaryInterceptor] = []
     if settings.ext_authz.enabled:
         from iam_grpc.services.ext_authz import CheckAnswerInterceptor
 
@@ -204,13 +205,12 @@ def build_server(
     hooks: list[RequestInterceptor] = [RateLimitInterceptor(components.limiter)]
     if components.failpoints.enabled:
         hooks.append(FailpointInterceptor(components.failpoints))
+    chain = interceptor_chain(
+        settings, components.metrics, hooks, audit=components.audit, ephemeral=components.ephemeral
+    )
     server = grpc.aio.server(
-        interceptors=[
-            *outer,
-            *interceptor_chain(
-                settings, components.metrics, hooks, audit=components.audit, ephemeral=components.ephemeral
-            ),
-        ],
+        # tracing outermost, then our chain as one interceptor composed once per method
+        interceptors=[*outer, FusedChain(chain)],
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )

@@ -18,6 +18,11 @@ class TokensSettings(SettingsGroup):
     leeway: Duration = timedelta(seconds=30)
     denylist_fallback: Literal["sql", "closed"] = "sql"
     denylist_replay: Duration = timedelta(seconds=60)
+    # Each worker's in-memory copy of the deny-lists (with Redis): how old it may be before
+    # checks read per call (0: no copy), and what they do then. Off by default until a Sentinel
+    # failover with the master killed passes with it (tests/integration/test_redis_topologies.py).
+    denylist_staleness: Duration = timedelta(seconds=1)
+    denylist_stale: Literal["per_call", "refuse"] = "per_call"
 
 
 class KeysSettings(SettingsGroup):

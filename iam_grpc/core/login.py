@@ -381,7 +381,7 @@ class LoginFlow:
                     ip=client.ip,
                 )
             await self._run.failpoints.hit("login.before_commit")
-        await self._sessions.after_revocations(evicted)
+        await self._sessions.after_revocations(evicted, evicted=True)
         log.bind(user_id=user.id).info("logged in")
         return issued
 

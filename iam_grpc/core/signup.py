@@ -153,7 +153,7 @@ class SignupFlow:
             if conflict.constraint == "users.email_norm":
                 raise EmailTaken() from None
             raise
-        await self._sessions.after_revocations(evicted)
+        await self._sessions.after_revocations(evicted, evicted=True)
         log.bind(user_id=user.id).info("signed up")
         if verification is not None and (verification.policy.on_signup or required):
             await self._send_verification(verification, user, client)

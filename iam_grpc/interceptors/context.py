@@ -3,6 +3,7 @@ the call record that later layers read, and log context for every line."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 import uuid
@@ -21,6 +22,7 @@ __all__ = ["RequestContextInterceptor", "parse_peer"]
 REQUEST_ID_KEY = "x-request-id"
 
 
+@functools.lru_cache(maxsize=4096)  # a connection's peer string is the same for all its calls
 def parse_peer(peer: str) -> str | None:
     """The IP of a grpc peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``); None for unix sockets."""
     kind, _, rest = peer.partition(":")

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
+from iam_grpc.storage.loop_lag import patient_timeout
 
 __all__ = ["Breaker"]
 
@@ -93,7 +94,7 @@ class Breaker:
         while self._open:
             await asyncio.sleep(pause)
             try:
-                async with asyncio.timeout(self._probe_timeout):
+                async with patient_timeout(self._probe_timeout):
                     await self._probe()
             except (BackendUnavailable, TimeoutError):
                 self._last_failure = time.monotonic()

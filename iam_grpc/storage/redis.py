@@ -36,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage import sliding_window
 from iam_grpc.storage.breaker import Breaker
+from iam_grpc.storage.loop_lag import patient_timeout
 from iam_grpc.storage.ports import DENY_TAG, one_hash_tag
 from iam_grpc.storage.records import HitResult, LimitSpec
 from iam_grpc.storage.redis_topology import connect
@@ -112,14 +113,24 @@ class RedisEphemeral:
         health_check_interval: timedelta = timedelta(seconds=10),
     ) -> None:
         self._prefix = prefix
+        # ``socket_timeout`` is the budget of one guarded call, not counting the time the event
+        # loop itself was late (loop_lag.patient_timeout): a saturated loop must not turn Redis
+        # answers that arrived in time into failures. redis-py's own socket time-out is only the
+        # backstop (the patient time-out's cap).
+        self._budget = socket_timeout.total_seconds()
+        self._connect_budget = connect_timeout.total_seconds()
+        self._backstop = max(10 * self._budget, 5.0)
         self._topology = connect(
             url,
-            socket_timeout=socket_timeout,
+            socket_timeout=timedelta(seconds=self._backstop + 1.0),
             connect_timeout=connect_timeout,
             health_check_interval=health_check_interval,
             home_tag=DENY_TAG,
         )
         self._client = self._topology.client
+        if self._topology.kind == "cluster":
+            # one call may follow a redirection, refresh the slot map and reconnect to a node
+            self._budget += self._connect_budget
         self._cas = self._client.register_script(_COMPARE_AND_SET)
         self._delete_if = self._client.register_script(_DELETE_IF)
         self._incr = self._client.register_script(_INCR_WITH_TTL)
@@ -144,6 +155,11 @@ class RedisEphemeral:
         return self._topology.server_id
 
     @property
+    def call_budget(self) -> float:
+        """Seconds one call may take, not counting the event loop's lateness."""
+        return self._budget
+
+    @property
     def prefix(self) -> str:
         return self._prefix
 
@@ -161,9 +177,10 @@ class RedisEphemeral:
         breaker is open."""
         self.breaker.allow()
         try:
-            await self._topology.ready()
-            yield
-        except _UNREACHABLE as exc:
+            async with patient_timeout(self._budget, cap=self._backstop):
+                await self._topology.ready()
+                yield
+        except (*_UNREACHABLE, TimeoutError) as exc:
             self.breaker.failed()
             raise BackendUnavailable() from exc
         except RedisError as exc:
@@ -173,9 +190,10 @@ class RedisEphemeral:
     async def ping(self) -> None:
         """A real round trip even while the breaker is open (the health probe asks the server)."""
         try:
-            await self._topology.ready()
-            await self._topology.ping()
-        except _UNREACHABLE as exc:
+            async with patient_timeout(self._budget, cap=self._backstop):
+                await self._topology.ready()
+                await self._topology.ping()
+        except (*_UNREACHABLE, TimeoutError) as exc:
             self.breaker.failed()
             raise BackendUnavailable() from exc
         except RedisError as exc:
@@ -184,9 +202,10 @@ class RedisEphemeral:
 
     async def _probe(self) -> None:
         try:
-            await self._topology.ready()
-            await self._topology.ping()
-        except (RedisError, RedisClusterException, OSError) as exc:
+            async with patient_timeout(self._budget, cap=self._backstop):
+                await self._topology.ready()
+                await self._topology.ping()
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise BackendUnavailable() from exc
 
     async def close(self) -> None:
@@ -253,9 +272,13 @@ class RedisEphemeral:
         while True:
             try:
                 while done < len(items):
-                    await self._set_batch(items[done : done + _BATCH], millis)
+                    remaining = max(0.05, deadline - loop.time())  # the last try ends by the deadline
+                    async with patient_timeout(min(self._budget, remaining), cap=self._backstop):
+                        await self._set_batch(items[done : done + _BATCH], millis)
                     done += _BATCH
                 return True
+            except TimeoutError:
+                pass
             except _UNREACHABLE as exc:
                 if _refused(exc):
                     return False  # nothing listens: Redis comes back empty or as another server
@@ -282,9 +305,10 @@ class RedisEphemeral:
 
     async def extend(self, key: str, expected: bytes, ttl: timedelta) -> bool:
         try:  # past the breaker: a breaker opened by slow answers must not end a lease
-            await self._topology.ready()
-            return bool(await self._cas(keys=[self.key(key)], args=[expected, expected, _ms(ttl)]))
-        except (RedisError, RedisClusterException, OSError) as exc:
+            async with patient_timeout(self._budget, cap=self._backstop):
+                await self._topology.ready()
+                return bool(await self._cas(keys=[self.key(key)], args=[expected, expected, _ms(ttl)]))
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise BackendUnavailable() from exc
 
     async def delete_if(self, key: str, expected: bytes) -> bool:

@@ -9,6 +9,8 @@ the opening of the component in ``iam_grpc.app``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from iam_grpc.clock import Clock
 from iam_grpc.config import Settings
 from iam_grpc.core.audit import AuditTrail
@@ -21,6 +23,7 @@ from iam_grpc.core.ratelimit import RateLimiter
 from iam_grpc.core.risk import RiskScores, limiter_hook
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.denylist import DenyList
+from iam_grpc.core.tokens.denylist_mirror import DenyFeed
 from iam_grpc.dependencies import ObservedTransport
 from iam_grpc.mail.render import MailRenderer
 from iam_grpc.mail.transports import FileTransport, SmtpTransport
@@ -29,6 +32,9 @@ from iam_grpc.storage.ports import Database, MailTransport
 from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring.errors import StartupError
 from iam_grpc.wiring.stores import Stores
+
+if TYPE_CHECKING:
+    from iam_grpc.storage.redis import RedisEphemeral
 
 __all__ = [
     "build_access",
@@ -191,6 +197,15 @@ def build_agents(settings: Settings) -> UserAgentParser:
     return UserAgentParser(settings.ua.cache_size)
 
 
+def _deny_feed(redis: RedisEphemeral | None) -> DenyFeed | None:
+    """The change feed that keeps each worker's deny-list copy current (Redis only)."""
+    if redis is None:
+        return None
+    from iam_grpc.storage.redis_denyfeed import RedisDenyFeed  # redis-py only when configured
+
+    return RedisDenyFeed(redis)
+
+
 def build_denylist(settings: Settings, stores: Stores, clock: Clock, metrics: Metrics) -> DenyList:
     """The revocation deny-lists: SQL the authority, the ephemeral store a cache that is
     distrusted (and read from SQL) whenever it may have lost entries."""
@@ -205,6 +220,9 @@ def build_denylist(settings: Settings, stores: Stores, clock: Clock, metrics: Me
         leeway=tokens.leeway,
         fallback=tokens.denylist_fallback,
         server_id=(lambda: redis.server_id) if redis is not None else None,
+        feed=_deny_feed(redis),
+        staleness=tokens.denylist_staleness,
+        stale=tokens.denylist_stale,
     )
     cache = denylist.cache
     cache.listeners.append(lambda trusted: metrics.denylist_trusted.set(1 if trusted else 0))

@@ -94,7 +94,7 @@ class ChallengeCompletion:
                 ),
                 tx,
             )
-        await self._sessions.after_revocations(evicted)
+        await self._sessions.after_revocations(evicted, evicted=True)
         return issued
 
     async def complete_refresh(

@@ -11,10 +11,16 @@ the entries written. The entries are a cache guarded by a generation marker
 down, restarted, flushed, failed over, or a write failed) every check reads SQL instead, session,
 token and key alike, so a revoked token is refused through any store event.
 ``tokens.denylist_fallback = "closed"`` answers UNAVAILABLE instead of reading SQL.
+
+With a change feed (Redis), each worker answers checks from an in-memory copy
+(:mod:`~iam_grpc.core.tokens.denylist_mirror`) while it is current (``tokens.denylist_staleness``),
+and per call as above (or refuses: ``tokens.denylist_stale``) while it is not. A revocation's call
+answers only after that bound, so once it has answered no replica accepts the token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
@@ -22,6 +28,7 @@ from typing import Literal, Self
 
 from iam_grpc.clock import Clock
 from iam_grpc.core.telemetry import CoreMetrics
+from iam_grpc.core.tokens.denylist_mirror import DenyFeed, DenyMirror
 from iam_grpc.core.tokens.revocation_cache import GENERATION_KEY, RevocationCache
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
@@ -66,6 +73,9 @@ class DenyList:
         leeway: timedelta,
         fallback: Literal["sql", "closed"] = "sql",
         server_id: Callable[[], str] | None = None,
+        feed: DenyFeed | None = None,
+        staleness: timedelta = timedelta(seconds=1),
+        stale: Literal["per_call", "refuse"] = "per_call",
     ) -> None:
         self._ephemeral = ephemeral
         self._db = db
@@ -82,6 +92,21 @@ class DenyList:
             server_id=server_id or (lambda: ""),
             on_rebuilt=lambda _count: metrics.denylist_rebuilds.inc(),
         )
+        self._feed = feed if staleness > timedelta(0) else None
+        self._stale = stale
+        self.mirror: DenyMirror | None = None
+        if self._feed is not None:
+            cache = self.cache
+            self.mirror = mirror = DenyMirror(
+                self._feed,
+                self.entries_from_sql,
+                lambda: cache.trusted,
+                complete=cache.complete,
+                marker_key=GENERATION_KEY,
+                staleness=staleness,
+                entry_ttl=self._ttl,
+            )
+            cache.listeners.append(lambda trusted: None if trusted else mirror.lost())
 
     @property
     def memory(self) -> timedelta:
@@ -107,7 +132,11 @@ class DenyList:
 
     async def api_secret_dead(self, secret_hash: str) -> bool | None:
         """Whether an API-token secret is on the deny-list: one round trip while the cache is
-        trusted; None when it is not (the caller reads the token's row instead)."""
+        trusted, none while this worker's copy is current; None when neither can answer (the
+        caller reads the token's row instead)."""
+        mirror = self.mirror
+        if mirror is not None and mirror.current():
+            return mirror.holds(pat_key(secret_hash))
         cache = self.cache
         if not cache.trusted:
             return None
@@ -122,9 +151,11 @@ class DenyList:
 
     # caching (after the commit) ------------------------------------------------------------
 
-    async def revoke_sessions(self, session_ids: Iterable[str]) -> bool:
-        """Write entries for sessions already revoked in SQL (call after the commit)."""
-        return await self._write([(sid_key(s), _MARK) for s in session_ids])
+    async def revoke_sessions(self, session_ids: Iterable[str], *, wait: bool = True) -> bool:
+        """Write entries for sessions already revoked in SQL (call after the commit). ``wait=False``
+        answers before every worker's copy has them (within the staleness bound): for sessions
+        a new sign-in evicted, whose owner is not the caller."""
+        return await self._write([(sid_key(s), _MARK) for s in session_ids], wait=wait)
 
     async def revoke_tokens(self, jtis: Iterable[str]) -> bool:
         """Write entries for tokens recorded with :meth:`record_tokens` (after the commit)."""
@@ -135,7 +166,7 @@ class DenyList:
         next key-table reload."""
         return await self._write([(kid_key(kid), _MARK)])
 
-    async def _write(self, entries: list[tuple[str, bytes]]) -> bool:
+    async def _write(self, entries: list[tuple[str, bytes]], *, wait: bool = True) -> bool:
         """True when cached; the revocation's call answers only after this returns.
 
         SQL already holds the revocation. When the store does not take the entries, this waits
@@ -146,12 +177,47 @@ class DenyList:
         cache is rebuilt with them (a replica cut off from Redis alone)."""
         if not entries:
             return True
+        keys = [key for key, _ in entries]
+        if self.mirror is not None:
+            self.mirror.add(keys)  # this worker refuses them at once
+        started = time.monotonic()
+        stored = await self._store(entries)
+        done = stored and await self._publish(keys)
+        if self.mirror is not None and wait:
+            if not done:  # the copies that could read since the write began go stale or see it lost
+                await asyncio.sleep(max(0.0, self.mirror.staleness - (time.monotonic() - started)))
+                return False
+            # The revocation's call answers once no worker's copy can accept the tokens: a copy is
+            # current only while its last read of the feed started within the bound, so after it
+            # every current copy has read past this change, or (the store failed) has seen the
+            # cache lost or a new server, or has gone stale and reads per call.
+            await asyncio.sleep(self.mirror.staleness)
+        return done
+
+    async def _publish(self, keys: list[str]) -> bool:
+        if self._feed is None:
+            return True
+        try:
+            await self._feed.publish(keys, within=self.cache.lease + timedelta(milliseconds=100))
+            return True
+        except BackendUnavailable:
+            # the other workers' copies miss it: drop the marker, so they reload from SQL
+            log.bind(entries=len(keys)).warning(
+                "deny-list change not published; the cache is rebuilt from SQL"
+            )
+            self.cache.lost("feed write failed", force=True)
+            return False
+
+    async def _store(self, entries: list[tuple[str, bytes]]) -> bool:
+        started = time.monotonic()
         try:
             await self._ephemeral.set_many(entries, self._ttl)
             return True
         except BackendUnavailable:
             self.cache.lost("write failed")
-        wait = self.cache.lease + timedelta(milliseconds=100)
+        # the lease counts from the first try: a stall longer than it has expired the marker
+        spent = timedelta(seconds=time.monotonic() - started)
+        wait = max(timedelta(0), self.cache.lease + timedelta(milliseconds=100) - spent)
         if await self._ephemeral.set_many_waiting(entries, self._ttl, within=wait):
             return True
         log.bind(entries=len(entries)).warning("deny-list entries not written; the cache is rebuilt from SQL")
@@ -163,8 +229,20 @@ class DenyList:
     async def check(
         self, session_id: str, jti: str, kid: str = ""
     ) -> Literal["session", "token", "key"] | None:
-        """Which deny-list holds the token: one round trip to the cache while it is trusted, SQL
-        otherwise."""
+        """Which deny-list holds the token: this worker's copy while it is current, else one round
+        trip to the shared cache while it is trusted, SQL otherwise."""
+        mirror = self.mirror
+        if mirror is not None:
+            if mirror.current():
+                if kid and mirror.holds(kid_key(kid)):
+                    return "key"
+                if mirror.holds(sid_key(session_id)):
+                    return "session"
+                if mirror.holds(jti_key(jti)):
+                    return "token"
+                return None
+            if self._stale == "refuse":
+                raise BackendUnavailable()
         cache = self.cache
         if cache.trusted:
             epoch = cache.epoch
@@ -236,15 +314,22 @@ class DenyList:
                 self.cache.lost("not verified at startup")
                 return
             await self.cache.refresh()
+            if self.mirror is not None:
+                await self.mirror.reload()  # the full list, before the worker serves
         except BackendUnavailable:
             self.cache.lost("store failed at startup")
             log.warning("deny-list not verified at startup; reading SQL until the store answers")
+        finally:
+            if self.mirror is not None:
+                self.mirror.start()
 
     async def replay(self) -> int:
         """The periodic replay (``tokens.denylist_replay``): rewrite the entries from SQL."""
         return await self.cache.refresh()
 
     async def close(self) -> None:
+        if self.mirror is not None:
+            await self.mirror.close()
         await self.cache.close()
 
     async def __aenter__(self) -> Self:

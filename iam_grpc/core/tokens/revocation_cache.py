@@ -126,6 +126,10 @@ class RevocationCache:
         wrote before it noticed may have gone to the old server only."""
         self.lost("store server changed", force=True)
 
+    def complete(self, marker: bytes | None) -> bool:
+        """Whether ``marker`` says the cache is complete for the server this replica is on."""
+        return marker is not None and marker.startswith(_VALID) and _server_of(marker) == self._server_id()
+
     def accept(self, marker: bytes | None) -> bool:
         """Judge the marker read with a check's entries: True when the entries may be trusted."""
         if marker is None:

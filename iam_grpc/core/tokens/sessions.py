@@ -181,11 +181,12 @@ class Sessions:
 
     # ending ----------------------------------------------------------------------------
 
-    async def after_revocations(self, session_ids: list[str]) -> None:
+    async def after_revocations(self, session_ids: list[str], *, evicted: bool = False) -> None:
         """Deny-list markers for sessions revoked in a committed transaction, and the end of their
-        pending challenges."""
+        pending challenges. ``evicted``: sessions a new sign-in pushed out (the caller does not
+        wait until every worker refuses them; they do within the deny-list's staleness bound)."""
         if session_ids:
-            await self._denylist.revoke_sessions(session_ids)
+            await self._denylist.revoke_sessions(session_ids, wait=not evicted)
             await self._ended(session_ids)
 
     async def logout(self, raw: str) -> None:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from iam_grpc.errors import BackendUnavailable, InvalidArgument
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.breaker import Breaker
+from iam_grpc.storage.loop_lag import patient_timeout
 from iam_grpc.storage.ports import Conflict
 from iam_grpc.storage.sql.api_tokens import SqlApiTokenStore
 from iam_grpc.storage.sql.audit import SqlAuditLog
@@ -137,6 +138,11 @@ def driver_error_code(exc: BaseException) -> int | None:
     orig = getattr(exc, "orig", None)
     args = getattr(orig, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
+
+
+def _checkout_timeout(seconds: float | None) -> contextlib.AbstractAsyncContextManager[None]:
+    """The wait for a pooled connection, not counting the time the event loop was late."""
+    return patient_timeout(seconds) if seconds else contextlib.nullcontext()
 
 
 def create_engine(
@@ -338,7 +344,7 @@ class SqlDatabase:
             breaker.allow()
         try:
             async with _mapped_errors(), contextlib.AsyncExitStack() as stack:
-                async with asyncio.timeout(self._checkout):
+                async with _checkout_timeout(self._checkout):
                     connection = await stack.enter_async_context(self.engine.connect())
                 yield connection
         except BackendUnavailable as exc:
