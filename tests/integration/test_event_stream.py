@@ -141,7 +141,7 @@ async def test_a_kinds_filter_leaves_out_other_kinds(iam: RunningService) -> Non
         tools = AdminTools.from_components(iam.app.components)
         assert await grant_role(tools, user.id, "admin")
         granted = await watch.next_of(user.id)
-        assert (granted.kind, json.loads(granted.data_json)) == ("role.granted", {"role": "admin"})
+        assert (granted.kind, json.loads(granted.data_json)) == ("role.granted", {"role": "admin", "end_sessions": False})
         assert watch.events.empty()
     finally:
         await watch.close()
