@@ -10,6 +10,7 @@ are :class:`AdminError`.
 
 from iam_grpc.admin.context import AdminTools, open_admin, open_outbox
 from iam_grpc.admin.errors import AdminError, Invalid, NotFound, Unavailable
+from iam_grpc.admin.events import list_deliveries, replay_deliveries
 from iam_grpc.admin.keys import KeyRotated, KeyView, list_keys, rotate_key
 from iam_grpc.admin.limits import clear_limits, show_limits
 from iam_grpc.admin.maintenance import run_cleanup
@@ -49,12 +50,14 @@ __all__ = [
     "create_role",
     "delete_role",
     "grant_role",
+    "list_deliveries",
     "list_keys",
     "list_outbox",
     "list_roles",
     "live_sessions",
     "open_admin",
     "open_outbox",
+    "replay_deliveries",
     "retry_outbox",
     "revoke_role",
     "revoke_sessions",

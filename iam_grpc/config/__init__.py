@@ -26,6 +26,7 @@ from iam_grpc.config.checks import (
     RateLimitSettings,
     UaSettings,
 )
+from iam_grpc.config.events import EventsSettings, NatsSettings, WebhookSettings
 from iam_grpc.config.flows import (
     EmailChangeSettings,
     LinkPaths,
@@ -35,7 +36,6 @@ from iam_grpc.config.flows import (
     ResetSettings,
     StepUpSettings,
 )
-from iam_grpc.config.events import EventsSettings, NatsSettings, WebhookSettings
 from iam_grpc.config.mail import MailSettings, SmtpSettings
 from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
 from iam_grpc.config.production import production_refusals

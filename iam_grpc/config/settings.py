@@ -18,6 +18,7 @@ from iam_grpc.config.checks import (
     RateLimitSettings,
     UaSettings,
 )
+from iam_grpc.config.events import EventsSettings
 from iam_grpc.config.flows import (
     EmailChangeSettings,
     LinksSettings,
@@ -26,7 +27,6 @@ from iam_grpc.config.flows import (
     ResetSettings,
     StepUpSettings,
 )
-from iam_grpc.config.events import EventsSettings
 from iam_grpc.config.mail import MailSettings
 from iam_grpc.config.ops import AuditSettings, CleanupSettings, LoggingSettings, ShutdownSettings
 from iam_grpc.config.security import HibpSettings, PasswordsSettings, SecretsSettings

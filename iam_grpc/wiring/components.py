@@ -52,7 +52,7 @@ from iam_grpc.storage.sql.database import SqlDatabase
 from iam_grpc.ua import UserAgentParser
 from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
-from iam_grpc.wiring.events import build_event_stream
+from iam_grpc.wiring.events import EventParts, build_events
 from iam_grpc.wiring.stores import Stores
 
 __all__ = ["Components", "build_components"]
@@ -107,6 +107,7 @@ class Components:
     cleanup: Cleanup
     # the event stream (WatchEvents) and its push sinks
     events: EventStream
+    event_sinks: EventParts
 
     @property
     def db(self) -> SqlDatabase:
@@ -163,6 +164,7 @@ def build_components(
     )
     magic_links = a.build_magic_links(settings, run, material, links, challenges, completion, observer)
     anomalies = a.build_anomalies(settings, run, challenges, completion, sessions, observer, risk, learning)
+    event_parts = build_events(settings, stores, clock)
     return Components(
         settings=settings,
         clock=clock,
@@ -205,5 +207,6 @@ def build_components(
         password_change=a.build_password_change(settings, run, access, rules, hashing, sessions, agents),
         email_change=a.build_email_change(settings, run, material, access, domains, sessions, links, agents),
         cleanup=b.build_cleanup(settings, stores, clock),
-        events=build_event_stream(settings, stores, clock),
+        events=event_parts.stream,
+        event_sinks=event_parts,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from iam_grpc.admin import AdminTools, grant_role, rotate_key
 from iam_grpc.app import Application
@@ -28,7 +29,9 @@ WAIT = 10.0
 class Watch:
     """One WatchEvents call, read in the background into a queue."""
 
-    def __init__(self, iam: RunningService, cursor: str = "", kinds: tuple[str, ...] = (), **meta: str) -> None:
+    def __init__(
+        self, iam: RunningService, cursor: str = "", kinds: tuple[str, ...] = (), **meta: str
+    ) -> None:
         self._channel = iam.channel()
         stub = event_pb2_grpc.EventServiceStub(self._channel)
         self.call = stub.WatchEvents(
@@ -80,9 +83,10 @@ async def kinds_of(watch: Watch, user_id: str, count: int) -> list[str]:
     return [(await watch.next_of(user_id)).kind for _ in range(count)]
 
 
-@pytest.fixture
-async def iam(backend: Backend, tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path, {**backend.isolated(), **FAST}) as running:
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def iam(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningService]:
+    """One service per backend for the module (tests look only at their own users' events)."""
+    async with running_service(tmp_path_factory.mktemp("events"), {**backend.isolated(), **FAST}) as running:
         yield running
 
 
@@ -150,14 +154,18 @@ async def test_keys_rotated_is_an_event_of_no_user(own_database: Backend, tmp_pa
         watch = Watch(iam, kinds=("keys.rotated",))
         try:
             await watch.started()
-            rotated = await rotate_key(AdminTools.from_components(iam.app.components), immediate=False, revoke=None)
+            rotated = await rotate_key(
+                AdminTools.from_components(iam.app.components), immediate=False, revoke=None
+            )
             event = await watch.next_kind("keys.rotated")
             assert event.user_id == "" and json.loads(event.data_json)["kid"] == rotated.kid
         finally:
             await watch.close()
 
 
-async def refusal(iam: RunningService, cursor: str = "", kinds: tuple[str, ...] = (), **meta: str) -> tuple[grpc.StatusCode, str | None]:
+async def refusal(
+    iam: RunningService, cursor: str = "", kinds: tuple[str, ...] = (), **meta: str
+) -> tuple[grpc.StatusCode, str | None]:
     watch = Watch(iam, cursor, kinds, **meta)
     try:
         async with asyncio.timeout(WAIT):
@@ -216,7 +224,10 @@ async def test_a_caller_without_the_method_is_refused(backend: Backend, tmp_path
     }
     async with running_service(tmp_path, env) as iam:
         key = "x-iam-api-key"
-        assert await refusal(iam, **{key: CALLER_KEY}) == (grpc.StatusCode.PERMISSION_DENIED, "CALLER_UNKNOWN")
+        assert await refusal(iam, **{key: CALLER_KEY}) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "CALLER_UNKNOWN",
+        )
         assert await refusal(iam) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNKNOWN")
         watch = Watch(iam, **{key: WATCHER_KEY})
         try:
