@@ -46,6 +46,7 @@ class NatsPublisher:
         self._timeout = settings.timeout.total_seconds()
         self._client: NatsClient | None = None
         self._woken = asyncio.Event()
+        self._connecting = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
@@ -55,6 +56,10 @@ class NatsPublisher:
         return f"{self._settings.subject_prefix}.{kind}"
 
     async def _connected(self) -> Any:
+        async with self._connecting:  # one connection, even when a test's pass meets the loop's
+            return await self._connect()
+
+    async def _connect(self) -> Any:
         if self._client is None or self._client.is_closed:
             self._client = await nats.connect(
                 self._settings.url,
@@ -75,6 +80,7 @@ class NatsPublisher:
 
     async def run_once(self) -> int:
         """Publish the events after the mark; how many were acknowledged."""
+        js = await self._connected()  # the stream exists from the first pass on
         async with self._db.transaction(read_only=True) as tx:
             mark = await read_mark(tx.connection, MARK)
             if mark is None:
@@ -90,7 +96,6 @@ class NatsPublisher:
             return 0
         if not new:
             return 0
-        js = await self._connected()
         published = start
         try:
             for record in new:
@@ -121,8 +126,11 @@ class NatsPublisher:
                 log.bind(error=type(exc).__name__).warning("NATS publish failed; retrying")
             except Exception:
                 log.exception("NATS publisher failed")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
+            # stops this loop when the wake-up lands at the same moment
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._woken.wait()
             self._woken.clear()
 
     async def __aenter__(self) -> Self:
@@ -136,6 +144,8 @@ class NatsPublisher:
                 await self._task
             self._task = None
         if self._client is not None and not self._client.is_closed:
+            # every publish was acknowledged or will be retried: close, bounded, no drain
             with contextlib.suppress(Exception):
-                await self._client.drain()
+                async with asyncio.timeout(self._timeout):
+                    await self._client.close()
         self._client = None

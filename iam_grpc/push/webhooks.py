@@ -148,8 +148,11 @@ class WebhookSender:
                 log.warning("webhook sender could not reach the database")
             except Exception:
                 log.exception("webhook sender failed")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
+            # stops this loop when the wake-up lands at the same moment
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._woken.wait()
             self._woken.clear()
 
     async def __aenter__(self) -> Self:

@@ -108,7 +108,8 @@ async def test_a_watch_from_now_sees_each_new_event_with_its_data(iam: RunningSe
         assert revoked.kind == "session.revoked"
         assert json.loads(revoked.data_json) == {"reason": "logout"}
         assert int(revoked.cursor) > int(created.cursor)
-        assert len(created.id) == 26 and created.id != revoked.id
+        assert len(created.id) == 26
+        assert created.id != revoked.id
         assert created.at.seconds > 0
     finally:
         await watch.close()
@@ -158,7 +159,8 @@ async def test_keys_rotated_is_an_event_of_no_user(own_database: Backend, tmp_pa
                 AdminTools.from_components(iam.app.components), immediate=False, revoke=None
             )
             event = await watch.next_kind("keys.rotated")
-            assert event.user_id == "" and json.loads(event.data_json)["kid"] == rotated.kid
+            assert event.user_id == ""
+            assert json.loads(event.data_json)["kid"] == rotated.kid
         finally:
             await watch.close()
 
