@@ -229,6 +229,9 @@ class Application:
         if tracing is not None:
             stack.callback(tracing.close)
         await stack.enter_async_context(c.events)  # the event poller; its position is taken here
+        for sink in (c.event_sinks.webhooks, c.event_sinks.nats):
+            if sink is not None:
+                await stack.enter_async_context(sink)
         try:
             self.server, self.grpc_port = build_server(
                 c, self.readiness.servicer, tracing.interceptors() if tracing else ()

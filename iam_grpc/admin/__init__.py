@@ -19,6 +19,7 @@ from iam_grpc.admin.directory import (
     list_users,
 )
 from iam_grpc.admin.errors import AdminError, Invalid, NotFound, Unavailable
+from iam_grpc.admin.events import list_deliveries, replay_deliveries
 from iam_grpc.admin.keys import KeyRotated, KeyView, list_keys, rotate_key
 from iam_grpc.admin.limits import clear_limits, show_limits
 from iam_grpc.admin.maintenance import run_cleanup
@@ -64,6 +65,7 @@ __all__ = [
     "get_user",
     "grant_role",
     "list_audit_events",
+    "list_deliveries",
     "list_keys",
     "list_outbox",
     "list_roles",
@@ -71,6 +73,7 @@ __all__ = [
     "live_sessions",
     "open_admin",
     "open_outbox",
+    "replay_deliveries",
     "retry_outbox",
     "revoke_role",
     "revoke_sessions",

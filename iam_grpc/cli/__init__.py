@@ -7,12 +7,12 @@ operator commands call the use-cases of ``iam_grpc.admin``.
 
 from __future__ import annotations
 
-from iam_grpc.cli import operators, service
+from iam_grpc.cli import events, operators, service
 from iam_grpc.cli._app import app
 
 __all__ = ["app", "main"]
 
-_COMMANDS = (operators, service)  # imported for the commands they register on ``app``
+_COMMANDS = (events, operators, service)  # imported for the commands they register on ``app``
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from typing import Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from iam_grpc.config.values import Duration, MaskedUrl, SettingsGroup
+from iam_grpc.push.signing import secret_key
 
 
 class WebhookSettings(SettingsGroup):
@@ -31,6 +32,13 @@ class WebhookSettings(SettingsGroup):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            secret_key(value.get_secret_value())  # raises ValueError with a message, never the value
+        return value
+
     @model_validator(mode="after")
     def _secret_with_url(self) -> Self:
         if self.url and (self.secret is None or not self.secret.get_secret_value()):
@@ -45,7 +53,7 @@ class NatsSettings(SettingsGroup):
     url: MaskedUrl = ""
     subject_prefix: str = Field(default="iam.events", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
     # Created (subjects "<subject_prefix>.>") when missing; empty: the operator manages the stream.
-    stream: str = Field(default="IAM_EVENTS", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    stream: str = Field(default="iam-events", pattern=r"^[A-Za-z0-9_-]{0,64}$")
     timeout: Duration = timedelta(seconds=5)
 
 

@@ -92,6 +92,7 @@ class EventStream:
         retention: timedelta,
         poll_interval: timedelta,
         buffer: int,
+        on_new_events: Sequence[Callable[[], None]] = (),
     ) -> None:
         self._db = db
         self._clock = clock
@@ -99,7 +100,7 @@ class EventStream:
         self._interval = poll_interval.total_seconds()
         self._buffer = buffer
         self._watchers: set[_Watcher] = set()
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners = tuple(on_new_events)  # the push sinks: woken when there are new events
         self._last: int | None = None  # the newest cursor the poller has handed out
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -110,10 +111,6 @@ class EventStream:
     def wake(self) -> None:
         """Look for new events now (a nudge from another replica, or a test)."""
         self._woken.set()
-
-    def on_new_events(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` whenever the poller has found new events (the push sinks)."""
-        self._listeners.append(listener)
 
     async def poll_once(self) -> int:
         """Number the committed events, then hand new ones to the watchers; how many were new."""
@@ -151,8 +148,11 @@ class EventStream:
                 log.warning("event poll could not reach the database")
             except Exception:
                 log.exception("event poll failed")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
+            # stops this loop when the wake-up lands at the same moment
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._woken.wait()
             self._woken.clear()
 
     async def __aenter__(self) -> Self:

@@ -59,7 +59,7 @@ from iam_grpc.wiring import accounts as a
 from iam_grpc.wiring import builders as b
 from iam_grpc.wiring import directory as d
 from iam_grpc.wiring import factors as f
-from iam_grpc.wiring.events import build_event_stream
+from iam_grpc.wiring.events import EventParts, build_events
 from iam_grpc.wiring.signin import SignInMethods, build_sign_in_methods
 from iam_grpc.wiring.stores import Stores
 
@@ -122,6 +122,7 @@ class Components:
     profiles: Profiles
     # the event stream (WatchEvents) and its push sinks
     events: EventStream
+    event_sinks: EventParts
 
     @property
     def db(self) -> SqlDatabase:
@@ -199,6 +200,7 @@ def build_components(
         risk,
         learning,
     )
+    event_parts = build_events(settings, stores, clock)
     return Components(
         settings=settings,
         clock=clock,
@@ -247,5 +249,6 @@ def build_components(
         cleanup=b.build_cleanup(settings, stores, clock),
         api_tokens=d.build_api_tokens(settings, run, material, access, denylist),
         profiles=d.build_profiles(run, access, step_up, d.build_user_access(stores, run, denylist)),
-        events=build_event_stream(settings, stores, clock),
+        events=event_parts.stream,
+        event_sinks=event_parts,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from iam_grpc.admin import AdminTools, grant_role, rotate_key
 from iam_grpc.app import Application
@@ -82,9 +83,10 @@ async def kinds_of(watch: Watch, user_id: str, count: int) -> list[str]:
     return [(await watch.next_of(user_id)).kind for _ in range(count)]
 
 
-@pytest.fixture
-async def iam(backend: Backend, tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path, {**backend.isolated(), **FAST}) as running:
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def iam(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningService]:
+    """One service per backend for the module (tests look only at their own users' events)."""
+    async with running_service(tmp_path_factory.mktemp("events"), {**backend.isolated(), **FAST}) as running:
         yield running
 
 
@@ -141,7 +143,10 @@ async def test_a_kinds_filter_leaves_out_other_kinds(iam: RunningService) -> Non
         tools = AdminTools.from_components(iam.app.components)
         assert await grant_role(tools, user.id, "admin")
         granted = await watch.next_of(user.id)
-        assert (granted.kind, json.loads(granted.data_json)) == ("role.granted", {"role": "admin", "end_sessions": False})
+        assert (granted.kind, json.loads(granted.data_json)) == (
+            "role.granted",
+            {"role": "admin", "end_sessions": False},
+        )
         assert watch.events.empty()
     finally:
         await watch.close()

@@ -35,7 +35,7 @@ from iam_grpc.proto import auth_pb2, auth_pb2_grpc, common_pb2
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.accounts_helper import PASSWORD, link_token, new_email, signup, wait_for_mail
 from tests.conftest import Backend
-from tests.contract_helper import PENDING_FIELDS, SERVICE_MODULES, is_pending
+from tests.contract_helper import PENDING_FIELDS, SERVICE_MODULES, walked_as_unary
 from tests.mailbox import Mailbox
 from tests.sessions_helper import FIREFOX
 
@@ -74,7 +74,7 @@ def _request_types() -> dict[str, type[Message]]:
     for module in SERVICE_MODULES:
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
-                if not is_pending(service.name, method.name):
+                if walked_as_unary(service.name, method.name):
                     found[f"{service.name}/{method.name}"] = getattr(module, method.input_type.name)
     return found
 

@@ -1,0 +1,1 @@
+"""Push delivery of events (api.md EventService): signed webhooks and NATS JetStream."""
