@@ -133,6 +133,8 @@ def test_the_derivation_finds_the_stored_fields() -> None:
         "last_name",
         "session_id",
         "provider",
+        "user_id",
+        "locale",
     }
     assert STORED[("AuthService/Signup", "client.accept_language")] == (35,)
     assert STORED[("AuthService/Signup", "email")] == (254,)
@@ -296,7 +298,9 @@ def at_the_limit(leaf: str) -> str:
         "name": "中" * 99 + "😀",
         "last_name": "é" * 100,
         "session_id": new_ulid(datetime.now(UTC)),
+        "user_id": new_ulid(datetime.now(UTC)),
         "provider": "p" * 32,
+        "locale": "zh-Hant-TW",
     }[leaf]
 
 
@@ -449,6 +453,33 @@ def base_request(method: str, world: World) -> dict[str, Any]:
             "nonce": "nonce-1",
         },
         "AuthService/UnlinkIdentity": lambda: {**signed_in, "provider": "acme"},
+        "AuthService/RequestEmailVerification": lambda: dict(signed_in),
+        "MfaService/EnrollTotp": lambda: dict(signed_in),
+        "MfaService/ConfirmTotp": lambda: {**signed_in, "enrollment_id": "te_" + "A" * 22, "code": "123456"},
+        "MfaService/DisableTotp": lambda: {**signed_in, "step_up_grant": "iamg_" + "g" * 43},
+        "UserService/GetMe": lambda: dict(signed_in),
+        "UserService/UpdateProfile": lambda: {
+            **signed_in,
+            "name": "Ada",
+            "last_name": "Lovelace",
+            "locale": "en-GB",
+            "update_mask": {"paths": ["name", "last_name", "locale"]},
+        },
+        "UserService/DeleteMyAccount": lambda: {**signed_in, "step_up_grant": "iamg_" + "g" * 43},
+        "ApiTokenService/CreateApiToken": lambda: {**signed_in, "name": "deploy script", "scopes": ["repo:read"]},
+        "ApiTokenService/ListApiTokens": lambda: dict(signed_in),
+        "ApiTokenService/RevokeApiToken": lambda: {**signed_in, "token_id": new_ulid(datetime.now(UTC))},
+        "ApiTokenService/RotateApiToken": lambda: {**signed_in, "token_id": new_ulid(datetime.now(UTC))},
+        "ApiTokenService/VerifyApiToken": lambda: {"secret": "iam_pat_" + "A" * 38, "ip": IP},
+        # admin RPCs: an id no user has (a real one would be disabled or erased under the world)
+        "UserService/GetUser": lambda: {"user_id": new_ulid(datetime.now(UTC))},
+        "UserService/DisableUser": lambda: {"user_id": new_ulid(datetime.now(UTC)), "reason": "left"},
+        "UserService/EnableUser": lambda: {"user_id": new_ulid(datetime.now(UTC))},
+        "UserService/GrantRole": lambda: {"user_id": new_ulid(datetime.now(UTC)), "role": "admin"},
+        "UserService/RevokeRole": lambda: {"user_id": new_ulid(datetime.now(UTC)), "role": "admin"},
+        "UserService/DeleteUser": lambda: {"user_id": new_ulid(datetime.now(UTC))},
+        "UserService/ExportUser": lambda: {"user_id": new_ulid(datetime.now(UTC))},
+        "UserService/ListAuditEvents": lambda: {"user_id": new_ulid(datetime.now(UTC)), "page_size": 10},
     }
     if method not in builders:
         pytest.fail(f"{method} has a stored field and no request builder here: add one", pytrace=False)
