@@ -47,9 +47,11 @@ run: $(STAMP)
 # The fault suite and the deployment material have targets of their own (.ci/run calls them).
 TEST_WORKERS ?= 2
 SUITE := tests/unit tests/integration tests/e2e
+# A test that hangs fails after TEST_TIMEOUT seconds with its stack (pytest-timeout).
+TEST_TIMEOUT ?= 300
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(SUITE)
-	$(BIN)/python -m pytest -m serial $(SUITE)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --timeout $(TEST_TIMEOUT) -m "not serial" $(SUITE)
+	$(BIN)/python -m pytest --timeout $(TEST_TIMEOUT) -m serial $(SUITE)
 
 # Everything CI runs: the suite, the fault suite, the deployment material.
 test-all: test faults test-deploy
