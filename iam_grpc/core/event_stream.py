@@ -32,6 +32,7 @@ __all__ = ["EventStream", "format_cursor", "parse_cursor"]
 log = component_logger("iam.events")
 
 _PAGE = 500
+_STOP_GRACE = 10.0  # seconds a poll in flight may take to finish at shutdown
 _MAX_CURSOR_DIGITS = 19  # a signed 64-bit id
 
 
@@ -103,6 +104,7 @@ class EventStream:
         self._listeners = tuple(on_new_events)  # the push sinks: woken when there are new events
         self._last: int | None = None  # the newest cursor the poller has handed out
         self._woken = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._ended = False
 
@@ -141,19 +143,26 @@ class EventStream:
         return len(found)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.poll_once()
             except BackendUnavailable:
                 log.warning("event poll could not reach the database")
             except Exception:
                 log.exception("event poll failed")
+            if self.stopping:
+                break
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
             # stops this loop when the wake-up lands at the same moment
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._woken.wait()
             self._woken.clear()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the poller was asked to end (read fresh: another task sets it)."""
+        return self._stopping
 
     async def __aenter__(self) -> Self:
         # The position is taken before any watch can start (the server starts later): from here
@@ -166,9 +175,18 @@ class EventStream:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.end_watches()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Let a poll in flight finish rather than cancel it inside a query: a MySQL connection
+            # cancelled mid-statement (waiting for another replica's lock on the sequence mark)
+            # went back to the pool unusable, and the next statement on it never returned.
+            self._stopping = True
+            self._woken.set()
+            try:
+                async with asyncio.timeout(_STOP_GRACE):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
 
     async def end_watches(self) -> None:
