@@ -466,7 +466,11 @@ def base_request(method: str, world: World) -> dict[str, Any]:
             "update_mask": {"paths": ["name", "last_name", "locale"]},
         },
         "UserService/DeleteMyAccount": lambda: {**signed_in, "step_up_grant": "iamg_" + "g" * 43},
-        "ApiTokenService/CreateApiToken": lambda: {**signed_in, "name": "deploy script", "scopes": ["repo:read"]},
+        "ApiTokenService/CreateApiToken": lambda: {
+            **signed_in,
+            "name": "deploy script",
+            "scopes": ["repo:read"],
+        },
         "ApiTokenService/ListApiTokens": lambda: dict(signed_in),
         "ApiTokenService/RevokeApiToken": lambda: {**signed_in, "token_id": new_ulid(datetime.now(UTC))},
         "ApiTokenService/RotateApiToken": lambda: {**signed_in, "token_id": new_ulid(datetime.now(UTC))},

@@ -713,7 +713,8 @@ def failures(storm: Storm, wrong: Callable[[Outcome], bool], limit: int = 8) -> 
 
 def test_the_payloads_cover_every_method_with_both_kinds(storm: Storm) -> None:
     """10,000 payloads over every RPC of the three services, each with undecodable and decodable ones."""
-    assert {rpc.path.split("/")[1] for rpc in RPCS} == set(SERVICE_NAMES)
+    # every service but EventService, whose one RPC streams (tests/contract_helper.STREAMING_RPCS)
+    assert {rpc.path.split("/")[1] for rpc in RPCS} == set(SERVICE_NAMES) - {"iam.v1.EventService"}
     assert len(storm.outcomes) == PAYLOADS
     per_rpc = Counter((o.payload.rpc.path, o.payload.decodes) for o in storm.outcomes)
     for rpc in RPCS:
