@@ -282,6 +282,8 @@ QUIET = {
     "IAM_CLEANUP__INTERVAL": "1h",
     "IAM_KEYS__RELOAD_INTERVAL": "1h",
     "IAM_TOKENS__DENYLIST_REPLAY": "1h",
+    "IAM_EVENTS__POLL_INTERVAL": "1h",  # the event poller: background statements, not the call's
+    "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
 }
 LONG_GUARD = {"login.account": {"windows": ["10/1h fc"], "block": "1h", "block_max": "1h"}}
 
