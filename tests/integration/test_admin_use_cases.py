@@ -4,6 +4,7 @@ running service's own state, on both backends."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import grpc
@@ -75,22 +76,25 @@ async def test_disabling_in_process_ends_sessions_and_their_challenges_at_once(
 async def test_roles_round_trip_and_refuse_what_does_not_exist(backend: Backend, tmp_path: Path) -> None:
     """Grant, list, revoke with ``now`` and delete; unknown users, roles and malformed names are
     NotFound and Invalid."""
+    # The database is shared by the tests of one run (other files grant "auditor" too), so this
+    # test's role is its own.
+    role = f"auditor-{secrets.token_hex(4)}"
     async with running_service(tmp_path, {**backend.isolated(), **NO_ANOMALY_CHECKS}) as iam:
         tools = AdminTools.from_components(iam.app.components)
         user = await new_user(iam.app)
-        assert await grant_role(tools, user.id, "auditor")
-        assert not await grant_role(tools, user.id, "auditor")
+        assert await grant_role(tools, user.id, role)
+        assert not await grant_role(tools, user.id, role)
         _, session = await new_session(iam.app, user)
-        assert ("auditor", 1) in {(r.role, r.holders) for r in await list_roles(tools)}
-        revoked = await revoke_role(tools, user.id, "auditor", now=True)
+        assert (role, 1) in {(r.role, r.holders) for r in await list_roles(tools)}
+        revoked = await revoke_role(tools, user.id, role, now=True)
         assert (revoked.revoked, revoked.tokens, revoked.cached) == (True, 1, True)
         assert await verified(iam, session.access_token) == "TOKEN_INVALID"
-        await create_role(tools, "auditor")
-        await delete_role(tools, "auditor")
+        await create_role(tools, role)
+        await delete_role(tools, role)
         with pytest.raises(NotFound):
-            await delete_role(tools, "auditor")
+            await delete_role(tools, role)
         with pytest.raises(NotFound):
-            await grant_role(tools, "nobody@example.com", "auditor")
+            await grant_role(tools, "nobody@example.com", role)
         with pytest.raises(Invalid):
             await create_role(tools, "Bad Role")
 
