@@ -11,13 +11,16 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 
 import pytest
 import pytest_asyncio
@@ -33,6 +36,75 @@ REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = secrets.token_hex(4)
 TEST_MASTER_KEY = secrets.token_urlsafe(32)
 TEST_PEPPER = secrets.token_urlsafe(24)
+
+
+def _awaited_frames(task: asyncio.Task[object]) -> Iterator[FrameType]:
+    """The frames a task waits in, outermost first (``Task.get_stack`` gives only the outermost)."""
+    link: object = task.get_coro()
+    while link is not None:
+        frame = (
+            getattr(link, "cr_frame", None)
+            or getattr(link, "ag_frame", None)
+            or getattr(link, "gi_frame", None)
+        )
+        if frame is not None:
+            yield frame
+        link = (
+            getattr(link, "cr_await", None)
+            or getattr(link, "ag_await", None)
+            or getattr(link, "gi_yieldfrom", None)
+        )
+
+
+_TASK_DUMPS: list[str] = []
+_DUMP_BEFORE_TIMEOUT = 20.0  # seconds before pytest-timeout ends a hung test
+
+
+def _dump_tasks(_signum: int, _frame: FrameType | None) -> None:
+    """Where every asyncio task of a hung test waits (py-spy shows only an idle event loop).
+
+    Sent by the timer of :func:`_hang_report` shortly before pytest-timeout fires, and by hand
+    with ``kill -USR1 <worker pid>``; the dump becomes a section of the test's report."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    lines = []
+    for task in asyncio.all_tasks(loop):
+        lines.append(f"task {task.get_name()}")
+        lines.extend(
+            f"    {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in _awaited_frames(task)
+        )
+    _TASK_DUMPS.append("\n".join(lines))
+
+
+signal.signal(signal.SIGUSR1, _dump_tasks)
+
+
+@pytest.fixture(autouse=True)
+def _hang_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Arms the task dump for a test that runs into ``--timeout`` (set up first, torn down last,
+    so a hang in another fixture's teardown is covered too)."""
+    limit = float(request.config.getoption("timeout", None) or 0)
+    if limit <= _DUMP_BEFORE_TIMEOUT:
+        yield
+        return
+    timer = threading.Timer(limit - _DUMP_BEFORE_TIMEOUT, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if _TASK_DUMPS:
+        report.sections.append(("asyncio tasks of the hung test", "\n\n".join(_TASK_DUMPS)))  # type: ignore[attr-defined]
+        _TASK_DUMPS.clear()
+    return report
 
 
 @dataclass(frozen=True)

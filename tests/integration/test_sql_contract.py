@@ -710,6 +710,45 @@ async def test_many_open_transactions_never_wait_for_a_connection(database: SqlD
     assert all(task.exception() is None for task in tasks)
 
 
+async def test_a_transaction_cancelled_in_the_middle_of_a_statement_leaves_nothing_that_hangs(
+    database: SqlDatabase,
+) -> None:
+    """A task cancelled while its statement waits for the server (a service stopping in the middle
+    of a background poll): the cancellation comes through at once, the write before it is rolled
+    back, and the connection is not reused out of step with the server (SQLAlchemy invalidates a
+    connection whose statement an exit exception interrupted; a ROLLBACK on it would wait for
+    bytes that never come). Every connection comes back to the pool."""
+    user = new_user()
+    started = asyncio.Event()
+    # MySQL: a statement that waits on the server. SQLite's statements run inline on the loop, so
+    # there the cancellation lands between statements, the one other place it can.
+    slow = "SELECT SLEEP(3)" if database.dialect == "mysql" else None
+
+    async def writer() -> None:
+        async with database.transaction() as tx:
+            await tx.users.insert(user)
+            started.set()
+            if slow is not None:
+                await tx.connection.execute(text(slow))
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(writer())
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(0.2)  # the SLEEP is on the server
+    task.cancel()
+    async with asyncio.timeout(2):  # well before the SLEEP ends: nothing waits for its answer
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    for _ in range(25):  # more than the pool holds: a leaked connection would show
+        async with asyncio.timeout(5), database.transaction(read_only=True) as tx:
+            assert await tx.users.get(user.id) is None
+    async with asyncio.timeout(5), database.transaction() as tx:  # and writers go on
+        await tx.users.insert(replace(user, id=ids.new_ulid(NOW)))
+    pool = database.engine.pool
+    if database.dialect == "mysql":
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 async def test_a_failed_commit_leaves_no_transaction_behind(tmp_path: Path) -> None:
     """The inline SQLite connection (embedded mode): when COMMIT itself fails, the caller gets an
     error, nothing is written, and the pooled connection comes back clean (not still inside the
