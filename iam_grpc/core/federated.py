@@ -27,9 +27,9 @@ from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.federated_claims import IdClaims, IdTokenVerifier
 from iam_grpc.core.login import LoginFlow, LoginResult
 from iam_grpc.core.observation import LearningPolicy, Observer, learned
-from iam_grpc.core.passkeys import sign_in_methods
 from iam_grpc.core.ratelimit import ip_key
 from iam_grpc.core.runtime import Runtime
+from iam_grpc.core.sign_in_methods import keep_a_way_in
 from iam_grpc.core.signed_in import signed_in
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.tokens.sessions import Sessions
@@ -39,14 +39,13 @@ from iam_grpc.errors import (
     IdentityTaken,
     IdTokenInvalid,
     InvalidCredentials,
-    LastSignInMethod,
 )
 from iam_grpc.ids import new_ulid
 from iam_grpc.logging import component_logger
-from iam_grpc.storage.ports import Conflict, Database, Ephemeral, Transaction
+from iam_grpc.storage.ports import Conflict, Ephemeral, Transaction
 from iam_grpc.storage.records import IdentityRecord, User
 
-__all__ = ["FederatedPolicy", "FederatedSignIn", "SignInMethods", "sign_in_methods_of"]
+__all__ = ["FederatedPolicy", "FederatedSignIn"]
 
 log = component_logger("iam.federated")
 
@@ -60,26 +59,6 @@ class FederatedPolicy:
     learning: LearningPolicy
     max_auth_age: timedelta  # linking or unlinking needs a recent sign-in (email_change's)
     leeway: timedelta  # oidc.leeway: a used token is remembered this long past its expiry
-
-
-@dataclass(frozen=True, slots=True)
-class SignInMethods:
-    """What a user can sign in with, for UserService.GetMe (``mfa_methods``, ``identities``)."""
-
-    password: bool
-    passkeys: int
-    identities: tuple[IdentityRecord, ...]
-
-
-async def sign_in_methods_of(db: Database, user_id: str) -> SignInMethods:
-    """The user's linked identities and whether they have a password and passkeys."""
-    async with db.transaction(read_only=True) as tx:
-        user = await tx.users.get(user_id)
-        return SignInMethods(
-            password=user is not None and bool(user.password_hash),
-            passkeys=await tx.passkeys.count(user_id),
-            identities=tuple(await tx.identities.of_user(user_id)),
-        )
 
 
 _PROVIDER = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
@@ -282,9 +261,7 @@ class FederatedSignIn:
             linked = [i for i in await tx.identities.of_user(user.id) if i.provider == provider]
             if not linked:
                 return
-            password, passkeys, identities = await sign_in_methods(tx, user.id)
-            if not password and not passkeys and identities <= 1:
-                raise LastSignInMethod()
+            await keep_a_way_in(tx, user.id, removing="identity")
             await tx.identities.delete(user.id, provider)
             await self._run.audit.record(
                 self._run.audit.event(

@@ -30,16 +30,17 @@ from webauthn.helpers.structs import (
 
 from iam_grpc.core.client import ClientInfo
 from iam_grpc.core.runtime import Runtime
+from iam_grpc.core.sign_in_methods import keep_a_way_in
 from iam_grpc.core.signed_in import signed_in
 from iam_grpc.core.tokens.access import AccessTokens
 from iam_grpc.core.validation import Violations, check_name
-from iam_grpc.errors import ChallengeExpired, InvalidArgument, LastSignInMethod
+from iam_grpc.errors import ChallengeExpired, InvalidArgument
 from iam_grpc.ids import ULID_RE, new_ulid
 from iam_grpc.logging import component_logger
-from iam_grpc.storage.ports import Conflict, Ephemeral, Transaction
+from iam_grpc.storage.ports import Conflict, Ephemeral
 from iam_grpc.storage.records import PasskeyRecord
 
-__all__ = ["PasskeyPolicy", "PasskeyRegistry", "credential_hash", "descriptors", "sign_in_methods"]
+__all__ = ["PasskeyPolicy", "PasskeyRegistry", "credential_hash", "descriptors"]
 
 log = component_logger("iam.passkeys")
 
@@ -79,16 +80,6 @@ def descriptors(
 
 def _transport(name: str) -> bool:
     return name in {t.value for t in AuthenticatorTransport}
-
-
-async def sign_in_methods(tx: Transaction, user_id: str) -> tuple[bool, int, int]:
-    """(has a password, passkeys, linked identities): what is left to sign in with."""
-    user = await tx.users.get(user_id)
-    return (
-        user is not None and bool(user.password_hash),
-        await tx.passkeys.count(user_id),
-        len(await tx.identities.of_user(user_id)),
-    )
 
 
 def _registration_key(session_id: str) -> str:
@@ -222,9 +213,7 @@ class PasskeyRegistry:
         async with self._run.db.transaction() as tx:
             if passkey_id not in {p.id for p in await tx.passkeys.of_user(user.id)}:
                 return
-            password, keys, identities = await sign_in_methods(tx, user.id)
-            if not password and not identities and keys <= 1:
-                raise LastSignInMethod()
+            await keep_a_way_in(tx, user.id, removing="passkey")
             await tx.passkeys.delete(user.id, passkey_id)
             await self._run.audit.record(
                 self._run.audit.event(

@@ -1,17 +1,19 @@
-"""What a user can sign in and step up with, as ``User.mfa_methods`` and ``User.identities``
-show it. THE HOOK for the TOTP, passkey and federated sign-in work: each extends
-:func:`sign_in_methods` (one query of its own table in the same transaction) and nothing else in
-the UserService or the export needs to change."""
+"""What a user can sign in and step up with: ``User.mfa_methods`` and ``User.identities`` as
+:func:`sign_in_methods` shows them, and the rule that removing a passkey or a linked identity
+never leaves an account without a way in (:func:`keep_a_way_in`), both read in the caller's
+transaction. A new sign-in method is added to both, here and nowhere else."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
+from iam_grpc.errors import LastSignInMethod
 from iam_grpc.storage.ports import Transaction
 from iam_grpc.storage.records import User
 
-__all__ = ["LinkedIdentity", "SignInMethods", "sign_in_methods"]
+__all__ = ["LinkedIdentity", "SignInMethods", "keep_a_way_in", "sign_in_methods"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +46,15 @@ async def sign_in_methods(tx: Transaction, user: User) -> SignInMethods:
         for i in await tx.identities.of_user(user.id)
     )
     return SignInMethods(mfa_methods=tuple(methods), identities=identities)
+
+
+async def keep_a_way_in(tx: Transaction, user_id: str, *, removing: Literal["passkey", "identity"]) -> None:
+    """The last-method rule, read in the transaction that removes one passkey or the identity of
+    one provider: raise :class:`LastSignInMethod` when the account would be left with nothing to
+    sign in with (no password, no passkey, no linked identity)."""
+    user = await tx.users.get(user_id)
+    password = user is not None and bool(user.password_hash)
+    passkeys = await tx.passkeys.count(user_id) - (removing == "passkey")
+    identities = len(await tx.identities.of_user(user_id)) - (removing == "identity")
+    if not password and passkeys <= 0 and identities <= 0:
+        raise LastSignInMethod()
