@@ -9,13 +9,13 @@ jobs in step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Self
 
+from iam_grpc.background import end_tasks
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 
@@ -24,6 +24,7 @@ __all__ = ["Scheduler"]
 log = component_logger("iam.app")
 
 _SHORTEST = 0.05  # seconds: a zero interval must not spin
+_STOP_GRACE = 10.0  # seconds a cancelled job may take to end
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +56,9 @@ class Scheduler:
         await self.stop()
 
     async def stop(self) -> None:
-        """Cancel every job and wait for it (a job in the middle of a pass is interrupted)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Cancel every job and wait for it (a job in the middle of a pass is interrupted), at most
+        :data:`_STOP_GRACE` seconds: a job that swallowed its cancellation is left behind."""
+        await end_tasks(self._tasks, grace=_STOP_GRACE)
         self._tasks.clear()
 
     async def _loop(self, job: _Job) -> None:

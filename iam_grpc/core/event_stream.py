@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from typing import Self
 
+from iam_grpc.background import end_tasks
 from iam_grpc.clock import Clock
 from iam_grpc.core.events import KINDS
 from iam_grpc.errors import BackendUnavailable, CursorExpired, InvalidArgument
@@ -164,6 +165,10 @@ class EventStream:
         """Whether the poller was asked to end (read fresh: another task sets it)."""
         return self._stopping
 
+    def _ask_to_stop(self) -> None:
+        self._stopping = True
+        self._woken.set()
+
     async def __aenter__(self) -> Self:
         # The position is taken before any watch can start (the server starts later): from here
         # every new event reaches every watcher, by this poller or by the watcher's own reading.
@@ -178,15 +183,7 @@ class EventStream:
             # Let a poll in flight finish rather than cancel it inside a query: a MySQL connection
             # cancelled mid-statement (waiting for another replica's lock on the sequence mark)
             # went back to the pool unusable, and the next statement on it never returned.
-            self._stopping = True
-            self._woken.set()
-            try:
-                async with asyncio.timeout(_STOP_GRACE):
-                    await asyncio.shield(self._task)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+            await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
             self._task = None
 
     async def end_watches(self) -> None:

@@ -21,6 +21,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
+from iam_grpc.background import end_tasks
 from iam_grpc.config import NatsSettings
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
@@ -34,6 +35,7 @@ __all__ = ["MARK", "NatsPublisher"]
 MARK = "sink:nats"
 _BATCH = 500
 log = component_logger("iam.events.nats")
+_STOP_GRACE = 10.0  # seconds the pass in hand may take at shutdown, then again once cancelled
 
 
 class NatsPublisher:
@@ -48,6 +50,7 @@ class NatsPublisher:
         self._woken = asyncio.Event()
         self._connecting = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def wake(self) -> None:
         self._woken.set()
@@ -117,7 +120,7 @@ class NatsPublisher:
                 await write_mark(tx.connection, MARK, to, known=known)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.run_once()
             except BackendUnavailable:
@@ -133,16 +136,18 @@ class NatsPublisher:
                     await self._woken.wait()
             self._woken.clear()
 
+    def _ask_to_stop(self) -> None:
+        self._stopping = True
+        self._woken.set()
+
     async def __aenter__(self) -> Self:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nats-publisher")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # the pass in hand finishes (a delivery, a publish), then the loop sees the flag
+        await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
+        self._task = None
         if self._client is not None and not self._client.is_closed:
             # every publish was acknowledged or will be retried: close, bounded, no drain
             with contextlib.suppress(Exception):

@@ -25,6 +25,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
+from iam_grpc.background import end_tasks
 from iam_grpc.clock import Clock
 from iam_grpc.config import WebhookSettings
 from iam_grpc.errors import BackendUnavailable
@@ -40,6 +41,7 @@ __all__ = ["SINK", "WebhookSender", "webhook_body"]
 
 SINK = "webhook"
 log = component_logger("iam.events.webhook")
+_STOP_GRACE = 10.0  # seconds the pass in hand may take at shutdown, then again once cancelled
 
 
 def _iso(at: datetime) -> str:
@@ -80,6 +82,7 @@ class WebhookSender:
         self._worker = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(3)}"
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def wake(self) -> None:
         self._woken.set()
@@ -141,7 +144,7 @@ class WebhookSender:
             bound.info("webhook delivery failed; retrying later")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.run_once()
             except BackendUnavailable:
@@ -155,16 +158,18 @@ class WebhookSender:
                     await self._woken.wait()
             self._woken.clear()
 
+    def _ask_to_stop(self) -> None:
+        self._stopping = True
+        self._woken.set()
+
     async def __aenter__(self) -> Self:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="webhook-sender")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # the pass in hand finishes (a delivery, a publish), then the loop sees the flag
+        await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
+        self._task = None
         with contextlib.suppress(Exception):
             async with self._db.transaction() as tx:
                 await self._store(tx).release(self._worker)

@@ -29,6 +29,7 @@ from datetime import timedelta
 from email.message import EmailMessage
 from typing import Self
 
+from iam_grpc.background import end_tasks
 from iam_grpc.clock import Clock
 from iam_grpc.core.crypto import SealError, SecretMaterial
 from iam_grpc.core.telemetry import CoreMetrics
@@ -46,6 +47,7 @@ from iam_grpc.storage.records import OutboxMessage
 __all__ = ["OutboxSender"]
 
 log = component_logger("iam.mail.sender")
+_STOP_GRACE = 15.0  # seconds the message in hand may take at shutdown, then again once cancelled
 
 CLAIM_LEASE = timedelta(seconds=60)
 
@@ -89,6 +91,10 @@ class OutboxSender:
     def stopping(self) -> bool:
         return self._stopping
 
+    def _ask_to_stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-sender")
 
@@ -101,14 +107,7 @@ class OutboxSender:
 
     async def stop(self) -> None:
         """Finish the message in hand, stop claiming, and give back unfinished claims."""
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=15)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
         try:
             async with self._db.transaction() as tx:
                 await tx.outbox.release(self.worker_id)

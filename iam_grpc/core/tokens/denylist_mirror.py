@@ -23,12 +23,12 @@ revocation commits in SQL before its change is published, so it is in one or the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Protocol
 
+from iam_grpc.background import end_tasks
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 
@@ -37,6 +37,7 @@ __all__ = ["DenyFeed", "DenyMirror"]
 log = component_logger("iam.denylist")
 
 _PRUNE_EVERY = 10.0
+_STOP_GRACE = 5.0  # seconds the cancelled feed reader may take to end
 _FULL_RELOAD_AFTER = 300.0  # seconds without a successful read: the feed may be trimmed past us
 
 
@@ -164,8 +165,5 @@ class DenyMirror:
             self._task = asyncio.get_running_loop().create_task(self._follow(), name="deny-list-feed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await end_tasks([self._task], grace=_STOP_GRACE)
+        self._task = None

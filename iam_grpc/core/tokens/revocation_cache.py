@@ -45,11 +45,11 @@ changes) and the marker, and loads the same entries (the ``load`` callable) befo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
+from iam_grpc.background import end_tasks
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
 from iam_grpc.storage.ports import DENY_TAG, Ephemeral
@@ -65,6 +65,7 @@ LEASE = timedelta(seconds=3)  # how long a valid marker lives unless a trusted r
 _CLAIM_TTL = timedelta(seconds=15)  # a rebuilder that died mid-way frees the claim after this
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 1.0
+_STOP_GRACE = 5.0  # seconds a cancelled recovery or lease extension may take to end
 
 
 class RevocationCache:
@@ -265,11 +266,7 @@ class RevocationCache:
             listener(self._trusted)
 
     async def close(self) -> None:
-        for task in (self._task, self._lease_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await end_tasks([self._task, self._lease_task], grace=_STOP_GRACE)
         self._task = self._lease_task = None
 
 
