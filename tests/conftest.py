@@ -8,6 +8,7 @@ failure, never a skip: start them with ``scripts/services.sh``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import shutil
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import threading
+import types
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,22 +40,35 @@ TEST_MASTER_KEY = secrets.token_urlsafe(32)
 TEST_PEPPER = secrets.token_urlsafe(24)
 
 
-def _awaited_frames(task: asyncio.Task[object]) -> Iterator[FrameType]:
-    """The frames a task waits in, outermost first (``Task.get_stack`` gives only the outermost)."""
+def _awaited_frames(task: asyncio.Task[object]) -> Iterator[str]:
+    """Where a task waits, outermost first (``Task.get_stack`` gives only the outermost frame):
+    through coroutines, async generators (found behind their ``asend``/``athrow`` awaitables) and
+    the futures and tasks they await."""
     link: object = task.get_coro()
-    while link is not None:
+    for _ in range(100):
+        if link is None:
+            return
         frame = (
             getattr(link, "cr_frame", None)
             or getattr(link, "ag_frame", None)
             or getattr(link, "gi_frame", None)
         )
         if frame is not None:
-            yield frame
-        link = (
-            getattr(link, "cr_await", None)
-            or getattr(link, "ag_await", None)
-            or getattr(link, "gi_yieldfrom", None)
-        )
+            yield f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+        if isinstance(link, asyncio.Task):
+            yield f"awaits task {link.get_name()}"
+            link = link.get_coro()
+            continue
+        if isinstance(link, asyncio.Future):
+            yield f"awaits {link!r}"[:300]
+            return
+        following = getattr(link, "cr_await", None) or getattr(link, "ag_await", None)
+        following = following or getattr(link, "gi_yieldfrom", None)
+        if following is None and frame is None:  # an async generator's asend/athrow awaitable
+            following = next(
+                (r for r in gc.get_referents(link) if isinstance(r, types.AsyncGeneratorType)), None
+            )
+        link = following
 
 
 _TASK_DUMPS: list[str] = []
@@ -70,11 +85,12 @@ def _dump_tasks(_signum: int, _frame: FrameType | None) -> None:
     except RuntimeError:
         return
     lines = []
-    for task in asyncio.all_tasks(loop):
-        lines.append(f"task {task.get_name()}")
-        lines.extend(
-            f"    {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in _awaited_frames(task)
-        )
+    try:  # a signal handler must not raise into the test it interrupts
+        for task in asyncio.all_tasks(loop):
+            lines.append(f"task {task.get_name()}")
+            lines.extend(f"    {where}" for where in _awaited_frames(task))
+    except Exception as exc:
+        lines.append(f"(the dump failed: {exc!r})")
     _TASK_DUMPS.append("\n".join(lines))
 
 
@@ -237,6 +253,10 @@ def _shared_backend(mysql: str, prefix: str) -> Backend:
             "IAM_SECRETS__MASTER_KEY": TEST_MASTER_KEY,
             "IAM_PASSWORDS__PEPPERS": '{"1": "' + TEST_PEPPER + '"}',
             "IAM_PASSWORDS__CURRENT_PEPPER": "1",
+            # Every worker answers token checks from its deny-list copy, as by default, but a
+            # revoking call waits 200 ms for the copies instead of the default 1 s (hundreds of
+            # tests revoke; tests/integration/test_denylist_copies.py runs the default bound).
+            "IAM_TOKENS__DENYLIST_STALENESS": "200ms",
         },
     )
 

@@ -19,11 +19,9 @@ class TokensSettings(SettingsGroup):
     denylist_fallback: Literal["sql", "closed"] = "sql"
     denylist_replay: Duration = timedelta(seconds=60)
     # Each worker's in-memory copy of the deny-lists (with Redis): how old it may be before
-    # checks read per call (0: no copy), and what they do then. Off by default: with it on, a
-    # service stopping on MariaDB + Redis could wait forever on its mail outbox's release
-    # (tests/integration/test_server.py::test_the_service_restarts_on_its_own_data), not yet
-    # explained; tests/integration/test_denylist_copies.py runs it with 1 s.
-    denylist_staleness: Duration = timedelta(0)
+    # checks read per call (0: no copy), and what they do then. A revoking call answers only
+    # after this bound, so that no worker accepts the token once it has answered.
+    denylist_staleness: Duration = timedelta(seconds=1)
     denylist_stale: Literal["per_call", "refuse"] = "per_call"
 
 
