@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from sqlalchemy import text
 
 from iam_grpc.proto import auth_pb2, auth_pb2_grpc, mfa_pb2, mfa_pb2_grpc
 from iam_grpc.testing import RunningService, running_service
@@ -185,3 +186,39 @@ async def test_a_required_verification_holds_back_the_first_session(
         await mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=client(), link_token=token))
         login = await auth.Login(auth_pb2.LoginRequest(client=client(), email=other, password=PASSWORD))
         assert login.WhichOneof("result") == "session"
+
+
+async def test_a_link_to_the_old_address_dies_with_an_email_change(
+    iam: RunningService, mailbox: Mailbox
+) -> None:
+    """A verify_email link mailed to the old address before an email change is LINK_USED after it
+    (as the old address's reset links are) and verifies nothing: whoever still reads the old mailbox cannot mark the new address as
+    verified (the stored verification is cleared below to see that the link itself is dead)."""
+    async with iam.channel() as channel:
+        auth, mfa = auth_pb2_grpc.AuthServiceStub(channel), mfa_pb2_grpc.MfaServiceStub(channel)
+        old, new = new_email(), new_email()
+        session = await signup(auth, old)
+        context = client(device_id=session.device_id)
+        await auth.RequestEmailVerification(
+            auth_pb2.RequestEmailVerificationRequest(client=context, access_token=session.access_token)
+        )
+        stale = link_token((await wait_for_mail(mailbox, old, SUBJECT))[-1])
+        await auth.RequestEmailChange(
+            auth_pb2.RequestEmailChangeRequest(
+                client=context, access_token=session.access_token, new_email=new
+            )
+        )
+        confirmation = link_token((await wait_for_mail(mailbox, new, "Confirm your new"))[-1])
+        await auth.ConfirmEmailChange(
+            auth_pb2.ConfirmEmailChangeRequest(client=client(), link_token=confirmation)
+        )
+        async with iam.app.components.db.transaction() as tx:
+            await tx.connection.execute(
+                text("UPDATE users SET email_verified_at = NULL WHERE id = :id"), {"id": session.user_id}
+            )
+        assert not (await mfa.InspectMagicLink(mfa_pb2.InspectMagicLinkRequest(link_token=stale))).usable
+        status, details = await failure(
+            mfa.RedeemMagicLink(mfa_pb2.RedeemMagicLinkRequest(client=client(), link_token=stale))
+        )
+        assert (status, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LINK_USED")
+        assert await verified_at(iam, session.user_id) is None
