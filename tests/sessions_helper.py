@@ -62,3 +62,17 @@ SHORT = timedelta(seconds=1)
 # that refreshes from changing test addresses are not challenged. tests/integration/test_anomalies.py
 # covers the checks themselves.
 NO_ANOMALY_CHECKS = {f"IAM_ANOMALY__{name.upper()}__ACTION": "off" for name in CHECKS}
+
+# For tests that count SQL statements: every background job that runs SQL is pushed an hour away
+# (the outbox sender's poll, cleanup, the key-table reload, the deny-list replay, the event
+# poller, the API-token use flush), so that only the calls under test run statements. A new
+# background job that touches SQL belongs here. The health probe is the service's
+# ``probe_interval``.
+NO_BACKGROUND_SQL = {
+    "IAM_MAIL__POLL_INTERVAL": "1h",
+    "IAM_CLEANUP__INTERVAL": "1h",
+    "IAM_KEYS__RELOAD_INTERVAL": "1h",
+    "IAM_TOKENS__DENYLIST_REPLAY": "1h",
+    "IAM_EVENTS__POLL_INTERVAL": "1h",
+    "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
+}

@@ -23,18 +23,11 @@ from iam_grpc.storage.sql.tables import api_tokens, sessions
 from iam_grpc.testing import RunningService, error_details, running_service
 from tests.accounts_helper import failure
 from tests.conftest import Backend
-from tests.sessions_helper import FIREFOX, NO_ANOMALY_CHECKS, new_session
+from tests.sessions_helper import FIREFOX, NO_ANOMALY_CHECKS, NO_BACKGROUND_SQL, new_session
 
 IP = "198.51.100.10"
 # Tests count SQL statements: every background job that runs SQL is pushed an hour away.
-QUIET = {
-    "IAM_MAIL__POLL_INTERVAL": "1h",
-    "IAM_CLEANUP__INTERVAL": "1h",
-    "IAM_KEYS__RELOAD_INTERVAL": "1h",
-    "IAM_TOKENS__DENYLIST_REPLAY": "1h",
-    "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
-    "IAM_EVENTS__POLL_INTERVAL": "1h",
-}
+QUIET = NO_BACKGROUND_SQL
 
 
 def here(session: IssuedSession, ip: str = IP) -> common_pb2.ClientContext:

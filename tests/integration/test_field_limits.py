@@ -37,7 +37,7 @@ from tests.accounts_helper import PASSWORD, link_token, new_email, signup, wait_
 from tests.conftest import Backend
 from tests.contract_helper import PENDING_FIELDS, SERVICE_MODULES, walked_as_unary
 from tests.mailbox import Mailbox
-from tests.sessions_helper import FIREFOX
+from tests.sessions_helper import FIREFOX, NO_BACKGROUND_SQL
 
 NEW_PASSWORD = "a different long passphrase 7"
 IP = "203.0.113.10"
@@ -55,15 +55,7 @@ PAGE_TOKENS = [("garbage", "not-a-token"), ("oversize", "A" * 600)]
 # once, so the reset mail of the setup goes out), cleanup, the key-table reload, the deny-list
 # replay and (``probe_interval`` below) the health probe's SELECT 1. The limiters are off: they are
 # not under test, their refusals would answer before the field checks, and blocks are audited in SQL.
-QUIET = {
-    "IAM_RATELIMIT__ENABLED": "false",
-    "IAM_MAIL__POLL_INTERVAL": "1h",
-    "IAM_CLEANUP__INTERVAL": "1h",
-    "IAM_KEYS__RELOAD_INTERVAL": "1h",
-    "IAM_TOKENS__DENYLIST_REPLAY": "1h",
-    "IAM_EVENTS__POLL_INTERVAL": "1h",  # the event stream's poller
-    "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
-}
+QUIET = {"IAM_RATELIMIT__ENABLED": "false", **NO_BACKGROUND_SQL}
 PROBE_INTERVAL = 3600.0
 
 

@@ -21,7 +21,7 @@ from iam_grpc.testing import ErrorDetails, RunningService, error_details, runnin
 from tests.accounts_helper import PASSWORD, account_env, client, failure, new_email, signup
 from tests.conftest import Backend
 from tests.mailbox import Mailbox
-from tests.sessions_helper import IPHONE
+from tests.sessions_helper import IPHONE, NO_BACKGROUND_SQL
 
 WRONG = "not the password 123"
 # Login limits that never refuse, so that a test sees only the group it is about.
@@ -277,14 +277,7 @@ async def test_the_owners_own_retries_do_not_stretch_the_guard_past_its_cap(
 
 # Nothing but the calls under test may run SQL while it is counted: the background jobs that touch
 # the database are pushed an hour away (as in tests/integration/test_field_limits.py).
-QUIET = {
-    "IAM_MAIL__POLL_INTERVAL": "1h",
-    "IAM_CLEANUP__INTERVAL": "1h",
-    "IAM_KEYS__RELOAD_INTERVAL": "1h",
-    "IAM_TOKENS__DENYLIST_REPLAY": "1h",
-    "IAM_EVENTS__POLL_INTERVAL": "1h",  # the event poller: background statements, not the call's
-    "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
-}
+QUIET = NO_BACKGROUND_SQL
 LONG_GUARD = {"login.account": {"windows": ["10/1h fc"], "block": "1h", "block_max": "1h"}}
 
 
