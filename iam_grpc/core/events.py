@@ -40,9 +40,18 @@ KINDS = frozenset(
         "api_token.revoked",
         "api_token.rotated",
         "keys.rotated",
+        # a way to sign in added or taken away: what a security team watches for on an account
+        "email.verified",
+        "totp.enabled",
+        "totp.disabled",
+        "passkey.registered",
+        "passkey.deleted",
+        "identity.linked",
+        "identity.unlinked",
     }
 )
-"""The kinds api.md lists (and ``api_token.rotated``); a watcher's filter may name only these."""
+"""The kinds api.md lists, ``api_token.rotated`` and the sign-in method changes; a watcher's
+filter may name only these."""
 
 KIND = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+\Z")
 """The shape of a kind name (also the NATS subject suffix: no wildcards, no spaces)."""
@@ -70,6 +79,14 @@ FROM_AUDIT: Mapping[str, tuple[str, ...]] = {
     "api_token.created": ("api_token.created",),
     "api_token.revoked": ("api_token.revoked",),
     "api_token.rotated": ("api_token.rotated",),
+    # sign-in methods (email verification, TOTP, passkeys, other providers' identities)
+    "email.verified": ("email.verified",),
+    "mfa.totp_enabled": ("totp.enabled",),
+    "mfa.totp_disabled": ("totp.disabled",),
+    "passkey.registered": ("passkey.registered",),
+    "passkey.deleted": ("passkey.deleted",),
+    "identity.linked": ("identity.linked",),
+    "identity.unlinked": ("identity.unlinked",),
 }
 """Audit row type -> the event kinds written with it, in the same transaction."""
 
@@ -85,6 +102,8 @@ DATA_FIELDS = (
     "end_sessions",
     "fields",
     "token_id",
+    "passkey_id",
+    "provider",
 )
 """Audit details an event carries, when present."""
 

@@ -5,6 +5,7 @@ UnlinkIdentity (never the last way to sign in)."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import text
 
 from iam_grpc.config import load_settings
 from iam_grpc.errors import IdTokenInvalid
@@ -281,3 +283,56 @@ async def test_a_new_identity_with_an_unverified_email_creates_nothing(
     assert (code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_LINK_REQUIRED")
     async with iam.app.components.db.transaction() as tx:
         assert await tx.users.get_by_email(email) is None
+
+
+async def events_of(iam: RunningService, user_id: str) -> list[tuple[str, dict[str, object]]]:
+    """The user's events in the order they were written: (kind, data)."""
+    async with iam.app.components.db.transaction(read_only=True) as tx:
+        rows = await tx.connection.execute(
+            text("SELECT kind, data FROM events WHERE user_id = :user ORDER BY pos"), {"user": user_id}
+        )
+        return [(kind, data if isinstance(data, dict) else json.loads(data)) for kind, data in rows]
+
+
+async def test_each_change_of_a_way_to_sign_in_is_an_event(
+    iam: RunningService, stubs: Stubs, provider: OidcProvider
+) -> None:
+    """identity.linked and identity.unlinked (data: the provider), passkey.registered and
+    passkey.deleted (data: the passkey id), written with the change: what a security team watches
+    for on an account (a thief adding their own way in)."""
+    auth, mfa = stubs
+    nonce = secrets.token_urlsafe(16)
+    owner = await signup(auth)
+    context = client(device_id=owner.device_id)
+    await auth.LinkIdentity(
+        auth_pb2.LinkIdentityRequest(
+            client=context,
+            access_token=owner.access_token,
+            provider="acme",
+            id_token=provider.token(subject(), nonce),
+            nonce=nonce,
+        )
+    )
+    await registered(mfa, owner)
+    (passkey,) = (
+        await mfa.ListPasskeys(mfa_pb2.ListPasskeysRequest(client=context, access_token=owner.access_token))
+    ).passkeys
+    await mfa.DeletePasskey(
+        mfa_pb2.DeletePasskeyRequest(
+            client=context, access_token=owner.access_token, passkey_id=passkey.passkey_id
+        )
+    )
+    await auth.UnlinkIdentity(
+        auth_pb2.UnlinkIdentityRequest(client=context, access_token=owner.access_token, provider="acme")
+    )
+    methods = [
+        (kind, data.get("provider") or data.get("passkey_id"))
+        for kind, data in await events_of(iam, owner.user_id)
+        if kind.startswith(("identity.", "passkey."))
+    ]
+    assert methods == [
+        ("identity.linked", "acme"),
+        ("passkey.registered", passkey.passkey_id),
+        ("passkey.deleted", passkey.passkey_id),
+        ("identity.unlinked", "acme"),
+    ]

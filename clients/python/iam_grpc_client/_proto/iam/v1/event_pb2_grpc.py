@@ -36,7 +36,10 @@ class EventServiceStub:
     password.reset, session.created, session.revoked (data `reason`),
     session.reuse_detected, account.guarded, mfa.challenged, mfa.completed,
     role.granted, role.revoked, api_token.created, api_token.revoked,
-    keys.rotated. The same events can also be pushed to signed webhooks and
+    api_token.rotated, keys.rotated, and the sign-in method changes
+    email.verified, totp.enabled, totp.disabled, passkey.registered,
+    passkey.deleted (data `passkey_id`), identity.linked, identity.unlinked
+    (data `provider`). The same events can also be pushed to signed webhooks and
     to NATS JetStream subjects `iam.events.<kind>` when configured.
     """
 
@@ -64,7 +67,10 @@ class EventServiceServicer:
     password.reset, session.created, session.revoked (data `reason`),
     session.reuse_detected, account.guarded, mfa.challenged, mfa.completed,
     role.granted, role.revoked, api_token.created, api_token.revoked,
-    keys.rotated. The same events can also be pushed to signed webhooks and
+    api_token.rotated, keys.rotated, and the sign-in method changes
+    email.verified, totp.enabled, totp.disabled, passkey.registered,
+    passkey.deleted (data `passkey_id`), identity.linked, identity.unlinked
+    (data `provider`). The same events can also be pushed to signed webhooks and
     to NATS JetStream subjects `iam.events.<kind>` when configured.
     """
 
@@ -110,7 +116,10 @@ class EventService:
     password.reset, session.created, session.revoked (data `reason`),
     session.reuse_detected, account.guarded, mfa.challenged, mfa.completed,
     role.granted, role.revoked, api_token.created, api_token.revoked,
-    keys.rotated. The same events can also be pushed to signed webhooks and
+    api_token.rotated, keys.rotated, and the sign-in method changes
+    email.verified, totp.enabled, totp.disabled, passkey.registered,
+    passkey.deleted (data `passkey_id`), identity.linked, identity.unlinked
+    (data `provider`). The same events can also be pushed to signed webhooks and
     to NATS JetStream subjects `iam.events.<kind>` when configured.
     """
 

@@ -39,7 +39,10 @@ class EventServiceStub:
     password.reset, session.created, session.revoked (data `reason`),
     session.reuse_detected, account.guarded, mfa.challenged, mfa.completed,
     role.granted, role.revoked, api_token.created, api_token.revoked,
-    keys.rotated. The same events can also be pushed to signed webhooks and
+    api_token.rotated, keys.rotated, and the sign-in method changes
+    email.verified, totp.enabled, totp.disabled, passkey.registered,
+    passkey.deleted (data `passkey_id`), identity.linked, identity.unlinked
+    (data `provider`). The same events can also be pushed to signed webhooks and
     to NATS JetStream subjects `iam.events.<kind>` when configured.
     """
 
@@ -71,7 +74,10 @@ class EventServiceAsyncStub(EventServiceStub):
     password.reset, session.created, session.revoked (data `reason`),
     session.reuse_detected, account.guarded, mfa.challenged, mfa.completed,
     role.granted, role.revoked, api_token.created, api_token.revoked,
-    keys.rotated. The same events can also be pushed to signed webhooks and
+    api_token.rotated, keys.rotated, and the sign-in method changes
+    email.verified, totp.enabled, totp.disabled, passkey.registered,
+    passkey.deleted (data `passkey_id`), identity.linked, identity.unlinked
+    (data `provider`). The same events can also be pushed to signed webhooks and
     to NATS JetStream subjects `iam.events.<kind>` when configured.
     """
 
@@ -99,7 +105,10 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     password.reset, session.created, session.revoked (data `reason`),
     session.reuse_detected, account.guarded, mfa.challenged, mfa.completed,
     role.granted, role.revoked, api_token.created, api_token.revoked,
-    keys.rotated. The same events can also be pushed to signed webhooks and
+    api_token.rotated, keys.rotated, and the sign-in method changes
+    email.verified, totp.enabled, totp.disabled, passkey.registered,
+    passkey.deleted (data `passkey_id`), identity.linked, identity.unlinked
+    (data `provider`). The same events can also be pushed to signed webhooks and
     to NATS JetStream subjects `iam.events.<kind>` when configured.
     """
 
