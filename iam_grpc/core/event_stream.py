@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from typing import Self
 
-from iam_grpc.background import end_tasks
+from iam_grpc.background import WokenLoop
 from iam_grpc.clock import Clock
 from iam_grpc.core.events import KINDS
 from iam_grpc.errors import BackendUnavailable, CursorExpired, InvalidArgument
@@ -99,21 +99,18 @@ class EventStream:
         self._db = db
         self._clock = clock
         self._retention = retention
-        self._interval = poll_interval.total_seconds()
         self._buffer = buffer
         self._watchers: set[_Watcher] = set()
         self._listeners = tuple(on_new_events)  # the push sinks: woken when there are new events
         self._last: int | None = None  # the newest cursor the poller has handed out
-        self._woken = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._loop = WokenLoop("event-stream", self._pass, poll_interval.total_seconds(), grace=_STOP_GRACE)
         self._ended = False
 
     # the poller -----------------------------------------------------------------------------
 
     def wake(self) -> None:
         """Look for new events now (a nudge from another replica, or a test)."""
-        self._woken.set()
+        self._loop.wake()
 
     async def poll_once(self) -> int:
         """Number the committed events, then hand new ones to the watchers; how many were new."""
@@ -143,48 +140,25 @@ class EventStream:
                 listener()
         return len(found)
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                await self.poll_once()
-            except BackendUnavailable:
-                log.warning("event poll could not reach the database")
-            except Exception:
-                log.exception("event poll failed")
-            if self.stopping:
-                break
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
-            # stops this loop when the wake-up lands at the same moment
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._woken.wait()
-            self._woken.clear()
-
-    @property
-    def stopping(self) -> bool:
-        """Whether the poller was asked to end (read fresh: another task sets it)."""
-        return self._stopping
-
-    def _ask_to_stop(self) -> None:
-        self._stopping = True
-        self._woken.set()
+    async def _pass(self) -> None:
+        try:
+            await self.poll_once()
+        except BackendUnavailable:
+            log.warning("event poll could not reach the database")
 
     async def __aenter__(self) -> Self:
         # The position is taken before any watch can start (the server starts later): from here
         # every new event reaches every watcher, by this poller or by the watcher's own reading.
         with contextlib.suppress(BackendUnavailable):
             await self.poll_once()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="event-stream")
+        self._loop.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.end_watches()
-        if self._task is not None:
-            # Let a poll in flight finish rather than cancel it inside a query: a MySQL connection
-            # cancelled mid-statement (waiting for another replica's lock on the sequence mark)
-            # went back to the pool unusable, and the next statement on it never returned.
-            await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
-            self._task = None
+        # A poll in flight finishes rather than being cancelled inside a query (the loop ends
+        # between passes, cancelled only past the grace).
+        await self._loop.stop()
 
     async def end_watches(self) -> None:
         self._ended = True

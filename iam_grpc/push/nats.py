@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
-from iam_grpc.background import end_tasks
+from iam_grpc.background import WokenLoop
 from iam_grpc.config import NatsSettings
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.logging import component_logger
@@ -44,16 +44,13 @@ class NatsPublisher:
     def __init__(self, db: SqlDatabase, settings: NatsSettings, *, interval: timedelta) -> None:
         self._db = db
         self._settings = settings
-        self._interval = interval.total_seconds()
         self._timeout = settings.timeout.total_seconds()
         self._client: NatsClient | None = None
-        self._woken = asyncio.Event()
         self._connecting = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._loop = WokenLoop("nats-publisher", self._pass, interval.total_seconds(), grace=_STOP_GRACE)
 
     def wake(self) -> None:
-        self._woken.set()
+        self._loop.wake()
 
     def subject(self, kind: str) -> str:
         return f"{self._settings.subject_prefix}.{kind}"
@@ -119,35 +116,20 @@ class NatsPublisher:
             if known is None or known < to:
                 await write_mark(tx.connection, MARK, to, known=known)
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                await self.run_once()
-            except BackendUnavailable:
-                log.warning("NATS publisher could not reach the database")
-            except (NatsError, OSError, TimeoutError) as exc:
-                log.bind(error=type(exc).__name__).warning("NATS publish failed; retrying")
-            except Exception:
-                log.exception("NATS publisher failed")
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
-            # stops this loop when the wake-up lands at the same moment
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._woken.wait()
-            self._woken.clear()
-
-    def _ask_to_stop(self) -> None:
-        self._stopping = True
-        self._woken.set()
+    async def _pass(self) -> None:
+        try:
+            await self.run_once()
+        except BackendUnavailable:
+            log.warning("NATS publisher could not reach the database")
+        except (NatsError, OSError, TimeoutError) as exc:
+            log.bind(error=type(exc).__name__).warning("NATS publish failed; retrying")
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="nats-publisher")
+        self._loop.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        # the pass in hand finishes (a delivery, a publish), then the loop sees the flag
-        await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
-        self._task = None
+        await self._loop.stop()  # the publish in hand finishes first
         if self._client is not None and not self._client.is_closed:
             # every publish was acknowledged or will be retried: close, bounded, no drain
             with contextlib.suppress(Exception):

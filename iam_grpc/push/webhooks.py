@@ -25,7 +25,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
-from iam_grpc.background import end_tasks
+from iam_grpc.background import WokenLoop
 from iam_grpc.clock import Clock
 from iam_grpc.config import WebhookSettings
 from iam_grpc.errors import BackendUnavailable
@@ -78,14 +78,11 @@ class WebhookSender:
         self._settings = settings
         self._key = secret_key(settings.secret.get_secret_value())
         self._endpoint = Endpoint.parse(settings.url)
-        self._interval = interval.total_seconds()
         self._worker = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._woken = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._loop = WokenLoop("webhook-sender", self._pass, interval.total_seconds(), grace=_STOP_GRACE)
 
     def wake(self) -> None:
-        self._woken.set()
+        self._loop.wake()
 
     def _store(self, tx: Any) -> SqlEventDeliveries:
         return SqlEventDeliveries(tx.connection, self._db.dialect)
@@ -143,33 +140,18 @@ class WebhookSender:
         else:
             bound.info("webhook delivery failed; retrying later")
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                await self.run_once()
-            except BackendUnavailable:
-                log.warning("webhook sender could not reach the database")
-            except Exception:
-                log.exception("webhook sender failed")
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
-            # stops this loop when the wake-up lands at the same moment
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._woken.wait()
-            self._woken.clear()
-
-    def _ask_to_stop(self) -> None:
-        self._stopping = True
-        self._woken.set()
+    async def _pass(self) -> None:
+        try:
+            await self.run_once()
+        except BackendUnavailable:
+            log.warning("webhook sender could not reach the database")
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="webhook-sender")
+        self._loop.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        # the pass in hand finishes (a delivery, a publish), then the loop sees the flag
-        await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
-        self._task = None
+        await self._loop.stop()  # the delivery in hand finishes first
         with contextlib.suppress(Exception):
             async with self._db.transaction() as tx:
                 await self._store(tx).release(self._worker)

@@ -11,7 +11,7 @@ from typing import Any
 
 from loguru import logger
 
-from iam_grpc.background import end_tasks
+from iam_grpc.background import WokenLoop, end_tasks
 
 
 async def test_an_asked_loop_ends_after_its_pass_without_being_cancelled() -> None:
@@ -74,3 +74,39 @@ async def test_a_failed_loop_is_no_error_at_shutdown() -> None:
     await asyncio.sleep(0)
     await end_tasks([task], grace=1)
     assert task.done()
+
+
+async def test_a_woken_loop_sleeps_until_woken_runs_again_when_told_and_survives_a_failed_pass() -> None:
+    """WokenLoop: a pass, then the interval's sleep that wake() cuts short; a pass answering True
+    is followed by the next at once; a pass that raises is logged and the loop sleeps and goes on; stop()
+    ends it between passes, without a cancellation."""
+    passes: list[str] = []
+    plan = ["more", "idle", "fail", "idle"]
+
+    async def one_pass() -> bool:
+        step = plan.pop(0) if plan else "idle"
+        passes.append(step)
+        if step == "fail":
+            raise RuntimeError("a pass failed")
+        return step == "more"
+
+    loop = WokenLoop("test-loop", one_pass, 3600.0, grace=5)
+    logs: list[dict[str, Any]] = []
+    sink = logger.add(lambda message: logs.append(dict(message.record)), level="ERROR")
+    try:
+        loop.start()
+        await asyncio.sleep(0.05)
+        assert passes == ["more", "idle"]  # "more" went on at once, "idle" sleeps the hour
+        loop.wake()
+        await asyncio.sleep(0.05)
+        assert passes == ["more", "idle", "fail"]  # woken long before the hour
+        loop.wake()
+        await asyncio.sleep(0.05)
+        assert passes == ["more", "idle", "fail", "idle"]  # the failure did not end the loop
+        started = time.monotonic()
+        await loop.stop()
+    finally:
+        logger.remove(sink)
+    assert time.monotonic() - started < 1
+    assert loop.stopping
+    assert [r["extra"].get("task") for r in logs] == ["test-loop"]

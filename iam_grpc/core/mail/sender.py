@@ -17,7 +17,6 @@ that no two replicas send one message, priority 0 (codes and links) first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -29,7 +28,7 @@ from datetime import timedelta
 from email.message import EmailMessage
 from typing import Self
 
-from iam_grpc.background import end_tasks
+from iam_grpc.background import WokenLoop
 from iam_grpc.clock import Clock
 from iam_grpc.core.crypto import SealError, SecretMaterial
 from iam_grpc.core.telemetry import CoreMetrics
@@ -75,28 +74,21 @@ class OutboxSender:
         self._clock = clock
         self._metrics = metrics
         self._batch = batch
-        self._poll = poll_interval.total_seconds()
         self._backoff = list(retry_backoff) or [timedelta(seconds=30)]
         self._max_attempts = max_attempts
         self._max_per_minute = max_per_minute
         self.worker_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._loop = WokenLoop("outbox-sender", self._pass, poll_interval.total_seconds(), grace=_STOP_GRACE)
         self._recent: deque[float] = deque()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     def stopping(self) -> bool:
-        return self._stopping
-
-    def _ask_to_stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
+        return self._loop.stopping
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-sender")
+        self._loop.start()
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -107,30 +99,20 @@ class OutboxSender:
 
     async def stop(self) -> None:
         """Finish the message in hand, stop claiming, and give back unfinished claims."""
-        await end_tasks([self._task], grace=_STOP_GRACE, ask=self._ask_to_stop)
+        await self._loop.stop()
         try:
             async with self._db.transaction() as tx:
                 await tx.outbox.release(self.worker_id)
         except BackendUnavailable:
             log.warning("could not release outbox claims; they lapse by themselves")
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                sent = await self.send_due()
-            except BackendUnavailable:
-                log.warning("outbox unavailable; retrying")
-                sent = 0
-            except Exception:
-                log.exception("outbox sender failed")
-                sent = 0
-            if sent >= self._batch:
-                continue  # more may be due
-            self._wake.clear()
-            if self.stopping():
-                break  # stop() may have set the event just before it was cleared
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll)
+    async def _pass(self) -> bool:
+        """One batch; True when it was full (more may be due: the next goes at once)."""
+        try:
+            return await self.send_due() >= self._batch
+        except BackendUnavailable:
+            log.warning("outbox unavailable; retrying")
+            return False
 
     async def send_due(self) -> int:
         """Claim and handle one batch of due rows; returns how many were handled."""
