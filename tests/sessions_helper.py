@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import timedelta
 
 from iam_grpc.app import Application
 from iam_grpc.core.anomalies import CHECKS
 from iam_grpc.core.client import ClientInfo
+from iam_grpc.core.tokens.revocation_cache import RevocationCache
 from iam_grpc.core.tokens.rotation import IssuedSession
 from iam_grpc.ids import new_ulid
 from iam_grpc.storage.records import User
@@ -76,3 +78,11 @@ NO_BACKGROUND_SQL = {
     "IAM_EVENTS__POLL_INTERVAL": "1h",
     "IAM_API_TOKENS__LAST_USED_FLUSH": "1h",
 }
+
+
+async def until_trusted(replica: RevocationCache, seconds: float = 3.0) -> None:
+    """Wait until a deny-list cache is trusted again (verified or rebuilt), at most ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not replica.trusted:
+        assert asyncio.get_running_loop().time() < deadline, replica.reason
+        await asyncio.sleep(0.01)

@@ -35,7 +35,7 @@ from tests.accounts_helper import NO_BURSTS, PASSWORD, client, new_email, signup
 from tests.conftest import Backend
 from tests.integration.test_tokens_shared import verify
 from tests.redis_topologies import LocalCluster, LocalSentinel, TlsRedis, cli
-from tests.sessions_helper import FIREFOX, NO_ANOMALY_CHECKS, new_session
+from tests.sessions_helper import FIREFOX, NO_ANOMALY_CHECKS, new_session, until_trusted
 
 LONG = timedelta(seconds=60)
 
@@ -186,9 +186,11 @@ async def test_revocations_survive_a_restart_of_the_node_holding_the_deny_list(
             seen += [await verify(on_a, ended.access_token), await verify(on_b, ended.access_token)]
             assert await verify(on_b, alive.access_token) == "OK"
         assert set(seen) == {"SESSION_REVOKED"}, seen
+        # The rebuild waits for the node to answer again, with the recovery's backoff (up to 1 s
+        # between tries): trusted again within a few seconds, SQL answering meanwhile (above).
         for replica in (a, b):
             assert replica.app.components.denylist is not None
-            assert replica.app.components.denylist.cache.trusted
+            await until_trusted(replica.app.components.denylist.cache, seconds=5.0)
         assert a.app.components.ephemeral is not None
         assert await a.app.components.ephemeral.exists([sid_key(ended.session_id)]) == [True]
 

@@ -13,6 +13,7 @@ from iam_grpc.core.tokens.revocation_cache import GENERATION_KEY, RevocationCach
 from iam_grpc.errors import BackendUnavailable
 from iam_grpc.storage.memory import MemoryEphemeral
 from iam_grpc.storage.ports import Ephemeral
+from tests.sessions_helper import until_trusted
 
 TTL = timedelta(minutes=16)
 
@@ -35,13 +36,6 @@ class Source:
 def cache(store: Ephemeral, source: Source, server: list[str] | None = None) -> RevocationCache:
     server = server or [""]
     return RevocationCache(store, source, entry_ttl=TTL, server_id=lambda: server[0])
-
-
-async def until_trusted(replica: RevocationCache, seconds: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not replica.trusted:
-        assert asyncio.get_running_loop().time() < deadline, replica.reason
-        await asyncio.sleep(0.01)
 
 
 async def test_an_empty_store_is_rebuilt_and_then_trusted() -> None:
