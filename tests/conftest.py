@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import types
 from collections.abc import AsyncIterator, Iterator
@@ -95,6 +96,30 @@ def _dump_tasks(_signum: int, _frame: FrameType | None) -> None:
 
 
 signal.signal(signal.SIGUSR1, _dump_tasks)
+
+_LEFTOVER_GRACE = 15.0  # seconds a loop's leftover tasks get to end when the loop closes
+
+
+def _bounded_cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio's closing of a test loop (pytest-asyncio's session runner) cancels the tasks tests
+    left behind and waits for them, without a bound: one that swallows its cancellation (or
+    awaits a clean-up that never ends) held a worker's last teardown past --timeout once. Here
+    the wait is bounded, and what is left is named on stderr instead of hanging the run."""
+    left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.wait(left, timeout=_LEFTOVER_GRACE))
+    stuck = [task for task in left if not task.done()]
+    if stuck and sys.__stderr__ is not None:
+        lines = [f"tasks still running when the test loop closed: {len(stuck)}"]
+        for task in stuck:
+            lines.append(f"task {task.get_name()}")
+            lines.extend(f"    {where}" for where in _awaited_frames(task))
+        sys.__stderr__.write("\n".join(lines) + "\n")
+
+
+asyncio.runners._cancel_all_tasks = _bounded_cancel_all_tasks  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)
